@@ -1,0 +1,290 @@
+"""V-trace checked against an independent float64 numpy reading of the paper's definition."""
+
+from __future__ import annotations
+
+import zlib
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from impala import vtrace
+
+
+def _np_clip(x: np.ndarray, threshold):
+    return x if threshold is None else np.minimum(threshold, x)
+
+
+def reference_vtrace(log_rhos, discounts, rewards, values, bootstrap, clip_rho, clip_pg_rho):
+    """Direct (non-recursive) evaluation of Espeholt et al. eq. (1), plain loops.
+
+    v_s = V(x_s) + sum_{t=s}^{T-1} (prod_{i=s}^{t-1} gamma_i c_i) rho_t delta_t,
+    delta_t = r_t + gamma_t V(x_{t+1}) - V(x_t), V(x_T) = bootstrap.
+    """
+    log_rhos, discounts, rewards, values, bootstrap = (
+        np.asarray(x, dtype=np.float64) for x in (log_rhos, discounts, rewards, values, bootstrap)
+    )
+    T, B = log_rhos.shape
+    is_ratio = np.exp(log_rhos)
+    rho = _np_clip(is_ratio, clip_rho)
+    c = np.minimum(1.0, is_ratio)
+    pg_rho = _np_clip(is_ratio, clip_pg_rho)
+    v_ext = np.concatenate([values, bootstrap[None]], axis=0)  # V(x_0..x_T)
+
+    vs = np.zeros((T, B))
+    for b in range(B):
+        for s in range(T):
+            total = v_ext[s, b]
+            for t in range(s, T):
+                trace = 1.0
+                for i in range(s, t):
+                    trace *= discounts[i, b] * c[i, b]
+                delta = rewards[t, b] + discounts[t, b] * v_ext[t + 1, b] - v_ext[t, b]
+                total += trace * rho[t, b] * delta
+            vs[s, b] = total
+
+    vs_ext = np.concatenate([vs, bootstrap[None]], axis=0)
+    pg_adv = np.zeros((T, B))
+    for b in range(B):
+        for s in range(T):
+            pg_adv[s, b] = pg_rho[s, b] * (
+                rewards[s, b] + discounts[s, b] * vs_ext[s + 1, b] - values[s, b]
+            )
+    return vs, pg_adv
+
+
+def _random_inputs(rng: np.random.Generator, T: int, B: int, episode_ends: bool = False):
+    # log_rhos spread over [-2.5, 2.5] so many rhos exceed 1 and clipping matters.
+    log_rhos = rng.uniform(-2.5, 2.5, size=(T, B))
+    discounts = rng.uniform(0.8, 1.0, size=(T, B))
+    if episode_ends:
+        discounts[rng.random(size=(T, B)) < 0.3] = 0.0
+        discounts[T // 2, 0] = 0.0  # at least one episode end mid-unroll
+    rewards = rng.normal(size=(T, B))
+    values = rng.normal(size=(T, B))
+    bootstrap = rng.normal(size=(B,))
+    return log_rhos, discounts, rewards, values, bootstrap
+
+
+def _t(x, dtype=torch.float64):
+    return torch.as_tensor(np.asarray(x), dtype=dtype)
+
+
+THRESHOLDS = [(1.0, 1.0), (None, None), (2.0, 0.5), (0.7, None), (None, 3.0)]
+
+
+@pytest.mark.parametrize("T,B", [(1, 1), (1, 4), (5, 3), (9, 2)])
+@pytest.mark.parametrize("clip_rho,clip_pg_rho", THRESHOLDS)
+@pytest.mark.parametrize("episode_ends", [False, True])
+def test_from_importance_weights_matches_definition(T, B, clip_rho, clip_pg_rho, episode_ends):
+    rng = np.random.default_rng(zlib.crc32(repr((T, B, clip_rho, clip_pg_rho, episode_ends)).encode()))
+    inputs = _random_inputs(rng, T, B, episode_ends)
+    want_vs, want_pg = reference_vtrace(*inputs, clip_rho, clip_pg_rho)
+
+    got = vtrace.from_importance_weights(
+        *(_t(x) for x in inputs),
+        clip_rho_threshold=clip_rho,
+        clip_pg_rho_threshold=clip_pg_rho,
+    )
+    assert isinstance(got, vtrace.VTraceReturns)
+    np.testing.assert_allclose(got.vs.numpy(), want_vs, rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(got.pg_advantages.numpy(), want_pg, rtol=1e-10, atol=1e-10)
+
+
+def test_clipping_changes_the_result():
+    # Guards against a test-data regime where thresholds are never active.
+    rng = np.random.default_rng(0)
+    inputs = _random_inputs(rng, 5, 3)
+    args = [_t(x) for x in inputs]
+    clipped = vtrace.from_importance_weights(*args)
+    unclipped = vtrace.from_importance_weights(
+        *args, clip_rho_threshold=None, clip_pg_rho_threshold=None
+    )
+    assert not torch.allclose(clipped.vs, unclipped.vs)
+    assert not torch.allclose(clipped.pg_advantages, unclipped.pg_advantages)
+
+
+def test_episode_end_cuts_the_trace():
+    # With discount 0 at step k, v_s for s <= k must not depend on anything after k.
+    rng = np.random.default_rng(1)
+    log_rhos, discounts, rewards, values, bootstrap = _random_inputs(rng, 6, 2)
+    discounts[2, :] = 0.0
+    base = vtrace.from_importance_weights(*(_t(x) for x in (log_rhos, discounts, rewards, values, bootstrap)))
+    rewards2, values2 = rewards.copy(), values.copy()
+    rewards2[3:] += 10.0
+    values2[3:] -= 7.0
+    moved = vtrace.from_importance_weights(
+        *(_t(x) for x in (log_rhos, discounts, rewards2, values2, bootstrap + 5.0))
+    )
+    torch.testing.assert_close(base.vs[:3], moved.vs[:3])
+    torch.testing.assert_close(base.pg_advantages[:3], moved.pg_advantages[:3])
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    T=st.integers(1, 6),
+    B=st.integers(1, 3),
+    clip_rho=st.one_of(st.none(), st.floats(0.1, 5.0)),
+    clip_pg_rho=st.one_of(st.none(), st.floats(0.1, 5.0)),
+    seed=st.integers(0, 2**31),
+)
+def test_from_importance_weights_property(T, B, clip_rho, clip_pg_rho, seed):
+    inputs = _random_inputs(np.random.default_rng(seed), T, B, episode_ends=seed % 2 == 0)
+    want_vs, want_pg = reference_vtrace(*inputs, clip_rho, clip_pg_rho)
+    got = vtrace.from_importance_weights(
+        *(_t(x) for x in inputs), clip_rho_threshold=clip_rho, clip_pg_rho_threshold=clip_pg_rho
+    )
+    np.testing.assert_allclose(got.vs.numpy(), want_vs, rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(got.pg_advantages.numpy(), want_pg, rtol=1e-9, atol=1e-9)
+
+
+def test_on_policy_vs_is_n_step_return():
+    T, B, gamma = 5, 3, 0.9
+    rng = np.random.default_rng(2)
+    rewards = rng.normal(size=(T, B))
+    values = rng.normal(size=(T, B))
+    bootstrap = rng.normal(size=(B,))
+    # n-step return: sum_{t=s}^{T-1} gamma^(t-s) r_t + gamma^(T-s) V(x_T).
+    want = np.zeros((T, B))
+    for s in range(T):
+        want[s] = sum(gamma ** (t - s) * rewards[t] for t in range(s, T)) + gamma ** (T - s) * bootstrap
+    got = vtrace.from_importance_weights(
+        log_rhos=_t(np.zeros((T, B))),
+        discounts=_t(np.full((T, B), gamma)),
+        rewards=_t(rewards),
+        values=_t(values),
+        bootstrap_value=_t(bootstrap),
+    )
+    np.testing.assert_allclose(got.vs.numpy(), want, rtol=1e-12)
+    next_vs = np.concatenate([want[1:], bootstrap[None]])
+    np.testing.assert_allclose(
+        got.pg_advantages.numpy(), rewards + gamma * next_vs - values, rtol=1e-12, atol=1e-12
+    )
+
+
+def _np_log_softmax(x: np.ndarray) -> np.ndarray:
+    out = np.empty_like(x)
+    for idx in np.ndindex(x.shape[:-1]):
+        row = x[idx]
+        m = max(row)
+        out[idx] = row - (m + np.log(sum(np.exp(v - m) for v in row)))
+    return out
+
+
+@pytest.mark.parametrize("clip_rho,clip_pg_rho", [(1.0, 1.0), (None, None), (2.0, 0.5)])
+def test_from_logits_matches_importance_weights(clip_rho, clip_pg_rho):
+    T, B, A = 4, 3, 5
+    rng = np.random.default_rng(3)
+    behaviour_logits = rng.normal(scale=2.0, size=(T, B, A))
+    target_logits = rng.normal(scale=2.0, size=(T, B, A))
+    actions = rng.integers(0, A, size=(T, B))
+    _, discounts, rewards, values, bootstrap = _random_inputs(rng, T, B, episode_ends=True)
+
+    tb = np.arange(T)[:, None], np.arange(B)[None, :]
+    want_target_lp = _np_log_softmax(target_logits)[tb[0], tb[1], actions]
+    want_behaviour_lp = _np_log_softmax(behaviour_logits)[tb[0], tb[1], actions]
+    want_log_rhos = want_target_lp - want_behaviour_lp
+    want_vs, want_pg = reference_vtrace(
+        want_log_rhos, discounts, rewards, values, bootstrap, clip_rho, clip_pg_rho
+    )
+
+    got = vtrace.from_logits(
+        behaviour_policy_logits=_t(behaviour_logits),
+        target_policy_logits=_t(target_logits),
+        actions=torch.as_tensor(actions),
+        discounts=_t(discounts),
+        rewards=_t(rewards),
+        values=_t(values),
+        bootstrap_value=_t(bootstrap),
+        clip_rho_threshold=clip_rho,
+        clip_pg_rho_threshold=clip_pg_rho,
+    )
+    assert isinstance(got, vtrace.VTraceFromLogitsReturns)
+    np.testing.assert_allclose(got.target_action_log_probs.numpy(), want_target_lp, rtol=1e-10)
+    np.testing.assert_allclose(got.behaviour_action_log_probs.numpy(), want_behaviour_lp, rtol=1e-10)
+    np.testing.assert_allclose(got.log_rhos.numpy(), want_log_rhos, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(got.vs.numpy(), want_vs, rtol=1e-9, atol=1e-10)
+    np.testing.assert_allclose(got.pg_advantages.numpy(), want_pg, rtol=1e-9, atol=1e-10)
+
+
+def test_action_log_probs():
+    rng = np.random.default_rng(4)
+    logits = rng.normal(size=(3, 2, 4))
+    actions = rng.integers(0, 4, size=(3, 2))
+    got = vtrace.action_log_probs(_t(logits), torch.as_tensor(actions))
+    lsm = _np_log_softmax(logits)
+    want = np.array([[lsm[t, b, actions[t, b]] for b in range(2)] for t in range(3)])
+    assert got.shape == (3, 2)
+    np.testing.assert_allclose(got.numpy(), want, rtol=1e-12)
+
+
+def test_outputs_carry_no_gradient():
+    T, B, A = 3, 2, 4
+    rng = np.random.default_rng(5)
+    log_rhos, discounts, rewards, values, bootstrap = (
+        _t(x).requires_grad_() for x in _random_inputs(rng, T, B)
+    )
+    out = vtrace.from_importance_weights(log_rhos, discounts, rewards, values, bootstrap)
+    assert not out.vs.requires_grad and not out.pg_advantages.requires_grad
+
+    target = _t(rng.normal(size=(T, B, A))).requires_grad_()
+    behaviour = _t(rng.normal(size=(T, B, A))).requires_grad_()
+    out = vtrace.from_logits(
+        behaviour, target, torch.as_tensor(rng.integers(0, A, size=(T, B))),
+        discounts, rewards, values, bootstrap,
+    )
+    assert not out.vs.requires_grad and not out.pg_advantages.requires_grad
+    # The target log-probs stay differentiable for the learner.
+    assert out.target_action_log_probs.requires_grad
+    out.target_action_log_probs.sum().backward()
+    assert target.grad is not None and target.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_dtype_preserved(dtype):
+    T, B, A = 5, 3, 4
+    rng = np.random.default_rng(6)
+    inputs = _random_inputs(rng, T, B, episode_ends=True)
+    out = vtrace.from_importance_weights(*(_t(x, dtype) for x in inputs))
+    assert out.vs.dtype == dtype and out.pg_advantages.dtype == dtype
+    # Values agree with the float64 definition, up to the input rounding.
+    rounded = [_t(x, dtype).double().numpy() for x in inputs]
+    want_vs, want_pg = reference_vtrace(*rounded, 1.0, 1.0)
+    tol = {torch.float16: 1e-2, torch.bfloat16: 5e-2, torch.float32: 1e-5, torch.float64: 1e-12}[dtype]
+    np.testing.assert_allclose(out.vs.double().numpy(), want_vs, rtol=tol, atol=tol * 5)
+    np.testing.assert_allclose(out.pg_advantages.double().numpy(), want_pg, rtol=tol, atol=tol * 5)
+
+    _, discounts, rewards, values, bootstrap = (_t(x, dtype) for x in inputs)
+    out = vtrace.from_logits(
+        _t(rng.normal(size=(T, B, A)), dtype), _t(rng.normal(size=(T, B, A)), dtype),
+        torch.as_tensor(rng.integers(0, A, size=(T, B))), discounts, rewards, values, bootstrap,
+    )
+    for x in out:
+        assert x.dtype == dtype
+
+
+def test_rank_validation():
+    z = torch.zeros(4, 2)
+    b = torch.zeros(2)
+    with pytest.raises(ValueError, match="values"):
+        vtrace.from_importance_weights(z, z, z, torch.zeros(4), b)
+    with pytest.raises(ValueError, match="bootstrap_value"):
+        vtrace.from_importance_weights(z, z, z, z, torch.zeros(4, 2))
+    with pytest.raises(ValueError, match="discounts"):
+        vtrace.from_importance_weights(z, torch.zeros(4, 2, 1), z, z, b)
+    with pytest.raises(ValueError, match="rewards"):
+        vtrace.from_importance_weights(z, z, torch.zeros(3, 2), z, b)
+    with pytest.raises(ValueError, match="log_rhos"):
+        vtrace.from_importance_weights(torch.tensor(0.0), z, z, z, b)
+    logits = torch.zeros(4, 2, 3)
+    actions = torch.zeros(4, 2, dtype=torch.long)
+    with pytest.raises(ValueError, match="behaviour_policy_logits"):
+        vtrace.from_logits(z, logits, actions, z, z, z, b)
+    with pytest.raises(ValueError, match="target_policy_logits"):
+        vtrace.from_logits(logits, z, actions, z, z, z, b)
+    with pytest.raises(ValueError, match="actions"):
+        vtrace.from_logits(logits, logits, torch.zeros(4, dtype=torch.long), z, z, z, b)
+    with pytest.raises(ValueError, match="integer"):
+        vtrace.from_logits(logits, logits, z, z, z, z, b)
