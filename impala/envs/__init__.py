@@ -118,3 +118,10 @@ __all__ = [
     "make",
     "resolve_level",
 ]
+
+
+def options(config: Any) -> dict[str, Any]:
+    """The family-specific options that an impala Config sets for its level."""
+    if resolve_level(config.level_name) == "atari":
+        return {"sticky_actions": config.sticky_actions}
+    return {}

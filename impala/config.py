@@ -1,0 +1,136 @@
+"""Every setting of impala, in one place.
+
+`Config` is a frozen dataclass: lower modules take it as a plain value (it is
+picklable, so it crosses into spawned actor processes). `define_flags` turns each
+field into an absl flag of the same name, with the field's default and help, so
+flags and defaults cannot drift apart. Names follow the original scalable_agent
+where it had them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from absl import flags
+
+
+class ConfigError(ValueError):
+    """A setting that cannot work; the message is one line for the user."""
+
+
+def _f(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
+@dataclass(frozen=True)
+class Config:
+    # What runs.
+    mode: str = _f("train", "train or test.", ("train", "test"))
+    job_name: str = _f(
+        "", "learner, actor, or empty to run everything on this machine.", ("", "learner", "actor")
+    )
+    task: int = _f(0, "Actor task number (with --job_name=actor).")
+    learner_address: str = _f(
+        "tcp://127.0.0.1:0",
+        "Where the learner binds (learner job) or is reached (actor job); the parameter "
+        "socket takes the next port. Port 0 picks free ports (one-machine runs only).",
+    )
+    logdir: str = _f("/tmp/impala", "Checkpoints, metrics.jsonl and TensorBoard events go here.")
+    seed: int = _f(1, "Random seed; actor i uses seed + 1000 * i.")
+
+    # Environment.
+    level_name: str = _f("CartPole-v1", "A gymnasium id such as CartPole-v1 or ALE/Pong-v5.")
+    num_action_repeats: int = _f(4, "Environment frames per agent step (Atari's frame skip).")
+    sticky_actions: float = _f(0.0, "Atari repeat_action_probability (0.25 is the v5 default).")
+
+    # Actors.
+    num_actors: int = _f(4, "Actor processes started with --job_name unset.")
+    num_envs_per_actor: int = _f(1, "Environments each actor steps in lock-step, one forward pass for all.")
+    unroll_length: int = _f(100, "Agent steps per unroll (T); unrolls overlap by one step.")
+
+    # Agent.
+    network: str = _f(
+        "auto", "Torso: mlp, shallow, deep, or auto (mlp for vectors, deep for images).",
+        ("auto", "mlp", "shallow", "deep"),
+    )
+    use_lstm: bool = _f(True, "Put an LSTM core after the torso, as in the paper.")
+    lstm_size: int = _f(256, "LSTM core width.")
+    mlp_sizes: str = _f("64,64", "Hidden layer widths of the mlp torso, comma separated.")
+
+    # Learner.
+    batch_size: int = _f(2, "Unrolls per learner batch.")
+    total_environment_frames: int = _f(int(1e9), "Train until this many environment frames.")
+    learning_rate: float = _f(0.00048, "RMSProp learning rate, decayed linearly to zero.")
+    decay: float = _f(0.99, "RMSProp decay.")
+    momentum: float = _f(0.0, "RMSProp momentum.")
+    epsilon: float = _f(0.1, "RMSProp epsilon (inside the square root, as in TensorFlow 1).")
+    entropy_cost: float = _f(0.00025, "Entropy cost.")
+    baseline_cost: float = _f(0.5, "Baseline cost.")
+    discounting: float = _f(0.99, "Discount factor.")
+    reward_clipping: str = _f(
+        "abs_one", "Reward clipping.", ("abs_one", "soft_asymmetric", "none")
+    )
+    clip_rho_threshold: float = _f(1.0, "V-trace rho-bar; 0 or less means no clipping.")
+    clip_pg_rho_threshold: float = _f(1.0, "V-trace rho-bar of the policy gradient; 0 or less: none.")
+    max_grad_norm: float = _f(0.0, "Clip the global gradient norm to this; 0 turns it off.")
+    device: str = _f("cpu", "Learner device: cpu, cuda, or auto (cuda when available).")
+    learner_threads: int = _f(1, "Torch threads of the learner process.")
+    max_queued_batches: int = _f(2, "Learner batches prepared ahead; bounds memory (back-pressure).")
+
+    # Bookkeeping.
+    log_interval_s: float = _f(5.0, "Seconds between progress lines and metrics rows.")
+    checkpoint_interval_s: float = _f(300.0, "Seconds between checkpoints (one is also written on exit).")
+    keep_checkpoints: int = _f(3, "Checkpoints kept in <logdir>/checkpoints.")
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            choices = f.metadata.get("choices")
+            if choices and getattr(self, f.name) not in choices:
+                raise ConfigError(f"--{f.name}={getattr(self, f.name)!r} is not one of {choices}")
+        for name in ("num_actors", "num_envs_per_actor", "unroll_length", "batch_size",
+                     "num_action_repeats", "lstm_size", "learner_threads", "max_queued_batches",
+                     "keep_checkpoints"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name} must be at least 1, got {getattr(self, name)}")
+        if not 0.0 <= self.discounting <= 1.0:
+            raise ConfigError(f"--discounting must be in [0, 1], got {self.discounting}")
+        if self.total_environment_frames < 1:
+            raise ConfigError("--total_environment_frames must be positive")
+        try:
+            self.hidden_sizes
+        except ValueError:
+            raise ConfigError(f"--mlp_sizes must be comma-separated integers, got {self.mlp_sizes!r}")
+
+    @property
+    def hidden_sizes(self) -> tuple[int, ...]:
+        return tuple(int(s) for s in self.mlp_sizes.split(",") if s.strip())
+
+    @property
+    def frames_per_step(self) -> int:
+        """Environment frames consumed by one learner batch."""
+        return self.batch_size * self.unroll_length * self.num_action_repeats
+
+    def replace(self, **changes: Any) -> "Config":
+        return dataclasses.replace(self, **changes)
+
+
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
+    """Defines one absl flag per Config field (call once, before parsing)."""
+    for f in dataclasses.fields(Config):
+        help_text, choices = f.metadata["help"], f.metadata["choices"]
+        if choices:
+            flags.DEFINE_enum(f.name, f.default, list(choices), help_text, flag_values=flag_values)
+        elif f.type in ("bool", bool):
+            flags.DEFINE_bool(f.name, f.default, help_text, flag_values=flag_values)
+        elif f.type in ("int", int):
+            flags.DEFINE_integer(f.name, f.default, help_text, flag_values=flag_values)
+        elif f.type in ("float", float):
+            flags.DEFINE_float(f.name, f.default, help_text, flag_values=flag_values)
+        else:
+            flags.DEFINE_string(f.name, f.default, help_text, flag_values=flag_values)
+
+
+def from_flags(flag_values: flags.FlagValues = flags.FLAGS) -> Config:
+    return Config(**{f.name: flag_values[f.name].value for f in dataclasses.fields(Config)})

@@ -1,0 +1,67 @@
+"""Entry point: `python -m impala.experiment [--flagfile=configs/X.cfg] [--flags]`.
+
+With no --job_name, trains on this machine (learner + actor processes). With
+--job_name=learner or --job_name=actor --task=N, runs one job of a multi-host
+run. Every user error ends in one line on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from absl import app, flags, logging
+
+from impala import config as config_lib
+
+config_lib.define_flags()
+FLAGS = flags.FLAGS
+
+
+def _fail(message: str) -> None:
+    print(f"impala: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def _parse(argv: list[str]) -> list[str]:
+    try:
+        return FLAGS(argv)
+    except flags.Error as e:
+        _fail(str(e).splitlines()[0])
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        _fail(f"unexpected arguments {argv[1:]}; flags look like --name=value")
+    # Imported here so that --help stays fast and flag errors come first.
+    from impala import checkpoint, envs, learner, local
+    from impala.actor import run_actor
+
+    try:
+        config = config_lib.from_flags(FLAGS)
+        envs.resolve_level(config.level_name)
+        if config.mode == "test":
+            _fail("--mode=test is not available yet")
+        if config.job_name == "":
+            local.train(config)
+        elif config.job_name == "learner":
+            server = learner.Learner(config)
+            try:
+                server.run()
+            finally:
+                server.close()
+        else:
+            host, port = learner._split_address(config.learner_address)
+            run_actor(config, config.task, f"{host}:{port}", f"{host}:{port + 1}")
+    except KeyboardInterrupt:
+        logging.info("Interrupted.")
+    except (config_lib.ConfigError, envs.UnknownLevelError, checkpoint.CheckpointError,
+            local.ActorCrashLoop) as e:
+        _fail(str(e))
+
+
+def run_main() -> None:
+    app.run(main, flags_parser=_parse)
+
+
+if __name__ == "__main__":
+    run_main()

@@ -1,0 +1,432 @@
+"""The learner: receives unrolls, applies V-trace, updates the network, serves
+parameters.
+
+Two ZeroMQ ROUTER sockets, each served by its own thread so that the training
+loop never waits on the network:
+  - unrolls (the learner address): decoded, validated and gathered into
+    batches of `batch_size` envs; a bounded queue of ready batches gives
+    back-pressure (a full queue stops reads, the actors' sends then block);
+  - parameters (the next port): an actor asks with the version it has and gets
+    the newest snapshot, or 'params_unchanged'. Snapshots are taken after each
+    update in the training thread and only read by the serving thread.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+import zmq
+from absl import logging
+
+from impala import checkpoint, envs, losses, unroll, wire
+from impala.config import Config, ConfigError
+from impala.metrics import MetricsWriter
+from impala.nets import Agent, make_agent
+from impala.optim import RMSPropTF
+
+# Per-peer ZeroMQ queue bounds: with the bounded batch queue they cap the memory
+# that unrolls in flight can take, whatever the actors do.
+UNROLL_RCVHWM = 4
+MAX_MESSAGE_BYTES = 512 * 2**20
+
+
+@dataclass
+class EnvSpec:
+    observation_shape: tuple[int, ...]
+    observation_dtype: np.dtype
+    num_actions: int
+
+
+def env_spec(config: Config) -> EnvSpec:
+    """Reads the level's observation and action spaces from one instance."""
+    env = envs.make(config.level_name, seed=config.seed, num_action_repeats=config.num_action_repeats,
+                    **envs.options(config))
+    try:
+        return EnvSpec(tuple(env.observation_shape), np.dtype(env.observation_dtype), env.num_actions)
+    finally:
+        env.close()
+
+
+def network_signature(config: Config, agent: Agent) -> dict:
+    """What a checkpoint must match to be loaded into this learner."""
+    return {
+        "observation_shape": list(agent.observation_shape),
+        "num_actions": agent.num_actions,
+        "network": agent.network,
+        "use_lstm": agent.core is not None,
+        "lstm_size": config.lstm_size if agent.core is not None else None,
+        "mlp_sizes": list(config.hidden_sizes) if agent.network == "mlp" else None,
+    }
+
+
+def state_sizes(agent: Agent) -> tuple[int, ...]:
+    return tuple(s.shape[1] for s in agent.initial_state(1))
+
+
+def check_logdir(logdir: str) -> None:
+    """A one-line error for a logdir that is a file or cannot be written."""
+    if os.path.exists(logdir) and not os.path.isdir(logdir):
+        raise ConfigError(f"--logdir={logdir} exists and is not a directory")
+    try:
+        os.makedirs(logdir, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"--logdir={logdir} cannot be created: {e.strerror}")
+    if not os.access(logdir, os.W_OK | os.X_OK):
+        raise ConfigError(f"--logdir={logdir} is not writable")
+
+
+def learn_step(agent: Agent, optimizer: torch.optim.Optimizer, batch: dict[str, torch.Tensor],
+               config: Config) -> dict[str, float]:
+    """One update on a batch of unrolls ([T+1, B, ...] tensors, see unroll.py)."""
+    initial_state = tuple(batch[f"core_state_{k}"] for k in range(2) if f"core_state_{k}" in batch)
+    output, _ = agent(batch["observation"], batch["action"], batch["reward"], batch["done"], initial_state)
+
+    # Env output t led the network to pick action t+1: learn from transitions
+    # 0..T-1 and bootstrap from the value of the last env output.
+    loss = losses.impala_loss(
+        target_logits=output.policy_logits[:-1],
+        baseline=output.baseline[:-1],
+        bootstrap_value=output.baseline[-1],
+        behaviour_logits=batch["policy_logits"][1:],
+        actions=batch["action"][1:],
+        rewards=losses.clip_rewards(batch["reward"][1:], config.reward_clipping),
+        discounts=(~batch["done"][1:]).float() * config.discounting,
+        baseline_cost=config.baseline_cost,
+        entropy_cost=config.entropy_cost,
+        clip_rho_threshold=config.clip_rho_threshold if config.clip_rho_threshold > 0 else None,
+        clip_pg_rho_threshold=config.clip_pg_rho_threshold if config.clip_pg_rho_threshold > 0 else None,
+    )
+    optimizer.zero_grad(set_to_none=True)
+    loss.total.backward()
+    max_norm = config.max_grad_norm if config.max_grad_norm > 0 else float("inf")
+    grad_norm = torch.nn.utils.clip_grad_norm_(agent.parameters(), max_norm)
+    optimizer.step()
+    return {
+        "total_loss": loss.total.item(),
+        "pg_loss": loss.policy_gradient.item(),
+        "baseline_loss": loss.baseline.item(),
+        "entropy_loss": loss.entropy.item(),
+        "grad_norm": grad_norm.item(),
+    }
+
+
+@dataclass
+class ActorStats:
+    unrolls: int = 0
+    envs: int = 0
+    last_seen: float = 0.0
+
+
+@dataclass
+class ServerStats:
+    bad_messages: int = 0
+    lags: list = field(default_factory=list)
+    actors: dict = field(default_factory=dict)  # task -> ActorStats
+
+
+class Learner:
+    """Owns the network, the optimizer and the two sockets. `run` trains until the
+    frame budget; `close` stops the threads and writes a final checkpoint."""
+
+    def __init__(self, config: Config, spec: EnvSpec | None = None):
+        check_logdir(config.logdir)
+        self.config = config
+        self.spec = spec or env_spec(config)
+        self.device = _device(config.device)
+        torch.set_num_threads(config.learner_threads)
+        torch.manual_seed(config.seed)
+
+        self.agent = make_agent(config, self.spec.observation_shape, self.spec.num_actions).to(self.device)
+        self.optimizer = RMSPropTF(self.agent.parameters(), lr=config.learning_rate, decay=config.decay,
+                                   momentum=config.momentum, epsilon=config.epsilon)
+        self.signature = network_signature(config, self.agent)
+        self.frames = 0
+        self.param_version = 0
+        self._restore()
+
+        self.unroll_spec = unroll.unroll_spec(config.unroll_length, self.spec.observation_shape,
+                                              self.spec.observation_dtype, self.spec.num_actions,
+                                              state_sizes(self.agent))
+        self.stats = ServerStats()
+        self._stats_lock = threading.Lock()
+        self._batches: queue.Queue = queue.Queue(maxsize=config.max_queued_batches)
+        self._stop = threading.Event()
+        self._params_frames: tuple[int, list] = (0, [])
+        self._publish()
+
+        self._context = zmq.Context.instance()
+        self.unroll_address, self.params_address = self._bind()
+        self._threads = [
+            threading.Thread(target=self._serve_unrolls, name="unrolls", daemon=True),
+            threading.Thread(target=self._serve_params, name="params", daemon=True),
+        ]
+        for t in self._threads:
+            t.start()
+        self.metrics = MetricsWriter(config.logdir)
+        self._last_checkpoint = time.monotonic()
+
+    # -- checkpoints ---------------------------------------------------------------
+
+    def _restore(self) -> None:
+        path = checkpoint.latest(self.config.logdir)
+        if path is None:
+            return
+        state = checkpoint.load(path)
+        checkpoint.check_signature(state.get("signature", {}), self.signature, path)
+        try:
+            self.agent.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (KeyError, RuntimeError, ValueError) as e:
+            raise checkpoint.CheckpointError(f"checkpoint {path} does not fit this network: {str(e).splitlines()[0]}")
+        self.frames = int(state["frames"])
+        self.param_version = int(state["param_version"])
+        logging.info("Resumed from %s at %d frames (parameter version %d).", path, self.frames, self.param_version)
+
+    def save_checkpoint(self) -> None:
+        state = {
+            "model": self.agent.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "frames": self.frames,
+            "param_version": self.param_version,
+            "signature": self.signature,
+            "level_name": self.config.level_name,
+        }
+        try:
+            path = checkpoint.save(self.config.logdir, state, self.frames, keep=self.config.keep_checkpoints)
+            logging.info("Saved checkpoint %s.", path)
+        except OSError as e:  # e.g. a full disk: keep training, the previous checkpoint stays
+            logging.error("Checkpoint at %d frames not written (%s); the previous one is kept.",
+                          self.frames, e.strerror or e)
+        self._last_checkpoint = time.monotonic()
+
+    # -- sockets -----------------------------------------------------------------
+
+    def _bind(self) -> tuple[str, str]:
+        self._unroll_socket = self._context.socket(zmq.ROUTER)
+        self._params_socket = self._context.socket(zmq.ROUTER)
+        for s in (self._unroll_socket, self._params_socket):
+            s.setsockopt(zmq.LINGER, 0)
+            s.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
+        self._unroll_socket.setsockopt(zmq.RCVHWM, UNROLL_RCVHWM)
+        host, port = _split_address(self.config.learner_address)
+        try:
+            if port == 0:
+                unroll_port = self._unroll_socket.bind_to_random_port(host)
+                params_port = self._params_socket.bind_to_random_port(host)
+            else:
+                unroll_port, params_port = port, port + 1
+                self._unroll_socket.bind(f"{host}:{unroll_port}")
+                self._params_socket.bind(f"{host}:{params_port}")
+        except zmq.ZMQError as e:
+            raise ConfigError(f"cannot bind the learner at {self.config.learner_address}: {e}")
+        return f"{host}:{unroll_port}", f"{host}:{params_port}"
+
+    def _serve_unrolls(self) -> None:
+        socket, batcher = self._unroll_socket, unroll.Batcher(self.unroll_spec, self.config.batch_size)
+        poller = zmq.Poller()
+        poller.register(socket, zmq.POLLIN)
+        while not self._stop.is_set():
+            if not poller.poll(100):
+                continue
+            try:
+                _, message = wire.recv_routed(socket, allowed_kinds=("unroll",))
+                unroll.validate(message.arrays, self.unroll_spec)
+            except (wire.WireError, unroll.UnrollError) as e:
+                with self._stats_lock:
+                    self.stats.bad_messages += 1
+                    count = self.stats.bad_messages
+                logging.log_every_n_seconds(logging.WARNING, "Dropped a bad message (%d so far): %s", 5, count, e)
+                continue
+            self._record_unroll(message)
+            for batch in batcher.add(dict(message.arrays)):
+                self._put(batch)
+
+    def _record_unroll(self, message: wire.Message) -> None:
+        with self._stats_lock:
+            actor = self.stats.actors.setdefault(message.task, ActorStats())
+            actor.unrolls += 1
+            actor.envs += message.arrays["reward"].shape[1]
+            actor.last_seen = time.monotonic()
+            self.stats.lags.append(self.param_version - message.param_version)
+
+    def _put(self, batch: unroll.Unroll) -> None:
+        tensors = {name: torch.from_numpy(array) for name, array in batch.items()}
+        if self.device.type == "cuda":
+            tensors = {name: t.pin_memory() for name, t in tensors.items()}
+        while not self._stop.is_set():
+            try:
+                self._batches.put(tensors, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def _serve_params(self) -> None:
+        socket = self._params_socket
+        poller = zmq.Poller()
+        poller.register(socket, zmq.POLLIN)
+        while not self._stop.is_set():
+            if not poller.poll(100):
+                continue
+            try:
+                identity, message = wire.recv_routed(socket, allowed_kinds=("get_params",))
+                have = int(message.meta.get("version", -1))
+            except wire.RoutedWireError as e:
+                with self._stats_lock:
+                    self.stats.bad_messages += 1
+                logging.log_every_n_seconds(logging.WARNING, "Dropped a bad parameter request: %s", 5, e)
+                continue
+            except (wire.WireError, TypeError, ValueError) as e:
+                logging.log_every_n_seconds(logging.WARNING, "Dropped a bad parameter request: %s", 5, e)
+                continue
+            version, frames = self._params_frames
+            if version > have:
+                socket.send_multipart([identity, *frames], copy=False)
+            else:
+                wire.send_routed(socket, identity, "params_unchanged", param_version=version)
+
+    def _publish(self) -> None:
+        """Snapshots the parameters for the serving thread (a fresh copy per version,
+        so frames still being sent are never overwritten)."""
+        arrays = {name: t.detach().to("cpu", copy=True).numpy()
+                  for name, t in self.agent.state_dict().items()}
+        frames = wire.encode("params", arrays, param_version=self.param_version)
+        self._params_frames = (self.param_version, frames)
+
+    # -- training ----------------------------------------------------------------
+
+    def next_batch(self, timeout: float) -> dict[str, torch.Tensor] | None:
+        try:
+            batch = self._batches.get(timeout=timeout)
+        except queue.Empty:
+            return None
+        return {name: t.to(self.device, non_blocking=True) for name, t in batch.items()}
+
+    def run(self, tick: Callable[[], None] | None = None) -> None:
+        """Trains until --total_environment_frames; `tick` runs at least once a second
+        (the local launcher uses it to watch its actors)."""
+        config = self.config
+        log = _ProgressLog(self)
+        while self.frames < config.total_environment_frames:
+            if tick is not None:
+                tick()
+            batch = self.next_batch(timeout=1.0)
+            if batch is None:
+                log.maybe_write({})
+                continue
+            for group in self.optimizer.param_groups:
+                group["lr"] = config.learning_rate * max(0.0, 1.0 - self.frames / config.total_environment_frames)
+            stats = learn_step(self.agent, self.optimizer, batch, config)
+            self.frames += config.frames_per_step
+            self.param_version += 1
+            self._publish()
+            log.add_episodes(batch)
+            log.maybe_write(stats)
+            if time.monotonic() - self._last_checkpoint > config.checkpoint_interval_s:
+                self.save_checkpoint()
+        log.maybe_write({}, force=True)
+
+    def close(self, save: bool = True) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(timeout=5)
+        if save:
+            self.save_checkpoint()
+        self._unroll_socket.close(linger=0)
+        self._params_socket.close(linger=0)
+        self.metrics.close()
+
+
+class _ProgressLog:
+    """Progress line, metrics.jsonl row and TensorBoard scalars every log interval."""
+
+    def __init__(self, learner: Learner):
+        self.learner = learner
+        self.returns: list[float] = []
+        self.lengths: list[int] = []
+        self.recent = collections.deque(maxlen=100)
+        self.last_time = time.monotonic()
+        self.last_frames = learner.frames
+        self.loss_sums: dict[str, float] = collections.defaultdict(float)
+        self.updates = 0
+
+    def add_episodes(self, batch: dict[str, torch.Tensor]) -> None:
+        done = batch["done"][1:].cpu().numpy()
+        self.returns.extend(batch["episode_return"][1:].cpu().numpy()[done].tolist())
+        self.lengths.extend(batch["episode_step"][1:].cpu().numpy()[done].tolist())
+
+    def maybe_write(self, stats: dict[str, float], force: bool = False) -> None:
+        for k, v in stats.items():
+            self.loss_sums[k] += v
+        self.updates += bool(stats)
+        now = time.monotonic()
+        if not force and now - self.last_time < self.learner.config.log_interval_s:
+            return
+        if force and self.learner.frames == self.last_frames:
+            return  # nothing new since the last row
+        learner, config = self.learner, self.learner.config
+        elapsed = max(now - self.last_time, 1e-9)
+        fps = (learner.frames - self.last_frames) / elapsed
+        self.recent.extend(self.returns)
+        with learner._stats_lock:
+            lags, learner.stats.lags = learner.stats.lags, []
+            actors = {task: (a.unrolls, a.envs) for task, a in learner.stats.actors.items()}
+            bad = learner.stats.bad_messages
+        row = {
+            "frames": learner.frames,
+            "param_version": learner.param_version,
+            "fps": round(fps, 1),
+            "sps": round(fps / config.num_action_repeats, 1),
+            "mean_episode_return": float(np.mean(self.returns)) if self.returns else None,
+            "mean_episode_length": float(np.mean(self.lengths)) if self.lengths else None,
+            "episodes": len(self.returns),
+            "policy_lag": float(np.mean(lags)) if lags else None,
+            "learning_rate": learner.optimizer.param_groups[0]["lr"],
+            "connected_actors": len(actors),
+            "bad_messages": bad,
+            "wall_time": time.time(),
+        }
+        row.update({k: v / max(self.updates, 1) for k, v in self.loss_sums.items()})
+        learner.metrics.write(row)
+        ret = f"{row['mean_episode_return']:.1f}" if self.returns else "-"
+        recent = f"{np.mean(self.recent):.1f}" if self.recent else "-"
+        logging.info(
+            "frames %s | %s steps/s | return %s (%d episodes; last 100: %s) | loss %.3g (pg %.3g, "
+            "baseline %.3g, entropy %.3g) | lag %s | actors %d",
+            f"{learner.frames:,}", f"{row['sps']:,.0f}", ret, len(self.returns), recent,
+            row.get("total_loss", float("nan")), row.get("pg_loss", float("nan")),
+            row.get("baseline_loss", float("nan")), row.get("entropy_loss", float("nan")),
+            f"{row['policy_lag']:.1f}" if lags else "-", len(actors))
+        self.returns, self.lengths = [], []
+        self.loss_sums.clear()
+        self.updates = 0
+        self.last_time, self.last_frames = now, learner.frames
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"--device={name} but CUDA is not available here")
+    return torch.device(name)
+
+
+def _split_address(address: str) -> tuple[str, int]:
+    """'tcp://HOST:PORT' -> ('tcp://HOST', PORT)."""
+    if not address.startswith("tcp://") or ":" not in address[6:]:
+        raise ConfigError(f"--learner_address must look like tcp://HOST:PORT, got {address!r}")
+    host, _, port = address.rpartition(":")
+    try:
+        port_number = int(port)
+    except ValueError:
+        raise ConfigError(f"--learner_address has a bad port: {address!r}")
+    if not 0 <= port_number < 65535:
+        raise ConfigError(f"--learner_address port out of range: {address!r}")
+    return host, port_number

@@ -1,0 +1,193 @@
+"""The agents of the IMPALA paper: shallow and deep ("IMPALA CNN") torsos, an MLP
+torso for vector observations, an optional LSTM core, and policy/baseline heads.
+
+As in the original, the core's input is the torso output concatenated with the
+clipped reward and a one-hot of the last action, and the LSTM state is reset to
+zeros at steps whose `done` flag says a new episode starts there.
+
+Shapes (time-major): observation [T, B, *obs_shape], last_action/reward/done
+[T, B]; outputs policy_logits [T, B, A], baseline [T, B]. Core state is a tuple
+(h, c) of [B, lstm_size] tensors, or () without an LSTM.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Sequence
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+CoreState = tuple[torch.Tensor, ...]
+
+
+class AgentOutput(NamedTuple):
+    policy_logits: torch.Tensor  # [T, B, A]
+    baseline: torch.Tensor  # [T, B]
+
+
+def resolve_network(network: str, observation_shape: Sequence[int]) -> str:
+    """'auto' picks the MLP for vector observations and the deep ResNet for images."""
+    if network == "auto":
+        return "mlp" if len(observation_shape) == 1 else "deep"
+    if network == "mlp" and len(observation_shape) != 1:
+        raise ValueError(f"the mlp torso needs vector observations, got shape {tuple(observation_shape)}")
+    if network in ("shallow", "deep") and len(observation_shape) != 3:
+        raise ValueError(
+            f"the {network} torso needs [C, H, W] image observations, got shape {tuple(observation_shape)}"
+        )
+    return network
+
+
+class MLPTorso(nn.Module):
+    def __init__(self, input_size: int, hidden_sizes: Sequence[int]):
+        super().__init__()
+        layers: list[nn.Module] = []
+        for size in hidden_sizes:
+            layers += [nn.Linear(input_size, size), nn.ReLU()]
+            input_size = size
+        self.layers = nn.Sequential(*layers)
+        self.output_size = input_size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(x.float())
+
+
+class ShallowTorso(nn.Module):
+    """The paper's shallow network (Fig. 3, left): two convolutions and fc 256."""
+
+    def __init__(self, observation_shape: Sequence[int]):
+        super().__init__()
+        channels, height, width = observation_shape
+        self.conv1 = nn.Conv2d(channels, 16, kernel_size=8, stride=4)
+        self.conv2 = nn.Conv2d(16, 32, kernel_size=4, stride=2)
+        with torch.no_grad():
+            flat = self._conv(torch.zeros(1, channels, height, width)).shape[1]
+        self.fc = nn.Linear(flat, 256)
+        self.output_size = 256
+
+    def _conv(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(self.conv2(F.relu(self.conv1(x)))).flatten(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(self.fc(self._conv(x.float() / 255.0)))
+
+
+class ResidualBlock(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1)
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.conv2(F.relu(self.conv1(F.relu(x))))
+
+
+class DeepTorso(nn.Module):
+    """The paper's deep ResNet (Fig. 3, right): sections of 16/32/32 channels, each a
+    conv, a 3x3 stride-2 max-pool and two residual blocks; then fc 256."""
+
+    def __init__(self, observation_shape: Sequence[int]):
+        super().__init__()
+        channels, height, width = observation_shape
+        sections = []
+        for out_channels in (16, 32, 32):
+            sections.append(nn.Sequential(
+                nn.Conv2d(channels, out_channels, 3, padding=1),
+                nn.MaxPool2d(3, stride=2, padding=1),  # TF 'SAME' padding: ceil(n / 2)
+                ResidualBlock(out_channels),
+                ResidualBlock(out_channels),
+            ))
+            channels = out_channels
+        self.sections = nn.Sequential(*sections)
+        with torch.no_grad():
+            flat = self.sections(torch.zeros(1, *observation_shape)).flatten(1).shape[1]
+        self.fc = nn.Linear(flat, 256)
+        self.output_size = 256
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.sections(x.float() / 255.0)).flatten(1)
+        return F.relu(self.fc(x))
+
+
+class Agent(nn.Module):
+    def __init__(
+        self,
+        observation_shape: Sequence[int],
+        num_actions: int,
+        network: str = "auto",
+        use_lstm: bool = True,
+        lstm_size: int = 256,
+        hidden_sizes: Sequence[int] = (64, 64),
+    ):
+        super().__init__()
+        self.observation_shape = tuple(observation_shape)
+        self.num_actions = num_actions
+        self.network = resolve_network(network, observation_shape)
+        if self.network == "mlp":
+            self.torso: nn.Module = MLPTorso(observation_shape[0], hidden_sizes)
+        elif self.network == "shallow":
+            self.torso = ShallowTorso(observation_shape)
+        else:
+            self.torso = DeepTorso(observation_shape)
+        core_input = self.torso.output_size + 1 + num_actions  # + clipped reward + one-hot action
+        self.core = nn.LSTMCell(core_input, lstm_size) if use_lstm else None
+        core_output = lstm_size if use_lstm else core_input
+        self.policy = nn.Linear(core_output, num_actions)
+        self.baseline = nn.Linear(core_output, 1)
+
+    def initial_state(self, batch_size: int, device: torch.device | str = "cpu") -> CoreState:
+        if self.core is None:
+            return ()
+        zeros = torch.zeros(batch_size, self.core.hidden_size, device=device)
+        return (zeros, zeros.clone())
+
+    def forward(
+        self,
+        observation: torch.Tensor,
+        last_action: torch.Tensor,
+        reward: torch.Tensor,
+        done: torch.Tensor,
+        core_state: CoreState = (),
+    ) -> tuple[AgentOutput, CoreState]:
+        T, B = observation.shape[:2]
+        torso_out = self.torso(observation.reshape(T * B, *self.observation_shape))
+        one_hot_action = F.one_hot(last_action.reshape(T * B).long(), self.num_actions).float()
+        clipped_reward = reward.reshape(T * B, 1).float().clamp(-1.0, 1.0)
+        core_input = torch.cat([torso_out, clipped_reward, one_hot_action], dim=1)
+
+        if self.core is None:
+            core_output = core_input
+        else:
+            core_input = core_input.view(T, B, -1)
+            not_done = (~done.bool()).float().unsqueeze(-1)  # [T, B, 1]
+            h, c = core_state
+            outputs = []
+            for t in range(T):
+                # A new episode starts at step t: forget the previous one.
+                h, c = self.core(core_input[t], (h * not_done[t], c * not_done[t]))
+                outputs.append(h)
+            core_state = (h, c)
+            core_output = torch.stack(outputs).view(T * B, -1)
+
+        policy_logits = self.policy(core_output).view(T, B, self.num_actions)
+        baseline = self.baseline(core_output).view(T, B)
+        return AgentOutput(policy_logits, baseline), core_state
+
+
+def sample_actions(policy_logits: torch.Tensor) -> torch.Tensor:
+    """Samples one action per row of [..., A] logits; returns int64 [...]."""
+    flat = policy_logits.reshape(-1, policy_logits.shape[-1])
+    return torch.multinomial(F.softmax(flat, dim=-1), 1).view(policy_logits.shape[:-1])
+
+
+def make_agent(config, observation_shape: Sequence[int], num_actions: int) -> Agent:
+    """Builds the agent that `config` (an impala.config.Config) describes."""
+    return Agent(
+        observation_shape,
+        num_actions,
+        network=config.network,
+        use_lstm=config.use_lstm,
+        lstm_size=config.lstm_size,
+        hidden_sizes=config.hidden_sizes,
+    )
