@@ -47,8 +47,13 @@ class EnvSpec:
 
 def env_spec(config: Config) -> EnvSpec:
     """Reads the level's observation and action spaces from one instance."""
-    env = envs.make(config.level_name, seed=config.seed, num_action_repeats=config.num_action_repeats,
-                    **envs.options(config))
+    try:
+        env = envs.make(config.level_name, seed=config.seed, num_action_repeats=config.num_action_repeats,
+                        **envs.options(config))
+    except envs.UnknownLevelError:
+        raise
+    except ValueError as e:  # e.g. a continuous action space
+        raise ConfigError(str(e).splitlines()[0])
     try:
         return EnvSpec(tuple(env.observation_shape), np.dtype(env.observation_dtype), env.num_actions)
     finally:

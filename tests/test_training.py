@@ -1,0 +1,176 @@
+"""End to end: the real program, real actor processes, real ZeroMQ sockets."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from impala import checkpoint
+from impala.metrics import read_jsonl
+from tests import cli
+
+RANDOM_CARTPOLE_RETURN = 22  # mean episode return of a uniform random policy
+CARTPOLE = ["--flagfile=configs/cartpole.cfg", "--log_interval_s=1"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    logdir = tmp_path_factory.mktemp("cartpole")
+    result = cli.run(*CARTPOLE, f"--logdir={logdir}", "--total_environment_frames=200000")
+    return logdir, result
+
+
+def test_cartpole_learns_well_above_random(trained):
+    logdir, result = trained
+    assert result.returncode == 0, result.stdout[-3000:]
+    rows = read_jsonl(logdir / "metrics.jsonl")
+    for key in ("frames", "sps", "mean_episode_return", "total_loss", "pg_loss", "baseline_loss",
+                "entropy_loss", "policy_lag"):
+        assert key in rows[-1], key
+    frames = [r["frames"] for r in rows]
+    assert frames == sorted(frames) and frames[-1] >= 200000
+    returns = [r["mean_episode_return"] for r in rows if r["mean_episode_return"] is not None]
+    assert returns[0] < 3 * RANDOM_CARTPOLE_RETURN, returns  # it starts near random...
+    assert max(returns[-3:]) > 4 * RANDOM_CARTPOLE_RETURN, returns  # ...and learns
+    assert checkpoint.latest(logdir) is not None
+    assert any((logdir / "tensorboard").iterdir())
+    assert "steps/s" in result.stdout and "return" in result.stdout
+
+
+def test_run_resumes_from_its_checkpoint(trained, tmp_path):
+    logdir = tmp_path / "resume"
+    shutil.copytree(trained[0], logdir)
+    before = checkpoint.load(checkpoint.latest(logdir))["frames"]
+    result = cli.run(*CARTPOLE, f"--logdir={logdir}", f"--total_environment_frames={before + 20000}")
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert "Resumed from" in result.stdout
+    after = checkpoint.load(checkpoint.latest(logdir))
+    assert before + 20000 <= after["frames"] < before + 40000  # continued, not restarted
+    assert after["param_version"] > 0
+    frames = [r["frames"] for r in read_jsonl(logdir / "metrics.jsonl")]
+    assert frames == sorted(frames)
+
+
+def test_checkpoint_of_another_network_is_refused_and_kept(trained, tmp_path):
+    logdir = tmp_path / "other"
+    shutil.copytree(trained[0], logdir)
+    path = checkpoint.latest(logdir)
+    content = path.read_bytes()
+    result = subprocess.run(cli.command(*CARTPOLE, f"--logdir={logdir}", "--mlp_sizes=32"),
+                            cwd=cli.ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0, result.stderr
+    assert "different network" in result.stderr and "mlp_sizes" in result.stderr
+    assert checkpoint.list_checkpoints(logdir) == [path] and path.read_bytes() == content
+
+
+def _wait_for_metrics(logdir: Path, process: subprocess.Popen, rows: int = 1, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert process.poll() is None, process.stdout.read()[-3000:]
+        path = logdir / "metrics.jsonl"
+        if path.exists() and len([r for r in read_jsonl(path) if r["frames"] > 0]) >= rows:
+            return
+        time.sleep(0.2)
+    raise AssertionError("no metrics written")
+
+
+def test_ctrl_c_checkpoints_and_leaves_no_process(tmp_path):
+    process = cli.start(*CARTPOLE, f"--logdir={tmp_path}", "--total_environment_frames=100000000")
+    try:
+        _wait_for_metrics(tmp_path, process)
+        os.kill(process.pid, signal.SIGINT)
+        out, _ = process.communicate(timeout=60)
+        assert process.returncode == 0, out[-3000:]
+        assert cli.wait_session_gone(process.pid) == []
+        saved = checkpoint.load(checkpoint.latest(tmp_path))
+        assert saved["frames"] > 0
+    finally:
+        cli.kill_session(process.pid)
+
+
+def _actor_pids(sid: int) -> list[int]:
+    pids = []
+    for pid in cli.session_pids(sid):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"spawn_main" in cmdline and b"resource_tracker" not in cmdline:
+            pids.append(pid)
+    return pids
+
+
+def test_a_killed_actor_is_replaced_and_the_run_finishes(tmp_path):
+    process = cli.start(*CARTPOLE, f"--logdir={tmp_path}", "--total_environment_frames=300000")
+    try:
+        _wait_for_metrics(tmp_path, process)
+        actors = _actor_pids(process.pid)
+        assert len(actors) == 2
+        os.kill(actors[0], signal.SIGKILL)
+        out, _ = process.communicate(timeout=180)
+        assert process.returncode == 0, out[-3000:]
+        assert "restarting it" in out
+        assert read_jsonl(tmp_path / "metrics.jsonl")[-1]["frames"] >= 300000
+        assert cli.wait_session_gone(process.pid) == []
+    finally:
+        cli.kill_session(process.pid)
+
+
+def test_launcher_killed_takes_its_actors_with_it(tmp_path):
+    process = cli.start(*CARTPOLE, f"--logdir={tmp_path}", "--total_environment_frames=100000000")
+    try:
+        _wait_for_metrics(tmp_path, process)
+        actors = _actor_pids(process.pid)
+        assert actors
+        process.kill()
+        process.wait()
+        deadline = time.monotonic() + 10
+        while any(Path(f"/proc/{pid}").exists() and _alive(pid) for pid in actors):
+            assert time.monotonic() < deadline, "actors outlived a SIGKILLed launcher"
+            time.sleep(0.1)
+    finally:
+        cli.kill_session(process.pid)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rindex(")") + 2] != "Z"
+
+
+@pytest.mark.parametrize("flags, expected", [
+    (["--bogus_flag=1"], "bogus_flag"),
+    (["--level_name=CartPole-v9"], "CartPole-v1"),
+    (["--level_name=ALE/Pongg-v5"], "ALE/Pong-v5"),
+    (["--level_name=Pendulum-v1"], "Discrete"),
+    (["--batch_size=0"], "batch_size"),
+    (["--reward_clipping=sometimes"], "reward_clipping"),
+])
+def test_bad_flags_are_one_line_errors(flags, expected, tmp_path):
+    result = subprocess.run(cli.command(f"--logdir={tmp_path}", *flags), cwd=cli.ROOT,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().count("\n") == 0, result.stderr
+    assert expected in result.stderr
+
+
+def test_bad_logdirs_are_one_line_errors(tmp_path):
+    a_file = tmp_path / "file"
+    a_file.write_text("not a directory")
+    for logdir in (a_file, a_file / "below"):
+        result = subprocess.run(cli.command(f"--logdir={logdir}"), cwd=cli.ROOT,
+                                capture_output=True, text=True, timeout=120)
+        assert result.returncode == 2, result.stderr
+        assert result.stderr.strip().count("\n") == 0, result.stderr
+        assert "--logdir" in result.stderr
+    assert a_file.read_text() == "not a directory"
