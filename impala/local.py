@@ -16,7 +16,7 @@ import os
 import signal
 import time
 
-from absl import logging
+from absl import flags, logging
 
 from impala.actor import run_actor
 from impala.config import Config
@@ -38,6 +38,7 @@ def _actor_main(config: Config, task: int, unroll_address: str, params_address: 
         pass
     if os.getppid() == 1:  # the launcher died before prctl took effect
         return
+    flags.FLAGS.mark_as_parsed()  # flags arrive in `config`; this quiets absl's warning
     logging.use_absl_handler()
     logging.set_verbosity(logging.INFO)
     run_actor(config, task, unroll_address, params_address)

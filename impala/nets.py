@@ -26,8 +26,13 @@ class AgentOutput(NamedTuple):
     baseline: torch.Tensor  # [T, B]
 
 
+NETWORKS = ("auto", "mlp", "shallow", "deep")
+
+
 def resolve_network(network: str, observation_shape: Sequence[int]) -> str:
     """'auto' picks the MLP for vector observations and the deep ResNet for images."""
+    if network not in NETWORKS:
+        raise ValueError(f"unknown network {network!r}; choose one of {NETWORKS}")
     if network == "auto":
         return "mlp" if len(observation_shape) == 1 else "deep"
     if network == "mlp" and len(observation_shape) != 1:
@@ -73,6 +78,18 @@ class ShallowTorso(nn.Module):
         return F.relu(self.fc(self._conv(x.float() / 255.0)))
 
 
+class SamePadMaxPool(nn.Module):
+    """3x3 stride-2 max-pool with TensorFlow's 'SAME' padding: pads ceil(n/2) outputs'
+    worth, the odd pixel at the bottom/right, so windows line up with the original."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pads = []
+        for n in (x.shape[-1], x.shape[-2]):  # F.pad wants the last dimension first
+            total = max((-(-n // 2) - 1) * 2 + 3 - n, 0)
+            pads += [total // 2, total - total // 2]
+        return F.max_pool2d(F.pad(x, pads, value=float("-inf")), 3, stride=2)
+
+
 class ResidualBlock(nn.Module):
     def __init__(self, channels: int):
         super().__init__()
@@ -94,7 +111,7 @@ class DeepTorso(nn.Module):
         for out_channels in (16, 32, 32):
             sections.append(nn.Sequential(
                 nn.Conv2d(channels, out_channels, 3, padding=1),
-                nn.MaxPool2d(3, stride=2, padding=1),  # TF 'SAME' padding: ceil(n / 2)
+                SamePadMaxPool(),
                 ResidualBlock(out_channels),
                 ResidualBlock(out_channels),
             ))
@@ -148,9 +165,11 @@ class Agent(nn.Module):
         last_action: torch.Tensor,
         reward: torch.Tensor,
         done: torch.Tensor,
-        core_state: CoreState = (),
+        core_state: CoreState | None = None,
     ) -> tuple[AgentOutput, CoreState]:
         T, B = observation.shape[:2]
+        if core_state is None:
+            core_state = self.initial_state(B, observation.device)
         torso_out = self.torso(observation.reshape(T * B, *self.observation_shape))
         one_hot_action = F.one_hot(last_action.reshape(T * B).long(), self.num_actions).float()
         clipped_reward = reward.reshape(T * B, 1).float().clamp(-1.0, 1.0)

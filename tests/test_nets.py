@@ -7,6 +7,7 @@ from torch import nn
 
 from impala.config import Config
 from impala.nets import (
+    SamePadMaxPool,
     Agent,
     DeepTorso,
     MLPTorso,
@@ -77,7 +78,7 @@ def test_deep_torso_sections():
         conv, pool, block1, block2 = section
         assert isinstance(conv, nn.Conv2d)
         assert (conv.out_channels, conv.kernel_size, conv.stride) == (channels, (3, 3), (1, 1))
-        assert isinstance(pool, nn.MaxPool2d) and (pool.kernel_size, pool.stride) == (3, 2)
+        assert isinstance(pool, SamePadMaxPool)
         for block in (block1, block2):
             for c in (block.conv1, block.conv2):
                 assert (c.in_channels, c.out_channels, c.kernel_size, c.stride) == (channels, channels, (3, 3), (1, 1))
@@ -87,6 +88,22 @@ def test_deep_torso_sections():
     assert torso.fc.in_features == 32 * 11 * 11
     assert torso.fc.out_features == torso.output_size == 256
     assert torso(torch.zeros(5, *IMAGE, dtype=torch.uint8)).shape == (5, 256)
+
+
+@pytest.mark.parametrize("n", [4, 5, 84, 21])
+def test_same_pad_max_pool_matches_tensorflow_windows(n):
+    # TF 'SAME': ceil(n/2) outputs; the total padding p = max((out-1)*2 + 3 - n, 0)
+    # goes p//2 before and the rest after, so window i starts at 2*i - p//2.
+    x = torch.randn(1, 1, n, n)
+    out = SamePadMaxPool()(x)
+    size = -(-n // 2)
+    before = max((size - 1) * 2 + 3 - n, 0) // 2
+    expected = torch.empty(size, size)
+    for i in range(size):
+        for j in range(size):
+            r0, c0 = 2 * i - before, 2 * j - before
+            expected[i, j] = x[0, 0, max(r0, 0):r0 + 3, max(c0, 0):c0 + 3].max()
+    assert torch.equal(out[0, 0], expected)
 
 
 def test_shallow_torso_layers():

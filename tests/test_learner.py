@@ -1,0 +1,179 @@
+"""The learner's update step, its sockets under bad input, and checkpoints."""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import numpy as np
+import pytest
+import torch
+import zmq
+
+from impala import checkpoint, learner, unroll, wire
+from impala.actor import run_actor
+from impala.config import Config
+from impala.nets import Agent
+
+T, B, A, OBS = 4, 3, 2, 3
+
+
+def _config(tmp_path, **kw) -> Config:
+    base = dict(level_name="CartPole-v1", num_action_repeats=1, network="mlp", use_lstm=False,
+                mlp_sizes="8", unroll_length=T, batch_size=B, logdir=str(tmp_path),
+                entropy_cost=0.01, baseline_cost=0.5, discounting=0.9, learning_rate=0.001)
+    base.update(kw)
+    return Config(**base)
+
+
+def _random_batch(rng: np.random.Generator) -> dict[str, torch.Tensor]:
+    done = rng.random((T + 1, B)) < 0.3
+    return {
+        "observation": torch.tensor(rng.normal(size=(T + 1, B, OBS)), dtype=torch.float32),
+        "reward": torch.tensor(rng.normal(scale=2.0, size=(T + 1, B)), dtype=torch.float32),
+        "done": torch.tensor(done),
+        "episode_return": torch.zeros(T + 1, B),
+        "episode_step": torch.zeros(T + 1, B, dtype=torch.int32),
+        "action": torch.tensor(rng.integers(0, A, size=(T + 1, B))),
+        "policy_logits": torch.tensor(rng.normal(size=(T + 1, B, A)), dtype=torch.float32),
+    }
+
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x - x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+def test_learn_step_loss_matches_an_independent_computation(tmp_path):
+    """learn_step must pair env output t with action t+1 (the original's shift),
+    bootstrap from the value at T, cut traces at episode ends and clip rewards."""
+    rng = np.random.default_rng(0)
+    config = _config(tmp_path)
+    torch.manual_seed(0)
+    agent = Agent((OBS,), A, network="mlp", use_lstm=False, hidden_sizes=(8,))
+    batch = _random_batch(rng)
+    with torch.no_grad():
+        out, _ = agent(batch["observation"], batch["action"], batch["reward"], batch["done"])
+    logits, values = out.policy_logits.double().numpy(), out.baseline.double().numpy()
+    behaviour = batch["policy_logits"].double().numpy()
+    actions, done = batch["action"].numpy(), batch["done"].numpy()
+    rewards = np.clip(batch["reward"].double().numpy(), -1, 1)
+
+    expected = 0.0
+    for b in range(B):
+        # step t of the learning sequence is the transition env output t -> t+1
+        lp_target = [_log_softmax(logits[t, b])[actions[t + 1, b]] for t in range(T)]
+        lp_behaviour = [_log_softmax(behaviour[t + 1, b])[actions[t + 1, b]] for t in range(T)]
+        rho = np.exp(np.array(lp_target) - np.array(lp_behaviour))
+        c, rho_bar = np.minimum(rho, 1.0), np.minimum(rho, 1.0)
+        gamma = [0.0 if done[t + 1, b] else 0.9 for t in range(T)]
+        v = list(values[:T, b]) + [values[T, b]]
+        delta = [rho_bar[t] * (rewards[t + 1, b] + gamma[t] * v[t + 1] - v[t]) for t in range(T)]
+        vs = []
+        for s in range(T):  # the paper's definition, summed out
+            total, weight = v[s], 1.0
+            for t in range(s, T):
+                total += weight * delta[t]
+                weight *= gamma[t] * c[t]
+            vs.append(total)
+        vs_next = vs[1:] + [v[T]]
+        for t in range(T):
+            advantage = rho_bar[t] * (rewards[t + 1, b] + gamma[t] * vs_next[t] - v[t])
+            probs = np.exp(_log_softmax(logits[t, b]))
+            expected += -lp_target[t] * advantage
+            expected += 0.5 * 0.5 * (vs[t] - v[t]) ** 2
+            expected += 0.01 * np.sum(probs * np.log(probs))
+
+    optimizer = torch.optim.SGD(agent.parameters(), lr=0.0)
+    stats = learner.learn_step(agent, optimizer, batch, config)
+    assert stats["total_loss"] == pytest.approx(expected, rel=1e-4, abs=1e-4)
+
+
+def test_learn_step_with_lstm_runs_and_changes_parameters(tmp_path):
+    rng = np.random.default_rng(1)
+    config = _config(tmp_path, use_lstm=True, lstm_size=16)
+    agent = Agent((OBS,), A, network="mlp", use_lstm=True, lstm_size=16, hidden_sizes=(8,))
+    batch = _random_batch(rng)
+    batch["core_state_0"] = torch.randn(B, 16)
+    batch["core_state_1"] = torch.randn(B, 16)
+    before = [p.detach().clone() for p in agent.parameters()]
+    stats = learner.learn_step(agent, torch.optim.SGD(agent.parameters(), lr=0.1), batch, config)
+    assert np.isfinite(stats["total_loss"]) and stats["grad_norm"] > 0
+    assert any(not torch.equal(a, b) for a, b in zip(before, agent.parameters()))
+
+
+def test_gradient_norm_clipping(tmp_path):
+    rng = np.random.default_rng(2)
+    agent = Agent((OBS,), A, network="mlp", use_lstm=False, hidden_sizes=(8,))
+    batch = _random_batch(rng)
+    learner.learn_step(agent, torch.optim.SGD(agent.parameters(), lr=0.0), batch,
+                       _config(tmp_path, max_grad_norm=1e-3))
+    norm = torch.sqrt(sum((p.grad ** 2).sum() for p in agent.parameters()))
+    assert norm == pytest.approx(1e-3, rel=1e-3)
+
+
+def test_learner_drops_bad_messages_and_keeps_serving(tmp_path):
+    config = _config(tmp_path, batch_size=2, num_envs_per_actor=2, unroll_length=5)
+    server = learner.Learner(config)
+    context = zmq.Context.instance()
+    peer = context.socket(zmq.DEALER)
+    peer.setsockopt(zmq.LINGER, 0)
+    peer.connect(server.unroll_address)
+    good_shapes = unroll.new_unroll(server.unroll_spec, 2)
+    bad = [
+        [b"\x00garbage"],
+        wire.encode("params", {}),  # a foreign kind on the unroll socket
+        wire.encode("unroll", {**good_shapes, "reward": np.zeros((6, 2), np.float64)}),  # wrong dtype
+        wire.encode("unroll", {k: v for k, v in good_shapes.items() if k != "action"}),  # missing array
+        [wire.encode("unroll", good_shapes)[0]],  # header without its frames
+    ]
+    stop = threading.Event()
+    actor = threading.Thread(target=run_actor, args=(config, 7, server.unroll_address, server.params_address),
+                             kwargs=dict(stop=stop, max_unrolls=3), daemon=True)
+    try:
+        for frames in bad:
+            peer.send_multipart(frames)
+        actor.start()
+        batch = server.next_batch(timeout=30)
+        assert batch is not None, "no batch from the good actor"
+        assert batch["observation"].shape == (6, 2, 4)
+        assert server.stats.bad_messages == len(bad)
+        assert 7 in server.stats.actors
+    finally:
+        stop.set()
+        actor.join(timeout=10)
+        peer.close()
+        server.close(save=False)
+
+
+def test_checkpoint_write_failure_keeps_the_previous_one(tmp_path, monkeypatch):
+    server = learner.Learner(_config(tmp_path))
+    try:
+        server.save_checkpoint()
+        first = checkpoint.latest(tmp_path)
+        content = first.read_bytes()
+        server.frames = 1000
+
+        def full_disk(obj, f, *args, **kwargs):
+            f.write(b"partial")
+            raise OSError(28, "No space left on device")
+
+        monkeypatch.setattr(torch, "save", full_disk)
+        server.save_checkpoint()  # logs, does not raise
+        assert checkpoint.list_checkpoints(tmp_path) == [first]
+        assert first.read_bytes() == content
+        assert not [p for p in os.listdir(first.parent) if p.endswith(".tmp")]
+    finally:
+        monkeypatch.undo()
+        server.close(save=False)
+
+
+def test_checkpoints_are_pruned_and_corrupt_ones_refused(tmp_path):
+    for frames in (10, 20, 30, 40):
+        checkpoint.save(tmp_path, {"frames": frames}, frames, keep=2)
+    kept = checkpoint.list_checkpoints(tmp_path)
+    assert [checkpoint.load(p)["frames"] for p in kept] == [30, 40]
+    kept[-1].write_bytes(b"not a checkpoint")
+    with pytest.raises(checkpoint.CheckpointError, match="cannot read checkpoint") as error:
+        checkpoint.load(kept[-1])
+    assert "\n" not in str(error.value)
