@@ -89,8 +89,9 @@ def run_actor(config: Config, task: int, unroll_address: str, params_address: st
     torch.set_num_threads(1)
     seed = config.seed + 1000 * task
     torch.manual_seed(seed)
+    level = envs.level_for_task(config.level_name, task)
     environments = [
-        envs.make(config.level_name, seed=seed + i, num_action_repeats=config.num_action_repeats,
+        envs.make(level, seed=seed + i, num_action_repeats=config.num_action_repeats,
                   **envs.options(config))
         for i in range(config.num_envs_per_actor)
     ]
@@ -110,7 +111,7 @@ def run_actor(config: Config, task: int, unroll_address: str, params_address: st
     params = ParameterClient(params_socket, agent, task)
     try:
         params.wait_first(params_address, stop)
-        logging.info("Actor %d: acting on %s with %d env(s), parameters v%d.", task, config.level_name,
+        logging.info("Actor %d: acting on %s with %d env(s), parameters v%d.", task, level,
                      len(environments), params.version)
         buffer = unroll.new_unroll(spec, len(environments))
         for i, env in enumerate(environments):
@@ -123,7 +124,7 @@ def run_actor(config: Config, task: int, unroll_address: str, params_address: st
             state = _act(agent, environments, buffer, state, config.unroll_length)
             arrays = dict(buffer)
             arrays.update({f"core_state_{k}": s for k, s in enumerate(initial_state)})
-            wire.send(unroll_socket, "unroll", arrays, task=task, param_version=acted_with)
+            wire.send(unroll_socket, "unroll", arrays, task=task, param_version=acted_with, meta={"level": level})
             sent += 1
             buffer = unroll.next_unroll(spec, buffer)
             params.refresh()

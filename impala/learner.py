@@ -134,6 +134,7 @@ class ActorStats:
 class ServerStats:
     bad_messages: int = 0
     lags: list = field(default_factory=list)
+    episodes: list = field(default_factory=list)  # (level, return, length) as unrolls arrive
     actors: dict = field(default_factory=dict)  # task -> ActorStats
 
 
@@ -255,12 +256,19 @@ class Learner:
                 self._put(batch)
 
     def _record_unroll(self, message: wire.Message) -> None:
+        level = message.meta.get("level")
+        level = level if isinstance(level, str) and len(level) <= 200 else self.config.level_name
+        arrays = message.arrays
+        done = arrays["done"][1:]  # step 0 repeats the previous unroll's last step
+        episodes = [(level, float(r), int(n)) for r, n in
+                    zip(arrays["episode_return"][1:][done], arrays["episode_step"][1:][done])]
         with self._stats_lock:
             actor = self.stats.actors.setdefault(message.task, ActorStats())
             actor.unrolls += 1
-            actor.envs += message.arrays["reward"].shape[1]
+            actor.envs += arrays["reward"].shape[1]
             actor.last_seen = time.monotonic()
             self.stats.lags.append(self.param_version - message.param_version)
+            self.stats.episodes.extend(episodes)
 
     def _put(self, batch: unroll.Unroll) -> None:
         tensors = {name: torch.from_numpy(array) for name, array in batch.items()}
@@ -332,7 +340,6 @@ class Learner:
             self.frames += config.frames_per_step
             self.param_version += 1
             self._publish()
-            log.add_episodes(batch)
             log.maybe_write(stats)
             if time.monotonic() - self._last_checkpoint > config.checkpoint_interval_s:
                 self.save_checkpoint()
@@ -354,18 +361,11 @@ class _ProgressLog:
 
     def __init__(self, learner: Learner):
         self.learner = learner
-        self.returns: list[float] = []
-        self.lengths: list[int] = []
         self.recent = collections.deque(maxlen=100)
         self.last_time = time.monotonic()
         self.last_frames = learner.frames
         self.loss_sums: dict[str, float] = collections.defaultdict(float)
         self.updates = 0
-
-    def add_episodes(self, batch: dict[str, torch.Tensor]) -> None:
-        done = batch["done"][1:].cpu().numpy()
-        self.returns.extend(batch["episode_return"][1:].cpu().numpy()[done].tolist())
-        self.lengths.extend(batch["episode_step"][1:].cpu().numpy()[done].tolist())
 
     def maybe_write(self, stats: dict[str, float], force: bool = False) -> None:
         for k, v in stats.items():
@@ -379,19 +379,21 @@ class _ProgressLog:
         learner, config = self.learner, self.learner.config
         elapsed = max(now - self.last_time, 1e-9)
         fps = (learner.frames - self.last_frames) / elapsed
-        self.recent.extend(self.returns)
         with learner._stats_lock:
             lags, learner.stats.lags = learner.stats.lags, []
+            episodes, learner.stats.episodes = learner.stats.episodes, []
             actors = {task: (a.unrolls, a.envs) for task, a in learner.stats.actors.items()}
             bad = learner.stats.bad_messages
+        returns = [e[1] for e in episodes]
+        self.recent.extend(returns)
         row = {
             "frames": learner.frames,
             "param_version": learner.param_version,
             "fps": round(fps, 1),
             "sps": round(fps / config.num_action_repeats, 1),
-            "mean_episode_return": float(np.mean(self.returns)) if self.returns else None,
-            "mean_episode_length": float(np.mean(self.lengths)) if self.lengths else None,
-            "episodes": len(self.returns),
+            "mean_episode_return": float(np.mean(returns)) if episodes else None,
+            "mean_episode_length": float(np.mean([e[2] for e in episodes])) if episodes else None,
+            "episodes": len(episodes),
             "policy_lag": float(np.mean(lags)) if lags else None,
             "learning_rate": learner.optimizer.param_groups[0]["lr"],
             "connected_actors": len(actors),
@@ -399,17 +401,20 @@ class _ProgressLog:
             "wall_time": time.time(),
         }
         row.update({k: v / max(self.updates, 1) for k, v in self.loss_sums.items()})
+        levels = sorted({e[0] for e in episodes})
+        if len(levels) > 1 or (levels and levels[0] != config.level_name):  # multi-task runs
+            for level in levels:
+                row[f"mean_episode_return/{level}"] = float(np.mean([r for lv, r, _ in episodes if lv == level]))
         learner.metrics.write(row)
-        ret = f"{row['mean_episode_return']:.1f}" if self.returns else "-"
+        ret = f"{row['mean_episode_return']:.1f}" if episodes else "-"
         recent = f"{np.mean(self.recent):.1f}" if self.recent else "-"
         logging.info(
             "frames %s | %s steps/s | return %s (%d episodes; last 100: %s) | loss %.3g (pg %.3g, "
             "baseline %.3g, entropy %.3g) | lag %s | actors %d",
-            f"{learner.frames:,}", f"{row['sps']:,.0f}", ret, len(self.returns), recent,
+            f"{learner.frames:,}", f"{row['sps']:,.0f}", ret, len(episodes), recent,
             row.get("total_loss", float("nan")), row.get("pg_loss", float("nan")),
             row.get("baseline_loss", float("nan")), row.get("entropy_loss", float("nan")),
             f"{row['policy_lag']:.1f}" if lags else "-", len(actors))
-        self.returns, self.lengths = [], []
         self.loss_sums.clear()
         self.updates = 0
         self.last_time, self.last_frames = now, learner.frames

@@ -120,6 +120,12 @@ __all__ = [
 ]
 
 
+def level_for_task(level_name: str, task: int) -> str:
+    """The level actor `task` plays: the level itself, or for a multi-task name one
+    of its levels (as the original spread DMLab-30 over actors)."""
+    return level_name
+
+
 def options(config: Any) -> dict[str, Any]:
     """The family-specific options that an impala Config sets for its level."""
     if resolve_level(config.level_name) == "atari":
