@@ -18,11 +18,11 @@ import torch
 import zmq
 from absl import logging
 
-from impala import envs, unroll, wire
+from impala import envs, security, unroll, wire
 from impala.config import Config
 from impala.nets import Agent, make_agent, sample_actions
 
-PARAMS_RETRY_S = 10.0  # resend a parameter request unanswered this long (e.g. learner restarted)
+PARAMS_RETRY_S = 3.0  # resend a parameter request unanswered this long (e.g. the learner restarted)
 UNROLL_SNDHWM = 2  # unrolls queued towards the learner before send blocks (back-pressure)
 
 
@@ -32,11 +32,16 @@ class ParameterClient:
     def __init__(self, socket: zmq.Socket, agent: Agent, task: int):
         self.socket, self.agent, self.task = socket, agent, task
         self.version = -1
+        self.run: str | None = None  # the learner process that numbered `version`
         self._sent_at: float | None = None
         self._names = {k: (tuple(v.shape), v.dtype) for k, v in agent.state_dict().items()}
 
     def _request(self) -> None:
-        wire.send(self.socket, "get_params", task=self.task, meta={"version": self.version})
+        try:  # never blocks: with no learner connected (IMMEDIATE) the request is skipped
+            wire.send(self.socket, "get_params", task=self.task, flags=zmq.NOBLOCK,
+                      meta={"version": self.version, "run": self.run})
+        except zmq.Again:
+            pass
         self._sent_at = time.monotonic()
 
     def _receive(self, timeout_ms: int) -> bool:
@@ -51,7 +56,11 @@ class ParameterClient:
                 logging.warning("Actor %d: ignored a bad reply from the learner: %s", self.task, e)
                 continue
             self._sent_at = None
-            if message.kind == "params" and message.param_version > self.version:
+            run = message.meta.get("run")
+            if message.kind == "params" and (message.param_version > self.version or run != self.run):
+                if self.run is not None and run != self.run:
+                    logging.info("Actor %d: the learner restarted; taking its parameters v%d.",
+                                 self.task, message.param_version)
                 changed |= self._load(message)
         return changed
 
@@ -61,7 +70,7 @@ class ParameterClient:
             logging.warning("Actor %d: ignored parameters that do not fit this network.", self.task)
             return False
         self.agent.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in message.arrays.items()})
-        self.version = message.param_version
+        self.version, self.run = message.param_version, message.meta.get("run")
         return True
 
     def refresh(self) -> None:
@@ -105,7 +114,10 @@ def run_actor(config: Config, task: int, unroll_address: str, params_address: st
     params_socket = context.socket(zmq.DEALER)
     for s in (unroll_socket, params_socket):
         s.setsockopt(zmq.LINGER, 0)
+        if config.keys_dir:
+            security.connect_securely(s, config.keys_dir)
     unroll_socket.setsockopt(zmq.SNDHWM, UNROLL_SNDHWM)
+    params_socket.setsockopt(zmq.IMMEDIATE, 1)
     unroll_socket.connect(unroll_address)
     params_socket.connect(params_address)
     params = ParameterClient(params_socket, agent, task)
@@ -124,7 +136,8 @@ def run_actor(config: Config, task: int, unroll_address: str, params_address: st
             state = _act(agent, environments, buffer, state, config.unroll_length)
             arrays = dict(buffer)
             arrays.update({f"core_state_{k}": s for k, s in enumerate(initial_state)})
-            wire.send(unroll_socket, "unroll", arrays, task=task, param_version=acted_with, meta={"level": level})
+            _send_unroll(unroll_socket, arrays, task, acted_with, {"level": level, "run": params.run},
+                         unroll_address, stop)
             sent += 1
             buffer = unroll.next_unroll(spec, buffer)
             params.refresh()
@@ -133,6 +146,27 @@ def run_actor(config: Config, task: int, unroll_address: str, params_address: st
             env.close()
         unroll_socket.close(linger=0)
         params_socket.close(linger=0)
+
+
+def _send_unroll(socket: zmq.Socket, arrays: unroll.Unroll, task: int, param_version: int, meta: dict,
+                 address: str, stop: threading.Event | None) -> None:
+    """Sends one unroll, waiting (and saying so) while the learner takes none:
+    its queues are full (back-pressure) or it is down (ZeroMQ reconnects by itself)."""
+    frames = wire.encode("unroll", arrays, task=task, param_version=param_version, meta=meta)
+    start = time.monotonic()
+    next_warning = start + 10.0
+    while not (stop is not None and stop.is_set()):
+        try:
+            socket.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
+            if next_warning > start + 10.0:
+                logging.info("Actor %d: the learner at %s takes unrolls again.", task, address)
+            return
+        except zmq.Again:
+            socket.poll(1000, zmq.POLLOUT)
+            if time.monotonic() >= next_warning:
+                logging.warning("Actor %d: the learner at %s has taken no unroll for %.0fs; waiting.",
+                                task, address, time.monotonic() - start)
+                next_warning += 60.0
 
 
 @torch.no_grad()

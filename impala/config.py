@@ -37,6 +37,9 @@ class Config:
         "Where the learner binds (learner job) or is reached (actor job); the parameter "
         "socket takes the next port. Port 0 picks free ports (one-machine runs only).",
     )
+    keys_dir: str = _f("", "CurveZMQ keys (python -m impala.security --keys_dir=DIR); both jobs take it.")
+    insecure: bool = _f(False, "Let the learner bind beyond loopback without keys (unauthenticated, unencrypted).")
+    max_message_mb: int = _f(64, "Largest message the learner accepts from one peer; bigger ones are cut off.")
     logdir: str = _f("/tmp/impala", "Checkpoints, metrics.jsonl and TensorBoard events go here.")
     seed: int = _f(1, "Random seed; actor i uses seed + 1000 * i.")
 
@@ -44,6 +47,7 @@ class Config:
     level_name: str = _f("CartPole-v1", "A gymnasium id such as CartPole-v1 or ALE/Pong-v5.")
     num_action_repeats: int = _f(4, "Environment frames per agent step (Atari's frame skip).")
     sticky_actions: float = _f(0.0, "Atari repeat_action_probability (0.25 is the v5 default).")
+    full_action_space: bool = _f(False, "Atari: all 18 actions instead of the game's minimal set.")
 
     # Actors.
     num_actors: int = _f(4, "Actor processes started with --job_name unset.")
@@ -75,7 +79,7 @@ class Config:
     clip_rho_threshold: float = _f(1.0, "V-trace rho-bar; 0 or less means no clipping.")
     clip_pg_rho_threshold: float = _f(1.0, "V-trace rho-bar of the policy gradient; 0 or less: none.")
     max_grad_norm: float = _f(0.0, "Clip the global gradient norm to this; 0 turns it off.")
-    device: str = _f("cpu", "Learner device: cpu, cuda, or auto (cuda when available).")
+    device: str = _f("auto", "Learner device: cpu, cuda, or auto (cuda when available).")
     learner_threads: int = _f(1, "Torch threads of the learner process.")
     max_queued_batches: int = _f(2, "Learner batches prepared ahead; bounds memory (back-pressure).")
 
@@ -90,7 +94,7 @@ class Config:
             if choices and getattr(self, f.name) not in choices:
                 raise ConfigError(f"--{f.name}={getattr(self, f.name)!r} is not one of {choices}")
         for name in ("num_actors", "num_envs_per_actor", "unroll_length", "batch_size",
-                     "num_action_repeats", "lstm_size", "learner_threads", "max_queued_batches",
+                     "num_action_repeats", "lstm_size", "learner_threads", "max_queued_batches", "max_message_mb",
                      "keep_checkpoints"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name} must be at least 1, got {getattr(self, name)}")

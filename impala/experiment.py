@@ -33,7 +33,7 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         _fail(f"unexpected arguments {argv[1:]}; flags look like --name=value")
     # Imported here so that --help stays fast and flag errors come first.
-    from impala import checkpoint, envs, learner, local
+    from impala import checkpoint, envs, learner, local, security
     from impala.actor import run_actor
 
     try:
@@ -45,17 +45,23 @@ def main(argv: list[str]) -> None:
             local.train(config)
         elif config.job_name == "learner":
             server = learner.Learner(config)
+            logging.info("Learner listening at %s (parameters at %s).", server.unroll_address,
+                         server.params_address)
             try:
                 server.run()
             finally:
                 server.close()
         else:
-            host, port = learner._split_address(config.learner_address)
+            host, port = learner.split_address(config.learner_address)
+            if port == 0:
+                raise config_lib.ConfigError("--job_name=actor needs the learner's real port in --learner_address")
+            if config.task < 0:
+                raise config_lib.ConfigError(f"--task must be >= 0, got {config.task}")
             run_actor(config, config.task, f"{host}:{port}", f"{host}:{port + 1}")
     except KeyboardInterrupt:
         logging.info("Interrupted.")
     except (config_lib.ConfigError, envs.UnknownLevelError, checkpoint.CheckpointError,
-            local.ActorCrashLoop) as e:
+            local.ActorCrashLoop, security.KeysError) as e:
         _fail(str(e))
 
 

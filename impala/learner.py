@@ -14,10 +14,12 @@ loop never waits on the network:
 from __future__ import annotations
 
 import collections
+import json
 import os
 import queue
 import threading
 import time
+import uuid
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -26,7 +28,7 @@ import torch
 import zmq
 from absl import logging
 
-from impala import checkpoint, envs, losses, unroll, wire
+from impala import checkpoint, envs, losses, security, unroll, wire
 from impala.config import Config, ConfigError
 from impala.metrics import MetricsWriter
 from impala.nets import Agent, make_agent
@@ -35,7 +37,7 @@ from impala.optim import RMSPropTF
 # Per-peer ZeroMQ queue bounds: with the bounded batch queue they cap the memory
 # that unrolls in flight can take, whatever the actors do.
 UNROLL_RCVHWM = 4
-MAX_MESSAGE_BYTES = 512 * 2**20
+ACTOR_SILENT_S = 30.0  # an actor not heard from this long is reported gone
 
 
 @dataclass
@@ -128,6 +130,8 @@ class ActorStats:
     unrolls: int = 0
     envs: int = 0
     last_seen: float = 0.0
+    unrolls_logged: int = 0  # unrolls at the previous progress line, for rates
+    silent: bool = False
 
 
 @dataclass
@@ -166,6 +170,7 @@ class Learner:
         self._batches: queue.Queue = queue.Queue(maxsize=config.max_queued_batches)
         self._stop = threading.Event()
         self._params_frames: tuple[int, list] = (0, [])
+        self.run_id = uuid.uuid4().hex  # tells actors that parameter versions restarted
         self._publish()
 
         self._context = zmq.Context.instance()
@@ -194,6 +199,7 @@ class Learner:
             raise checkpoint.CheckpointError(f"checkpoint {path} does not fit this network: {str(e).splitlines()[0]}")
         self.frames = int(state["frames"])
         self.param_version = int(state["param_version"])
+        _drop_rows_after(os.path.join(self.config.logdir, "metrics.jsonl"), self.frames)
         logging.info("Resumed from %s at %d frames (parameter version %d).", path, self.frames, self.param_version)
 
     def save_checkpoint(self) -> None:
@@ -216,13 +222,28 @@ class Learner:
     # -- sockets -----------------------------------------------------------------
 
     def _bind(self) -> tuple[str, str]:
+        config = self.config
+        host, port = split_address(config.learner_address)
         self._unroll_socket = self._context.socket(zmq.ROUTER)
         self._params_socket = self._context.socket(zmq.ROUTER)
-        for s in (self._unroll_socket, self._params_socket):
+        sockets = [self._unroll_socket, self._params_socket]
+        for s in sockets:
             s.setsockopt(zmq.LINGER, 0)
-            s.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
+            s.setsockopt(zmq.MAXMSGSIZE, config.max_message_mb * 2**20)
         self._unroll_socket.setsockopt(zmq.RCVHWM, UNROLL_RCVHWM)
-        host, port = _split_address(self.config.learner_address)
+        self._auth = None
+        if config.keys_dir:
+            try:
+                self._auth = security.serve_securely(self._context, sockets, config.keys_dir)
+            except security.KeysError as e:
+                raise ConfigError(str(e))
+        elif not security.is_loopback(host[len("tcp://"):]):
+            if not config.insecure:
+                raise ConfigError(
+                    f"--learner_address={config.learner_address} is reachable from other hosts: give "
+                    "--keys_dir (python -m impala.security --keys_dir=DIR) or --insecure")
+            logging.warning("Learner bound to %s WITHOUT authentication or encryption (--insecure): "
+                            "anyone who can reach it can send unrolls.", host)
         try:
             if port == 0:
                 unroll_port = self._unroll_socket.bind_to_random_port(host)
@@ -232,28 +253,36 @@ class Learner:
                 self._unroll_socket.bind(f"{host}:{unroll_port}")
                 self._params_socket.bind(f"{host}:{params_port}")
         except zmq.ZMQError as e:
-            raise ConfigError(f"cannot bind the learner at {self.config.learner_address}: {e}")
+            raise ConfigError(f"cannot bind the learner at {config.learner_address}: {e}")
         return f"{host}:{unroll_port}", f"{host}:{params_port}"
 
-    def _serve_unrolls(self) -> None:
-        socket, batcher = self._unroll_socket, unroll.Batcher(self.unroll_spec, self.config.batch_size)
+    def _serve(self, socket: zmq.Socket, handle: Callable[[zmq.Socket], None]) -> None:
+        """Calls `handle` for each message until close(); errors never end the loop."""
         poller = zmq.Poller()
         poller.register(socket, zmq.POLLIN)
         while not self._stop.is_set():
             if not poller.poll(100):
                 continue
             try:
-                _, message = wire.recv_routed(socket, allowed_kinds=("unroll",))
-                unroll.validate(message.arrays, self.unroll_spec)
+                handle(socket)
             except (wire.WireError, unroll.UnrollError) as e:
                 with self._stats_lock:
                     self.stats.bad_messages += 1
                     count = self.stats.bad_messages
-                logging.log_every_n_seconds(logging.WARNING, "Dropped a bad message (%d so far): %s", 5, count, e)
-                continue
+                logging.log_every_n_seconds(logging.WARNING, "Dropped a bad message (%d so far): %s", 5, count,
+                                            str(e).splitlines()[0])
+
+    def _serve_unrolls(self) -> None:
+        batcher = unroll.Batcher(self.unroll_spec, self.config.batch_size)
+
+        def handle(socket: zmq.Socket) -> None:
+            _, message = wire.recv_routed(socket, allowed_kinds=("unroll",))
+            unroll.validate(message.arrays, self.unroll_spec)
             self._record_unroll(message)
             for batch in batcher.add(dict(message.arrays)):
                 self._put(batch)
+
+        self._serve(self._unroll_socket, handle)
 
     def _record_unroll(self, message: wire.Message) -> None:
         level = message.meta.get("level")
@@ -263,11 +292,17 @@ class Learner:
         episodes = [(level, float(r), int(n)) for r, n in
                     zip(arrays["episode_return"][1:][done], arrays["episode_step"][1:][done])]
         with self._stats_lock:
-            actor = self.stats.actors.setdefault(message.task, ActorStats())
+            actor = self.stats.actors.get(message.task)
+            if actor is None or actor.silent:
+                logging.info("Actor %d %s (level %s).", message.task,
+                             "connected" if actor is None else "is back", level)
+                actor = self.stats.actors.setdefault(message.task, ActorStats())
+                actor.silent = False
             actor.unrolls += 1
             actor.envs += arrays["reward"].shape[1]
             actor.last_seen = time.monotonic()
-            self.stats.lags.append(self.param_version - message.param_version)
+            if message.meta.get("run") == self.run_id:  # versions of an earlier run don't compare
+                self.stats.lags.append(self.param_version - message.param_version)
             self.stats.episodes.extend(episodes)
 
     def _put(self, batch: unroll.Unroll) -> None:
@@ -282,35 +317,28 @@ class Learner:
                 continue
 
     def _serve_params(self) -> None:
-        socket = self._params_socket
-        poller = zmq.Poller()
-        poller.register(socket, zmq.POLLIN)
-        while not self._stop.is_set():
-            if not poller.poll(100):
-                continue
-            try:
-                identity, message = wire.recv_routed(socket, allowed_kinds=("get_params",))
-                have = int(message.meta.get("version", -1))
-            except wire.RoutedWireError as e:
-                with self._stats_lock:
-                    self.stats.bad_messages += 1
-                logging.log_every_n_seconds(logging.WARNING, "Dropped a bad parameter request: %s", 5, e)
-                continue
-            except (wire.WireError, TypeError, ValueError) as e:
-                logging.log_every_n_seconds(logging.WARNING, "Dropped a bad parameter request: %s", 5, e)
-                continue
+        def handle(socket: zmq.Socket) -> None:
+            identity, message = wire.recv_routed(socket, allowed_kinds=("get_params",))
+            have, run = message.meta.get("version"), message.meta.get("run")
+            if not isinstance(have, int) or isinstance(have, bool):
+                raise wire.WireError("get_params without an integer 'version'")
             version, frames = self._params_frames
-            if version > have:
+            # A different run id means the asker's version belongs to an earlier learner
+            # (restarted from a checkpoint): it must take ours even if its number is higher.
+            if version > have or run != self.run_id:
                 socket.send_multipart([identity, *frames], copy=False)
             else:
-                wire.send_routed(socket, identity, "params_unchanged", param_version=version)
+                wire.send_routed(socket, identity, "params_unchanged", param_version=version,
+                                 meta={"run": self.run_id})
+
+        self._serve(self._params_socket, handle)
 
     def _publish(self) -> None:
         """Snapshots the parameters for the serving thread (a fresh copy per version,
         so frames still being sent are never overwritten)."""
         arrays = {name: t.detach().to("cpu", copy=True).numpy()
                   for name, t in self.agent.state_dict().items()}
-        frames = wire.encode("params", arrays, param_version=self.param_version)
+        frames = wire.encode("params", arrays, param_version=self.param_version, meta={"run": self.run_id})
         self._params_frames = (self.param_version, frames)
 
     # -- training ----------------------------------------------------------------
@@ -353,6 +381,8 @@ class Learner:
             self.save_checkpoint()
         self._unroll_socket.close(linger=0)
         self._params_socket.close(linger=0)
+        if self._auth is not None:
+            self._auth.stop()
         self.metrics.close()
 
 
@@ -382,7 +412,16 @@ class _ProgressLog:
         with learner._stats_lock:
             lags, learner.stats.lags = learner.stats.lags, []
             episodes, learner.stats.episodes = learner.stats.episodes, []
-            actors = {task: (a.unrolls, a.envs) for task, a in learner.stats.actors.items()}
+            rates = {}
+            for task, actor in learner.stats.actors.items():
+                if actor.silent:
+                    continue
+                if now - actor.last_seen > ACTOR_SILENT_S:
+                    actor.silent = True
+                    logging.warning("Actor %d silent for %.0fs; counted as gone.", task, now - actor.last_seen)
+                    continue
+                rates[task] = (actor.unrolls - actor.unrolls_logged) / elapsed
+                actor.unrolls_logged = actor.unrolls
             bad = learner.stats.bad_messages
         returns = [e[1] for e in episodes]
         self.recent.extend(returns)
@@ -396,11 +435,13 @@ class _ProgressLog:
             "episodes": len(episodes),
             "policy_lag": float(np.mean(lags)) if lags else None,
             "learning_rate": learner.optimizer.param_groups[0]["lr"],
-            "connected_actors": len(actors),
+            "connected_actors": len(rates),
+            "refused_connections": learner._auth.provider.refused if learner._auth else 0,
             "bad_messages": bad,
             "wall_time": time.time(),
         }
         row.update({k: v / max(self.updates, 1) for k, v in self.loss_sums.items()})
+        row.update({f"actor_unrolls_per_s/{task}": round(rate, 2) for task, rate in sorted(rates.items())})
         levels = sorted({e[0] for e in episodes})
         if len(levels) > 1 or (levels and levels[0] != config.level_name):  # multi-task runs
             for level in levels:
@@ -410,14 +451,37 @@ class _ProgressLog:
         recent = f"{np.mean(self.recent):.1f}" if self.recent else "-"
         logging.info(
             "frames %s | %s steps/s | return %s (%d episodes; last 100: %s) | loss %.3g (pg %.3g, "
-            "baseline %.3g, entropy %.3g) | lag %s | actors %d",
+            "baseline %.3g, entropy %.3g) | lag %s | actors %d (%s unrolls/s each)",
             f"{learner.frames:,}", f"{row['sps']:,.0f}", ret, len(episodes), recent,
             row.get("total_loss", float("nan")), row.get("pg_loss", float("nan")),
             row.get("baseline_loss", float("nan")), row.get("entropy_loss", float("nan")),
-            f"{row['policy_lag']:.1f}" if lags else "-", len(actors))
+            f"{row['policy_lag']:.1f}" if lags else "-", len(rates),
+            f"{min(rates.values()):.1f}-{max(rates.values()):.1f}" if rates else "-")
         self.loss_sums.clear()
         self.updates = 0
         self.last_time, self.last_frames = now, learner.frames
+
+
+def _drop_rows_after(path: str, frames: int) -> None:
+    """On resume, forgets metrics rows of training lost with the previous process
+    (logged after its last checkpoint), so `frames` stays monotonic in the file."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        lines = f.readlines()
+    keep = []
+    for line in lines:
+        try:
+            if json.loads(line)["frames"] <= frames:
+                keep.append(line if line.endswith("\n") else line + "\n")
+        except (ValueError, KeyError, TypeError):
+            continue  # a torn last line
+    if len(keep) != len(lines):
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            f.writelines(keep)
+        os.replace(tmp, path)
+        logging.info("Dropped %d metrics rows logged after the checkpoint.", len(lines) - len(keep))
 
 
 def _device(name: str) -> torch.device:
@@ -428,7 +492,7 @@ def _device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def _split_address(address: str) -> tuple[str, int]:
+def split_address(address: str) -> tuple[str, int]:
     """'tcp://HOST:PORT' -> ('tcp://HOST', PORT)."""
     if not address.startswith("tcp://") or ":" not in address[6:]:
         raise ConfigError(f"--learner_address must look like tcp://HOST:PORT, got {address!r}")
