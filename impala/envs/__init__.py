@@ -92,17 +92,17 @@ def make(
 ) -> Environment:
     """Build the environment for level_name.
 
-    `training` is accepted for every family; gym and Atari behave the same
-    either way (in the original it only selected DMLab's held-out levels).
+    `training` is accepted for every family: Atari ends episodes at a lost life
+    only when training (see impala.envs.atari); gym ignores it.
     Remaining options go to the family's constructor.
     """
-    del training  # Only meaningful for a future 'dmlab' family.
     family = resolve_level(level_name)
     if family == "atari":
         from impala.envs.atari import AtariEnvironment
 
         return AtariEnvironment(
-            level_name, seed=seed, num_action_repeats=num_action_repeats, **options
+            level_name, seed=seed, num_action_repeats=num_action_repeats,
+            training=training, **options
         )
     from impala.envs.gym import GymEnvironment
 
@@ -129,5 +129,6 @@ def level_for_task(level_name: str, task: int) -> str:
 def options(config: Any) -> dict[str, Any]:
     """The family-specific options that an impala Config sets for its level."""
     if resolve_level(config.level_name) == "atari":
-        return {"sticky_actions": config.sticky_actions}
+        return {"sticky_actions": config.sticky_actions,
+                "full_action_space": config.full_action_space}
     return {}
