@@ -52,6 +52,7 @@ ACTOR = """
       - --flagfile={flagfile}
       - --job_name=actor
       - --task={task}
+      - --num_envs_per_actor=1
       - --learner_address=tcp://learner:5555
       - --keys_dir=/keys
 """
