@@ -105,9 +105,11 @@ def run_actor(config: Config, task: int, unroll_address: str, params_address: st
         for i in range(config.num_envs_per_actor)
     ]
     first = environments[0]
-    agent = make_agent(config, first.observation_shape, first.num_actions)
+    instruction_length = envs.instruction_length(first)  # > 0 on levels with instructions (DMLab)
+    agent = make_agent(config, first.observation_shape, first.num_actions, instruction_length)
     spec = unroll.unroll_spec(config.unroll_length, first.observation_shape, first.observation_dtype,
-                              first.num_actions, [s.shape[1] for s in agent.initial_state(1)])
+                              first.num_actions, [s.shape[1] for s in agent.initial_state(1)],
+                              instruction_length=instruction_length)
 
     context = zmq.Context.instance()
     unroll_socket = context.socket(zmq.DEALER)
@@ -179,6 +181,7 @@ def _act(agent: Agent, environments: list, buffer: unroll.Unroll, state, unroll_
             torch.from_numpy(buffer["reward"][t - 1])[None],
             torch.from_numpy(buffer["done"][t - 1])[None],
             state,
+            instruction=_instruction(buffer, t - 1),
         )
         logits = output.policy_logits[0]
         actions = sample_actions(logits).numpy()
@@ -195,3 +198,10 @@ def _write_step(buffer: unroll.Unroll, t: int, i: int, step: envs.StepOutput) ->
     buffer["done"][t, i] = step.done
     buffer["episode_return"][t, i] = step.episode_return
     buffer["episode_step"][t, i] = step.episode_step
+    if "instruction" in buffer:  # levels with instructions
+        buffer["instruction"][t, i] = step.instruction
+
+
+def _instruction(buffer: unroll.Unroll, t: int) -> torch.Tensor | None:
+    """The instructions that came with env outputs t, [1, n, L], or None without them."""
+    return torch.from_numpy(buffer["instruction"][t])[None] if "instruction" in buffer else None

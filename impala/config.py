@@ -44,7 +44,11 @@ class Config:
     seed: int = _f(1, "Random seed; actor i uses seed + 1000 * i.")
 
     # Environment.
-    level_name: str = _f("CartPole-v1", "A gymnasium id such as CartPole-v1 or ALE/Pong-v5.")
+    level_name: str = _f(
+        "CartPole-v1",
+        "A gymnasium id (CartPole-v1, ALE/Pong-v5), a DeepMind Lab level (dmlab:<level script>, or a "
+        "DMLab-30 name such as rooms_watermaze), or dmlab30 for the DMLab-30 suite (docs/dmlab.md).",
+    )
     num_action_repeats: int = _f(4, "Environment frames per agent step (Atari's frame skip).")
     sticky_actions: float = _f(0.0, "Atari repeat_action_probability (0.25 is the v5 default).")
     full_action_space: bool = _f(False, "Atari: all 18 actions instead of the game's minimal set.")
@@ -88,6 +92,17 @@ class Config:
     checkpoint_interval_s: float = _f(300.0, "Seconds between checkpoints (one is also written on exit).")
     keep_checkpoints: int = _f(3, "Checkpoints kept in <logdir>/checkpoints.")
 
+    # DeepMind Lab (docs/dmlab.md) and --mode=test.
+    width: int = _f(96, "DeepMind Lab observation width in pixels.")
+    height: int = _f(72, "DeepMind Lab observation height in pixels.")
+    dataset_path: str = _f(
+        "", "DeepMind Lab datasetPath: the brady_konkle_oliva2008 images that the psychlab_* levels need.")
+    level_cache_dir: str = _f(
+        "", "DeepMind Lab level cache directory: compiled maps are reused across episodes and runs. Empty: none.")
+    dmlab_renderer: str = _f(
+        "software", "DeepMind Lab renderer: software (OSMesa) or hardware (EGL).", ("software", "hardware"))
+    test_num_episodes: int = _f(10, "--mode=test: episodes per level.")
+
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
             choices = f.metadata.get("choices")
@@ -106,6 +121,9 @@ class Config:
             self.hidden_sizes
         except ValueError:
             raise ConfigError(f"--mlp_sizes must be comma-separated integers, got {self.mlp_sizes!r}")
+        for name in ("width", "height", "test_num_episodes"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name} must be at least 1, got {getattr(self, name)}")
 
     @property
     def hidden_sizes(self) -> tuple[int, ...]:

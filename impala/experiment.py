@@ -2,7 +2,9 @@
 
 With no --job_name, trains on this machine (learner + actor processes). With
 --job_name=learner or --job_name=actor --task=N, runs one job of a multi-host
-run. Every user error ends in one line on stderr and exit status 2.
+run. With --mode=test, plays the latest checkpoint of --logdir and reports its
+scores instead (evaluate.py). Every user error ends in one line on stderr and
+exit status 2.
 """
 
 from __future__ import annotations
@@ -39,9 +41,11 @@ def main(argv: list[str]) -> None:
     try:
         config = config_lib.from_flags(FLAGS)
         envs.resolve_level(config.level_name)
-        if config.mode == "test":
-            _fail("--mode=test is not available yet")
-        if config.job_name == "":
+        if config.mode == "test":  # plays the latest checkpoint of --logdir (impala/evaluate.py)
+            from impala import evaluate
+
+            evaluate.run(config)
+        elif config.job_name == "":
             local.train(config)
         elif config.job_name == "learner":
             server = learner.Learner(config)

@@ -45,6 +45,7 @@ class EnvSpec:
     observation_shape: tuple[int, ...]
     observation_dtype: np.dtype
     num_actions: int
+    instruction_length: int = 0  # > 0: levels with instructions (DMLab), see envs.instruction_length
 
 
 def env_spec(config: Config) -> EnvSpec:
@@ -57,7 +58,8 @@ def env_spec(config: Config) -> EnvSpec:
     except ValueError as e:  # e.g. a continuous action space
         raise ConfigError(str(e).splitlines()[0])
     try:
-        return EnvSpec(tuple(env.observation_shape), np.dtype(env.observation_dtype), env.num_actions)
+        return EnvSpec(tuple(env.observation_shape), np.dtype(env.observation_dtype), env.num_actions,
+                       envs.instruction_length(env))
     finally:
         env.close()
 
@@ -94,7 +96,8 @@ def learn_step(agent: Agent, optimizer: torch.optim.Optimizer, batch: dict[str, 
                config: Config) -> dict[str, float]:
     """One update on a batch of unrolls ([T+1, B, ...] tensors, see unroll.py)."""
     initial_state = tuple(batch[f"core_state_{k}"] for k in range(2) if f"core_state_{k}" in batch)
-    output, _ = agent(batch["observation"], batch["action"], batch["reward"], batch["done"], initial_state)
+    output, _ = agent(batch["observation"], batch["action"], batch["reward"], batch["done"], initial_state,
+                      instruction=batch.get("instruction"))
 
     # Env output t led the network to pick action t+1: learn from transitions
     # 0..T-1 and bootstrap from the value of the last env output.
@@ -154,7 +157,8 @@ class Learner:
         torch.set_num_threads(config.learner_threads)
         torch.manual_seed(config.seed)
 
-        self.agent = make_agent(config, self.spec.observation_shape, self.spec.num_actions).to(self.device)
+        self.agent = make_agent(config, self.spec.observation_shape, self.spec.num_actions,
+                                self.spec.instruction_length).to(self.device)
         self.optimizer = RMSPropTF(self.agent.parameters(), lr=config.learning_rate, decay=config.decay,
                                    momentum=config.momentum, epsilon=config.epsilon)
         self.signature = network_signature(config, self.agent)
@@ -164,7 +168,8 @@ class Learner:
 
         self.unroll_spec = unroll.unroll_spec(config.unroll_length, self.spec.observation_shape,
                                               self.spec.observation_dtype, self.spec.num_actions,
-                                              state_sizes(self.agent))
+                                              state_sizes(self.agent),
+                                              instruction_length=self.spec.instruction_length)
         self.stats = ServerStats()
         self._stats_lock = threading.Lock()
         self._batches: queue.Queue = queue.Queue(maxsize=config.max_queued_batches)

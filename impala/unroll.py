@@ -10,6 +10,8 @@ An unroll of length T holds T + 1 time steps of n environments, time-major:
   action          [T+1, n] i64    action that led to that env output
   policy_logits   [T+1, n, A] f32 behaviour logits of that action
   core_state_k    [n, H]          agent core state before step 0 (LSTM h, c)
+  instruction     [T+1, n, L] i32 word ids of the instruction that came with that
+                                  env output (only for levels with instructions, L > 0)
 
 As in the original, step 0 repeats the last step of the previous unroll, so the
 learner sees every transition once: it runs the network over all T + 1 env
@@ -36,8 +38,11 @@ def unroll_spec(
     observation_dtype: np.dtype | str,
     num_actions: int,
     state_sizes: Sequence[int] = (),
+    instruction_length: int = 0,
 ) -> dict[str, tuple[np.dtype, tuple[int, ...], bool]]:
-    """Layout of one unroll: name -> (dtype, shape without the env axis, time-major?)."""
+    """Layout of one unroll: name -> (dtype, shape without the env axis, time-major?).
+
+    `instruction_length` > 0 adds the 'instruction' array (DMLab); 0 leaves it out."""
     steps = unroll_length + 1
     spec = {
         "observation": (np.dtype(observation_dtype), (steps, *observation_shape), True),
@@ -50,6 +55,8 @@ def unroll_spec(
     }
     for k, size in enumerate(state_sizes):
         spec[f"core_state_{k}"] = (np.dtype(np.float32), (size,), False)
+    if instruction_length > 0:
+        spec["instruction"] = (np.dtype(np.int32), (steps, instruction_length), True)
     return spec
 
 

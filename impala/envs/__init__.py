@@ -7,7 +7,11 @@ Families (chosen by level name):
   'gym'   - any registered gymnasium env with a Discrete action space.
   'atari' - ALE games (`ALE/...` ids and the legacy `*NoFrameskip-v4` ones),
             with DeepMind preprocessing.
-  A 'dmlab' family would slot in here: one more branch in resolve_level/make.
+  'dmlab' - DeepMind Lab (impala.envs.dmlab; needs the `deepmind_lab` module):
+            `dmlab30` (the DMLab-30 suite, spread over actors), a DMLab-30
+            level by name (`rooms_watermaze`, `rooms_collect_good_objects_train`),
+            or any DeepMind Lab level script as `dmlab:<path>`
+            (`dmlab:seekavoid_arena_01`, `dmlab:contributed/dmlab30/rooms_watermaze`).
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 
+from impala.config import ConfigError
+
 
 class StepOutput(NamedTuple):
     """What an actor sees after each step.
@@ -25,6 +31,8 @@ class StepOutput(NamedTuple):
     reward is that final step's reward, episode_return/episode_step are the
     finished episode's totals, and observation is already the first
     observation of the next episode. Otherwise the totals are running ones.
+    instruction goes with observation on environments that give one (DMLab:
+    int32 word ids, zero-padded to the env's `instruction_length`); None elsewhere.
     """
 
     reward: float
@@ -32,12 +40,15 @@ class StepOutput(NamedTuple):
     observation: np.ndarray
     episode_return: float
     episode_step: int
+    instruction: np.ndarray | None = None
 
 
 class Environment(Protocol):
     observation_shape: tuple[int, ...]
     observation_dtype: np.dtype
     num_actions: int
+    # Optional: environments with instructions also have `instruction_length` (> 0),
+    # the length of StepOutput.instruction; see instruction_length() below.
 
     def initial(self) -> StepOutput: ...
 
@@ -48,6 +59,21 @@ class Environment(Protocol):
 
 class UnknownLevelError(ValueError):
     """The level name is not a registered environment id."""
+
+
+class EngineMissingError(ConfigError):
+    """The level's engine (DeepMind Lab) is not installed; the message says how to get it."""
+
+
+DMLAB_SUITE = "dmlab30"
+DMLAB_PREFIX = "dmlab:"
+
+
+def _is_dmlab(level_name: str) -> bool:
+    from impala import dmlab30
+
+    return (level_name == DMLAB_SUITE or level_name.startswith(DMLAB_PREFIX)
+            or level_name in dmlab30.ALL_LEVELS)
 
 
 _ATARI_ENTRY_POINT = "ale_py.env:AtariEnv"
@@ -68,13 +94,20 @@ def _registry() -> dict[str, Any]:
 
 
 def resolve_level(level_name: str) -> str:
-    """Return the family ('gym' or 'atari') that serves level_name."""
+    """Return the family ('gym', 'atari' or 'dmlab') that serves level_name."""
     if not isinstance(level_name, str):
         raise UnknownLevelError(f"level name must be a str, got {level_name!r}")
+    if _is_dmlab(level_name):
+        if level_name.startswith(DMLAB_PREFIX) and not level_name[len(DMLAB_PREFIX):].strip():
+            raise UnknownLevelError(f"{level_name!r} names no level; try dmlab:seekavoid_arena_01 or dmlab30")
+        return "dmlab"
     registry = _registry()
     spec = registry.get(level_name)
     if spec is None:
-        matches = difflib.get_close_matches(level_name, list(registry), n=3)
+        from impala import dmlab30
+
+        candidates = [*registry, DMLAB_SUITE, *sorted(dmlab30.ALL_LEVELS)]
+        matches = difflib.get_close_matches(level_name, candidates, n=3)
         hint = f"; did you mean {', '.join(matches)}?" if matches else ""
         raise UnknownLevelError(f"unknown level {level_name!r}{hint}")
     if spec.entry_point == _ATARI_ENTRY_POINT:
@@ -97,6 +130,14 @@ def make(
     Remaining options go to the family's constructor.
     """
     family = resolve_level(level_name)
+    if family == "dmlab":
+        from impala.envs.dmlab import DmLabEnvironment
+
+        # The suite's levels share spaces: `dmlab30` itself builds its first level.
+        return DmLabEnvironment(
+            level_for_task(level_name, 0), seed=seed, num_action_repeats=num_action_repeats,
+            training=training, **options
+        )
     if family == "atari":
         from impala.envs.atari import AtariEnvironment
 
@@ -123,11 +164,23 @@ __all__ = [
 def level_for_task(level_name: str, task: int) -> str:
     """The level actor `task` plays: the level itself, or for a multi-task name one
     of its levels (as the original spread DMLab-30 over actors)."""
+    if level_name == DMLAB_SUITE:  # actor i trains on DMLab-30 level i mod 30
+        from impala import dmlab30
+
+        return dmlab30.TRAIN_LEVELS[task % len(dmlab30.TRAIN_LEVELS)]
     return level_name
+
+
+def instruction_length(env: Any) -> int:
+    """Length of the instruction an environment gives with each step (0: none)."""
+    return int(getattr(env, "instruction_length", 0) or 0)
 
 
 def options(config: Any) -> dict[str, Any]:
     """The family-specific options that an impala Config sets for its level."""
+    if resolve_level(config.level_name) == "dmlab":
+        return {"width": config.width, "height": config.height, "level_cache_dir": config.level_cache_dir,
+                "dataset_path": config.dataset_path, "renderer": config.dmlab_renderer}
     if resolve_level(config.level_name) == "atari":
         return {"sticky_actions": config.sticky_actions,
                 "full_action_space": config.full_action_space}
