@@ -95,7 +95,7 @@ RUN if [ "${DMLAB_DATASET}" = "1" ]; then \
     fi
 COPY . .
 # numpy stays below 2 for the engine's module (pip would otherwise upgrade it).
-RUN pip install --no-deps . && pip install "numpy>=1.24,<2" . \
+RUN pip install "numpy>=1.24,<2" . \
     && python -c "import impala.envs.dmlab as d; d.import_engine()"
 ENTRYPOINT ["python", "-m", "impala.experiment"]
 CMD ["--helpshort"]
