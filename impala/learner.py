@@ -73,6 +73,8 @@ def network_signature(config: Config, agent: Agent) -> dict:
         "use_lstm": agent.core is not None,
         "lstm_size": config.lstm_size if agent.core is not None else None,
         "mlp_sizes": list(config.hidden_sizes) if agent.network == "mlp" else None,
+        # Only for agents that read instructions, so other checkpoints keep matching.
+        **({"instruction_length": agent.instruction_length} if agent.instruction_length else {}),
     }
 
 
