@@ -9,6 +9,7 @@ exit status 2.
 
 from __future__ import annotations
 
+import signal
 import sys
 
 from absl import app, flags, logging
@@ -31,9 +32,17 @@ def _parse(argv: list[str]) -> list[str]:
         _fail(str(e).splitlines()[0])
 
 
+def _interrupt(signum: int, frame) -> None:
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         _fail(f"unexpected arguments {argv[1:]}; flags look like --name=value")
+    # SIGTERM (docker stop, SLURM, kill) stops as Ctrl-C does: checkpoint, then exit. SIGINT
+    # is set explicitly because a shell starts background jobs with it ignored.
+    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGINT, _interrupt)
     # Imported here so that --help stays fast and flag errors come first.
     from impala import checkpoint, envs, learner, local, security
     from impala.actor import run_actor

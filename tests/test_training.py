@@ -82,11 +82,14 @@ def _wait_for_metrics(logdir: Path, process: subprocess.Popen, rows: int = 1, ti
     raise AssertionError("no metrics written")
 
 
-def test_ctrl_c_checkpoints_and_leaves_no_process(tmp_path):
-    process = cli.start(*CARTPOLE, f"--logdir={tmp_path}", "--total_environment_frames=100000000")
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_or_sigterm_checkpoints_and_leaves_no_process(tmp_path, signum):
+    # Started with SIGINT ignored, as a shell starts background jobs: Ctrl-C must still work.
+    process = cli.start(*CARTPOLE, f"--logdir={tmp_path}", "--total_environment_frames=100000000",
+                        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     try:
         _wait_for_metrics(tmp_path, process)
-        os.kill(process.pid, signal.SIGINT)
+        os.kill(process.pid, signum)
         out, _ = process.communicate(timeout=60)
         assert process.returncode == 0, out[-3000:]
         assert cli.wait_session_gone(process.pid) == []
