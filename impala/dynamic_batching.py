@@ -1,0 +1,241 @@
+"""Dynamic batching: many callers, one batched call.
+
+A `Batcher` wraps a function whose positional arguments are arrays (numpy or
+torch) with a leading batch dimension [B, ...] and which returns such an array
+or a tuple of them. Callers pass ONE item (the arrays without the batch
+dimension) and block until their own row of the batched result comes back:
+
+    @batch_fn_with_options(minimum_batch_size=1, maximum_batch_size=16, timeout_ms=2)
+    def policy(observation, reward):          # [B, *obs], [B]
+        return logits, actions                # [B, A], [B]
+
+    logits_row, action = policy(observation, reward)   # from any thread: [A], []
+
+Names and knobs follow the original scalable_agent's dynamic_batching.py. When a
+batch fires (decided by one background thread; nothing polls):
+  - as soon as `maximum_batch_size` items are waiting, or
+  - when at least `minimum_batch_size` items are waiting and the oldest of them
+    has waited `timeout_ms` (None: never; batches then fire only when full).
+Fewer than the minimum never fire: those callers wait for more to arrive (or
+for `close()`). Items are batched in arrival order, one batch computes at a
+time, and whatever arrived meanwhile is batched next. An exception raised by
+the function is raised in every caller of that batch (later batches still run);
+`close()` fails every waiting and in-flight caller with `BatcherClosedError`.
+The original differs on one point: it fires as soon as the minimum is waiting
+and lets the timeout release a batch *below* the minimum; see
+docs/dynamic_batching.md.
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+import threading
+import time
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from absl import logging
+
+__all__ = ["Batcher", "BatcherClosedError", "Request", "batch_fn", "batch_fn_with_options"]
+
+
+class BatcherClosedError(RuntimeError):
+    """The batcher was closed before (or while) computing this caller's item."""
+
+
+class Request:
+    """One caller's item: its arguments, then its row of the result or an error.
+
+    `result()` blocks until then; a callback given to `Batcher.submit` runs
+    instead in the thread that completes the request (the batcher's thread, or
+    the one calling `close()`), so it must be short and must not block."""
+
+    __slots__ = ("args", "arrived", "_done", "_value", "_error", "_error_traceback", "_callback")
+
+    def __init__(self, args: tuple, callback: Callable[["Request"], None] | None):
+        self.args = args
+        self.arrived = time.monotonic()
+        self._done = threading.Lock()
+        self._done.acquire()  # released once, when the result or error is set
+        self._value: Any = None
+        self._error: BaseException | None = None
+        self._error_traceback = None
+        self._callback = callback
+
+    def done(self) -> bool:
+        return not self._done.locked()
+
+    def result(self, timeout: float | None = None) -> Any:
+        """This caller's row (a tuple of rows if the function returns a tuple)."""
+        if not self._done.acquire(timeout=-1 if timeout is None else timeout):
+            raise TimeoutError("no result yet")
+        self._done.release()
+        if self._error is not None:
+            # The same exception goes to every caller of a batch: restart its
+            # traceback at the batched function, not at another caller's raise.
+            raise self._error.with_traceback(self._error_traceback)
+        return self._value
+
+    def exception(self) -> BaseException | None:
+        """The error of a completed request, or None (call after `done()`)."""
+        return self._error
+
+    def _complete(self, value: Any = None, error: BaseException | None = None) -> None:
+        # Called once per request (the Batcher guarantees it), with its row or its error.
+        self._value, self._error = value, error
+        if error is not None:
+            self._error_traceback = error.__traceback__
+        self._done.release()
+        if self._callback is not None:
+            try:
+                self._callback(self)
+            except Exception:  # must not kill the batching thread, which serves everyone
+                logging.exception("A dynamic batching callback failed.")
+
+
+class Batcher:
+    """Batches calls of `fn` from many threads; see the module docstring."""
+
+    def __init__(self, fn: Callable[..., Any], minimum_batch_size: int = 1,
+                 maximum_batch_size: int = 1024, timeout_ms: float | None = 100):
+        if not 1 <= minimum_batch_size <= maximum_batch_size:
+            raise ValueError(f"need 1 <= minimum_batch_size ({minimum_batch_size}) <= "
+                             f"maximum_batch_size ({maximum_batch_size})")
+        if timeout_ms is not None and timeout_ms < 0:
+            raise ValueError(f"timeout_ms must be >= 0 or None, got {timeout_ms}")
+        self.fn = fn
+        self.minimum_batch_size = minimum_batch_size
+        self.maximum_batch_size = maximum_batch_size
+        self.timeout_ms = timeout_ms
+        self._timeout_s = None if timeout_ms is None else timeout_ms / 1000.0
+        self._cond = threading.Condition(threading.Lock())
+        self._queue: collections.deque[Request] = collections.deque()
+        self._in_flight: list[Request] = []
+        self._closed = False
+        self._thread: threading.Thread | None = None
+        functools.update_wrapper(self, fn, updated=())
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def __call__(self, *item: Any) -> Any:
+        """Computes `fn` on this item as one row of a batch; blocks for the row."""
+        return self.submit(*item).result()
+
+    def submit(self, *item: Any, callback: Callable[[Request], None] | None = None) -> Request:
+        """Queues one item without blocking; the request completes later."""
+        request = Request(item, callback)
+        with self._cond:
+            if self._closed:
+                raise BatcherClosedError(f"batcher of {self._name()} is closed")
+            if self._thread is None:  # started lazily, so decorating at import costs nothing
+                self._thread = threading.Thread(target=self._loop, name=f"batcher-{self._name()}",
+                                                daemon=True)
+                self._thread.start()
+            self._queue.append(request)
+            # Wake the batching thread only when its decision can change: it sleeps
+            # without a deadline below the minimum and until the deadline below the maximum.
+            if len(self._queue) in (self.minimum_batch_size, self.maximum_batch_size):
+                self._cond.notify()
+        return request
+
+    def close(self) -> None:
+        """Fails every waiting and in-flight request with BatcherClosedError and
+        refuses new ones. A batch being computed finishes; its rows are dropped."""
+        with self._cond:
+            if self._closed:
+                return
+            self._closed = True
+            failed = list(self._queue) + self._in_flight
+            self._queue.clear()
+            self._in_flight = []
+            self._cond.notify_all()
+        error = BatcherClosedError(f"batcher of {self._name()} was closed")
+        for request in failed:
+            request._complete(error=error)
+
+    def __enter__(self) -> "Batcher":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def _name(self) -> str:
+        return getattr(self.fn, "__name__", type(self.fn).__name__)
+
+    def _next_batch(self) -> list[Request] | None:
+        """Waits until a batch should fire; None once closed."""
+        with self._cond:
+            while not self._closed:
+                waiting = len(self._queue)
+                if waiting >= self.maximum_batch_size:
+                    break
+                if waiting >= self.minimum_batch_size and self._timeout_s is not None:
+                    left = self._queue[0].arrived + self._timeout_s - time.monotonic()
+                    if left <= 0:
+                        break
+                    self._cond.wait(left)
+                else:
+                    self._cond.wait()
+            else:
+                return None
+            size = min(len(self._queue), self.maximum_batch_size)
+            batch = [self._queue.popleft() for _ in range(size)]
+            self._in_flight = batch
+            return batch
+
+    def _loop(self) -> None:
+        while (batch := self._next_batch()) is not None:
+            try:
+                rows = _split(self.fn(*_stack(batch)), len(batch))
+                error = None
+            except Exception as e:  # goes to every caller of this batch
+                rows, error = None, e
+            with self._cond:
+                if self._in_flight is not batch:  # closed meanwhile: callers already failed
+                    continue
+                self._in_flight = []
+            for j, request in enumerate(batch):
+                request._complete(None if rows is None else rows[j], error)
+
+
+def _stack(batch: list[Request]) -> list[Any]:
+    """Per argument position: the items stacked along a new leading axis."""
+    first = batch[0].args
+    for request in batch:
+        if len(request.args) != len(first):
+            raise TypeError(f"callers passed {len(first)} and {len(request.args)} arguments")
+    stacked = []
+    for k, value in enumerate(first):
+        column = [request.args[k] for request in batch]
+        stacked.append(torch.stack(column) if isinstance(value, torch.Tensor) else np.stack(column))
+    return stacked
+
+
+def _split(output: Any, size: int) -> list[Any]:
+    """Row j of the function's output (a tuple of rows for a tuple output)."""
+    parts = output if isinstance(output, tuple) else (output,)
+    for part in parts:
+        length = part.shape[0] if getattr(part, "ndim", 0) > 0 else None
+        if length != size:
+            raise ValueError(f"the batched function returned shape {tuple(getattr(part, 'shape', ()))} "
+                             f"for a batch of {size}; outputs need a leading batch dimension")
+    if isinstance(output, tuple):
+        return [tuple(part[j] for part in parts) for j in range(size)]
+    return [output[j] for j in range(size)]
+
+
+def batch_fn_with_options(minimum_batch_size: int = 1, maximum_batch_size: int = 1024,
+                          timeout_ms: float | None = 100) -> Callable[[Callable[..., Any]], Batcher]:
+    """Decorator: turns a batched function into a per-item `Batcher`."""
+    def decorate(fn: Callable[..., Any]) -> Batcher:
+        return Batcher(fn, minimum_batch_size, maximum_batch_size, timeout_ms)
+    return decorate
+
+
+def batch_fn(fn: Callable[..., Any]) -> Batcher:
+    """Decorator with the default options (1, 1024, 100 ms)."""
+    return batch_fn_with_options()(fn)
