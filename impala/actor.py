@@ -19,6 +19,7 @@ import zmq
 from absl import logging
 
 from impala import envs, security, unroll, wire
+from impala.actor_host import ActorHost
 from impala.config import Config
 from impala.nets import Agent, make_agent, sample_actions
 
@@ -99,12 +100,14 @@ def run_actor(config: Config, task: int, unroll_address: str, params_address: st
     seed = config.seed + 1000 * task
     torch.manual_seed(seed)
     level = envs.level_for_task(config.level_name, task)
-    environments = [
+    # With env workers, the environments live in worker processes behind the host.
+    host = ActorHost.from_config(config, level, seed) if config.env_workers_per_actor else None
+    environments = [] if host else [
         envs.make(level, seed=seed + i, num_action_repeats=config.num_action_repeats,
                   **envs.options(config))
         for i in range(config.num_envs_per_actor)
     ]
-    first = environments[0]
+    first = host or environments[0]
     instruction_length = envs.instruction_length(first)  # > 0 on levels with instructions (DMLab)
     agent = make_agent(config, first.observation_shape, first.num_actions, instruction_length)
     spec = unroll.unroll_spec(config.unroll_length, first.observation_shape, first.observation_dtype,
@@ -126,16 +129,21 @@ def run_actor(config: Config, task: int, unroll_address: str, params_address: st
     try:
         params.wait_first(params_address, stop)
         logging.info("Actor %d: acting on %s with %d env(s), parameters v%d.", task, level,
-                     len(environments), params.version)
-        buffer = unroll.new_unroll(spec, len(environments))
+                     config.num_envs_per_actor, params.version)
+        buffer = unroll.new_unroll(spec, config.num_envs_per_actor)
+        if host:
+            host.initial(buffer)
         for i, env in enumerate(environments):
             _write_step(buffer, 0, i, env.initial())
-        state = agent.initial_state(len(environments))
+        state = agent.initial_state(config.num_envs_per_actor)
         sent = 0
         while not (stop is not None and stop.is_set()) and (max_unrolls is None or sent < max_unrolls):
             initial_state = [s.numpy().copy() for s in state]
             acted_with = params.version
-            state = _act(agent, environments, buffer, state, config.unroll_length)
+            if host:
+                state = host.act(agent, buffer, state, config.unroll_length)
+            else:
+                state = _act(agent, environments, buffer, state, config.unroll_length)
             arrays = dict(buffer)
             arrays.update({f"core_state_{k}": s for k, s in enumerate(initial_state)})
             _send_unroll(unroll_socket, arrays, task, acted_with, {"level": level, "run": params.run},
@@ -146,6 +154,8 @@ def run_actor(config: Config, task: int, unroll_address: str, params_address: st
     finally:
         for env in environments:
             env.close()
+        if host:
+            host.close()
         unroll_socket.close(linger=0)
         params_socket.close(linger=0)
 

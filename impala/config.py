@@ -10,6 +10,7 @@ where it had them.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -57,6 +58,15 @@ class Config:
     num_actors: int = _f(4, "Actor processes started with --job_name unset.")
     num_envs_per_actor: int = _f(1, "Environments each actor steps in lock-step, one forward pass for all.")
     unroll_length: int = _f(100, "Agent steps per unroll (T); unrolls overlap by one step.")
+    # The actor host (docs/dynamic_batching.md): envs in worker processes, inference batched dynamically.
+    env_workers_per_actor: int = _f(
+        0, "Environment worker processes per actor, sharing its --num_envs_per_actor; their policy "
+        "calls are batched dynamically in the actor. 0 steps the envs in the actor in lock-step.")
+    inference_minimum_batch_size: int = _f(1, "Actor host: fewest env rows a timed-out batch may have.")
+    inference_maximum_batch_size: int = _f(
+        0, "Actor host: a batch fires as soon as it has this many env rows; 0 means half the actor's envs.")
+    inference_timeout_ms: float = _f(
+        2.0, "Actor host: a batch of at least the minimum fires once its oldest row has waited this long.")
 
     # Agent.
     network: str = _f(
@@ -113,6 +123,14 @@ class Config:
                      "keep_checkpoints"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name} must be at least 1, got {getattr(self, name)}")
+        if not 0 <= self.env_workers_per_actor <= self.num_envs_per_actor:
+            raise ConfigError(f"--env_workers_per_actor must be in [0, --num_envs_per_actor], "
+                              f"got {self.env_workers_per_actor}")
+        if not 1 <= self.inference_minimum_batch_size <= (self.inference_maximum_batch_size or math.inf):
+            raise ConfigError("--inference_minimum_batch_size must be at least 1 and at most "
+                              "--inference_maximum_batch_size (unless that is 0)")
+        if self.inference_maximum_batch_size < 0 or self.inference_timeout_ms < 0:
+            raise ConfigError("--inference_maximum_batch_size and --inference_timeout_ms must not be negative")
         if not 0.0 <= self.discounting <= 1.0:
             raise ConfigError(f"--discounting must be in [0, 1], got {self.discounting}")
         if self.total_environment_frames < 1:

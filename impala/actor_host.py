@@ -1,0 +1,247 @@
+"""The actor host: an actor's environments in worker processes, their policy
+calls batched dynamically into one forward pass.
+
+  env workers (impala/env_worker.py)               the actor process
+  ┌──────────────────────────┐                     ┌─────────────────────────────────────┐
+  │ k envs each: steps env j │                     │ batcher thread: one forward pass    │
+  │ with action[j] from its  │ ◀── slot numbers ── │ per batch; each row's action and    │
+  │ shared slot, writes the  │                     │ logits go into the unroll and to    │
+  │ output back to slot j    │                     │ its worker (action[j], slot no.)    │
+  └──────────────────────────┘ ── slot numbers ──▶ │ main thread (act): copies env i's   │
+                                                   │ output into unroll column i and     │
+                                                   │ submits its next row to the batcher │
+                                                   └─────────────────────────────────────┘
+
+Every environment advances on its own: as soon as its output arrives its next
+action is requested, so while the network works on some environments' rows
+the workers step the others. `act()` fills steps 1..T of one unroll for all n
+environments and returns when every column is complete; the unroll layout,
+the overlap, the core state and the behaviour logits are exactly those of the
+lock-step actor (impala/actor.py `_act`), so run_actor ships it unchanged.
+
+An observation is copied three times on its way: by the worker into shared
+memory, from there into the unroll (which the wire sends), and into the
+stacked batch that the network reads. Nothing is pickled or sent through a
+pipe but slot numbers.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import math
+import multiprocessing
+import os
+import select
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+
+from impala import envs, unroll
+from impala.config import Config
+from impala.dynamic_batching import Batcher, Request
+from impala.env_worker import EnvWorker, EnvWorkerError
+from impala.nets import Agent, CoreState, sample_actions
+
+_STEP_FIELDS = ("observation", "reward", "done", "episode_return", "episode_step")
+
+
+def _reuse_freed_memory() -> None:
+    """Keeps freed memory in this process instead of returning it to the kernel.
+
+    Without this, glibc serves each large tensor of a forward pass (1.8 MB for
+    the uint8 -> float32 conversion of 16 Atari observations) with fresh mmap'd
+    pages and unmaps them afterwards; the page faults on those fresh pages cost
+    more than the convolutions on the machine we measured (docs/dynamic_batching.md)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 32 * 2**20)  # M_MMAP_THRESHOLD: mmap only above 32 MiB
+        libc.mallopt(-1, 128 * 2**20)  # M_TRIM_THRESHOLD: keep up to 128 MiB of free heap
+    except (OSError, AttributeError):  # not glibc: nothing to tune
+        pass
+
+
+class ActorHost:
+    """n = len(seeds) environments in `num_workers` processes, with dynamically
+    batched inference (see the module docstring and docs/dynamic_batching.md).
+
+    Environment i is made by `make_env(seed=seeds[i])`; workers hold contiguous
+    groups of them (as np.array_split cuts). `maximum_batch_size` 0 means half of
+    the environments, so that one half is stepped while the other is inferred.
+    Run it with one torch thread (run_actor does): the workers need the other cores."""
+
+    def __init__(self, make_env: Callable[..., envs.Environment], seeds: Sequence[int], num_workers: int,
+                 minimum_batch_size: int = 1, maximum_batch_size: int = 0, timeout_ms: float = 2.0):
+        if not 1 <= num_workers <= len(seeds):
+            raise ValueError(f"need 1 <= num_workers ({num_workers}) <= environments ({len(seeds)})")
+        self.num_envs = len(seeds)
+        context = multiprocessing.get_context("spawn")
+        self._workers: list[EnvWorker] = []
+        self._where: list[tuple[EnvWorker, int]] = []  # env i -> (its worker, its slot there)
+        self._first_env: dict[EnvWorker, int] = {}
+        self._batcher: Batcher | None = None
+        self._closed = False
+        try:
+            for w, group in enumerate(np.array_split(np.asarray(seeds), num_workers)):
+                worker = EnvWorker(make_env, group.tolist(), name=f"env-worker-{w}", context=context)
+                self._first_env[worker] = len(self._where)
+                self._where += [(worker, j) for j in range(len(group))]
+                self._workers.append(worker)
+            for worker in self._workers:  # they start in parallel; wait for all
+                shared = worker.wait_ready()
+                spec = (shared.observation_shape, shared.observation_dtype, worker.num_actions)
+                if worker is self._workers[0]:
+                    self.observation_shape, self.observation_dtype, self.num_actions = spec
+                elif spec != (self.observation_shape, self.observation_dtype, self.num_actions):
+                    raise EnvWorkerError(f"{worker.name}'s environments differ from the first worker's")
+            maximum = maximum_batch_size or math.ceil(self.num_envs / 2)
+            self._batcher = Batcher(self._policy, minimum_batch_size, maximum, timeout_ms)
+        except BaseException:
+            self.close()
+            raise
+        # Interleave the workers, so that a batch holds a few envs of each of them.
+        longest = max(w.num_envs for w in self._workers)
+        self._order = [self._first_env[w] + j for j in range(longest) for w in self._workers if j < w.num_envs]
+        self._agent: Agent | None = None
+        self._error: BaseException | None = None
+        self._wake_reader, self._wake_writer = os.pipe()  # wakes act() when the batcher thread fails
+        self._poller = select.poll()
+        for fd in [self._wake_reader, *(w.stepped_fd for w in self._workers)]:
+            self._poller.register(fd, select.POLLIN)
+        self._by_fd = {w.stepped_fd: w for w in self._workers}
+        self._outbox: dict[EnvWorker, list[int]] = {w: [] for w in self._workers}
+        self._rows_left = 0  # of the batch whose callbacks are running
+        self.batches = self.rows = 0  # batched forward passes and the rows they had
+        _reuse_freed_memory()
+
+    @classmethod
+    def from_config(cls, config: Config, level: str, seed: int) -> "ActorHost":
+        """The host run_actor uses: env i seeded seed + i, as in the lock-step actor."""
+        make_env = functools.partial(envs.make, level, num_action_repeats=config.num_action_repeats,
+                                     **envs.options(config))
+        return cls(make_env, [seed + i for i in range(config.num_envs_per_actor)],
+                   config.env_workers_per_actor, config.inference_minimum_batch_size,
+                   config.inference_maximum_batch_size, config.inference_timeout_ms)
+
+    @property
+    def batcher(self) -> Batcher:
+        return self._batcher
+
+    @property
+    def worker_pids(self) -> list[int]:
+        return [w.pid for w in self._workers]
+
+    def initial(self, buffer: unroll.Unroll) -> None:
+        """Writes every environment's first output into step 0 of `buffer` [T+1, n, ...]."""
+        for i in range(self.num_envs):
+            self._copy_output(buffer, 0, i)
+
+    def act(self, agent: Agent, buffer: unroll.Unroll, state: CoreState, unroll_length: int) -> CoreState:
+        """Fills steps 1..T of `buffer` (step 0 is already there) acting with `agent`
+        from core `state` ([n, H] tensors); returns the core state after step T.
+
+        Blocks until every environment has stepped T times; raises EnvWorkerError
+        if a worker fails, or what the network raised."""
+        if self._closed:
+            raise EnvWorkerError("the actor host is closed")
+        if self._error is not None:  # an unroll failed half-way: the envs are out of step
+            raise self._error
+        self._agent, self._buffer = agent, buffer
+        self._states = [s.numpy().copy() for s in state]  # rows are updated as envs act
+        next_step = [1] * self.num_envs
+        unfinished = self.num_envs
+        for i in self._order:
+            self._submit(i, 1)
+        while unfinished:
+            for fd, _ in self._poller.poll():
+                if fd == self._wake_reader:
+                    raise self._error
+                worker = self._by_fd[fd]
+                for j in worker.read_stepped():
+                    i = self._first_env[worker] + j
+                    t = next_step[i]
+                    self._copy_output(buffer, t, i)
+                    if t == unroll_length:
+                        unfinished -= 1
+                    else:
+                        next_step[i] = t + 1
+                        self._submit(i, t + 1)
+        return tuple(torch.from_numpy(s) for s in self._states)
+
+    def _copy_output(self, buffer: unroll.Unroll, t: int, i: int) -> None:
+        worker, j = self._where[i]
+        for name in _STEP_FIELDS:
+            buffer[name][t, i] = worker.shared.arrays[name][j]
+
+    def _submit(self, i: int, t: int) -> None:
+        """Asks for env i's action t, from its env output t - 1 (what `_act` feeds the agent)."""
+        b = self._buffer
+        self._batcher.submit(b["observation"][t - 1, i], b["action"][t - 1, i], b["reward"][t - 1, i],
+                             b["done"][t - 1, i], *(s[i] for s in self._states),
+                             callback=functools.partial(self._acted, i, t))
+
+    def _acted(self, i: int, t: int, request: Request) -> None:
+        """Batcher thread, right after `_policy`: env i's action t is known. Records
+        it; after the batch's last row, sends each worker its actions in one write."""
+        if request.exception() is not None:
+            self._fail(request.exception())
+            return
+        logits, action, *state = request.result()
+        self._buffer["action"][t, i] = action
+        self._buffer["policy_logits"][t, i] = logits
+        for states, row in zip(self._states, state):
+            states[i] = row
+        worker, j = self._where[i]
+        worker.shared.action[j] = action
+        self._outbox[worker].append(j)
+        self._rows_left -= 1
+        if self._rows_left == 0:
+            for worker, slots in self._outbox.items():
+                if slots:
+                    try:
+                        worker.request(slots)
+                    except OSError:  # the worker is gone; act() reports why from its pipe
+                        pass
+                    slots.clear()
+
+    def _fail(self, error: BaseException) -> None:
+        if self._error is None and not self._closed:
+            self._error = error
+            os.write(self._wake_writer, b"!")
+
+    @torch.no_grad()
+    def _policy(self, observation: np.ndarray, last_action: np.ndarray, reward: np.ndarray,
+                done: np.ndarray, *state: np.ndarray) -> tuple[np.ndarray, ...]:
+        """The batched function: rows of B environments in, (logits [B, A], actions [B],
+        *core state [B, H]) out."""
+        output, new_state = self._agent(
+            torch.from_numpy(observation)[None], torch.from_numpy(last_action)[None],
+            torch.from_numpy(reward)[None], torch.from_numpy(done)[None],
+            tuple(torch.from_numpy(s) for s in state),
+        )
+        logits = output.policy_logits[0]
+        self.batches += 1
+        self.rows += logits.shape[0]
+        self._rows_left = logits.shape[0]  # the callbacks of these rows run next, in this thread
+        return (logits.numpy(), sample_actions(logits).numpy(), *(s.numpy() for s in new_state))
+
+    def close(self) -> None:
+        """Stops the batcher and the workers (they exit; stragglers are killed) and
+        frees the shared memory. Safe to call more than once."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._batcher is not None:
+            self._batcher.close()
+        for worker in self._workers:
+            worker.close()
+        if hasattr(self, "_wake_reader"):
+            os.close(self._wake_reader)
+            os.close(self._wake_writer)
+
+    def __enter__(self) -> "ActorHost":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
