@@ -154,6 +154,8 @@ class ActorHost:
         for i in self._order:
             self._submit(i, 1)
         while unfinished:
+            if unfinished < self._batcher.minimum_batch_size:
+                self._batcher.flush()  # too few envs left in this unroll to reach the minimum
             for fd, _ in self._poller.poll():
                 if fd == self._wake_reader:
                     raise self._error

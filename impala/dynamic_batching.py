@@ -16,8 +16,9 @@ batch fires (decided by one background thread; nothing polls):
   - as soon as `maximum_batch_size` items are waiting, or
   - when at least `minimum_batch_size` items are waiting and the oldest of them
     has waited `timeout_ms` (None: never; batches then fire only when full).
-Fewer than the minimum never fire: those callers wait for more to arrive (or
-for `close()`). Items are batched in arrival order, one batch computes at a
+Fewer than the minimum never fire: those callers wait for more to arrive, for
+`flush()` (which fires what is waiting now, whatever its size) or for `close()`.
+Items are batched in arrival order, one batch computes at a
 time, and whatever arrived meanwhile is batched next. An exception raised by
 the function is raised in every caller of that batch (later batches still run);
 `close()` fails every waiting and in-flight caller with `BatcherClosedError`.
@@ -113,6 +114,7 @@ class Batcher:
         self._cond = threading.Condition(threading.Lock())
         self._queue: collections.deque[Request] = collections.deque()
         self._in_flight: list[Request] = []
+        self._flushing = 0  # items that fire without waiting for the minimum or the timeout
         self._closed = False
         self._thread: threading.Thread | None = None
         functools.update_wrapper(self, fn, updated=())
@@ -141,6 +143,15 @@ class Batcher:
             if len(self._queue) in (self.minimum_batch_size, self.maximum_batch_size):
                 self._cond.notify()
         return request
+
+    def flush(self) -> None:
+        """Fires the items waiting now at once, in batches of at most the maximum,
+        even below the minimum: for a caller that knows no more items will come
+        until these are answered."""
+        with self._cond:
+            self._flushing = len(self._queue)
+            if self._flushing:
+                self._cond.notify()
 
     def close(self) -> None:
         """Fails every waiting and in-flight request with BatcherClosedError and
@@ -171,7 +182,7 @@ class Batcher:
         with self._cond:
             while not self._closed:
                 waiting = len(self._queue)
-                if waiting >= self.maximum_batch_size:
+                if waiting >= self.maximum_batch_size or (self._flushing and waiting):
                     break
                 if waiting >= self.minimum_batch_size and self._timeout_s is not None:
                     left = self._queue[0].arrived + self._timeout_s - time.monotonic()
@@ -183,6 +194,7 @@ class Batcher:
             else:
                 return None
             size = min(len(self._queue), self.maximum_batch_size)
+            self._flushing = max(0, self._flushing - size)
             batch = [self._queue.popleft() for _ in range(size)]
             self._in_flight = batch
             return batch

@@ -8,14 +8,16 @@ take next. Pipes carry only which slots changed, as 2-byte slot numbers (so a
 single read collects every notice waiting); observations never go through a
 pipe and nothing on the hot path is pickled:
 
-  owner                                        worker
-  action[j] = a; write slot number j  ──────▶  step env j with action[j]
-  read slot j                         ◀──────  write slot j; write slot number j
+  owner                                          worker
+  action[j] = a; write slot numbers j, ...  ──▶  step env j with action[j], ...
+  read slots j, ...                         ◀──  write slots j, ...; write their numbers
 
 A worker steps an environment only when asked, so a slot is never rewritten
-while the owner still reads it. It steps its environments one by one and
-reports each as soon as it is done, so the owner can already compute actions
-for some environments while the worker steps the others.
+while the owner still reads it. It reads every request waiting, steps those
+environments and then reports them in one notice: the owner computes actions
+for one group of environments while the workers step another, and wakes once
+per group rather than once per step (which measured 6 points of the actor's
+throughput on 2 cores, docs/dynamic_batching.md).
 
 This module does not import torch: a worker costs an interpreter and its
 environments, not another copy of torch. Workers are spawned (never forked),
@@ -29,7 +31,6 @@ side can leave it behind in /dev/shm.
 
 from __future__ import annotations
 
-import collections
 import ctypes
 import multiprocessing
 import os
@@ -147,16 +148,10 @@ def _worker_main(make_env: Callable[..., Environment], seeds: Sequence[int], act
                       first.num_actions))
         announced = True  # from here on the owner unlinks the slots (as soon as it has mapped them)
         actions_fd, stepped_fd = actions.fileno(), stepped.fileno()
-        pending: collections.deque[int] = collections.deque()
-        while True:
-            if not pending:  # requests that came while we stepped are all read at once here
-                data = os.read(actions_fd, _READ_BYTES)
-                if not data:  # the owner closed the pipe: time to go
-                    break
-                pending.extend(np.frombuffer(data, _SLOT).tolist())
-            j = pending.popleft()
-            slots.write(j, environments[j].step(int(slots.action[j])))
-            os.write(stepped_fd, _slots((j,)))
+        while requested := os.read(actions_fd, _READ_BYTES):  # b"": the owner closed the pipe
+            for j in np.frombuffer(requested, _SLOT).tolist():  # every request waiting
+                slots.write(j, environments[j].step(int(slots.action[j])))
+            os.write(stepped_fd, requested)  # one notice, one wake-up of the owner, per group
     except BrokenPipeError:  # the owner went away: nothing to report to
         pass
     except BaseException:

@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -96,6 +97,16 @@ def _lock_step_unrolls(make_env, seeds, agent, count):
     return unrolls
 
 
+def _in_thread(fn, timeout=60.0):
+    """fn() in a daemon thread, so that a deadlock fails the test instead of hanging it."""
+    out = []
+    thread = threading.Thread(target=lambda: out.append(fn()), daemon=True)
+    thread.start()
+    thread.join(timeout)
+    assert out, "deadlocked (or failed: see the thread's traceback above)"
+    return out[0]
+
+
 def _host_unrolls(host, agent, count):
     """What run_actor ships with env workers: the same loop, stepping through the host."""
     spec = _spec(host, agent)
@@ -112,16 +123,19 @@ def _host_unrolls(host, agent, count):
     return unrolls
 
 
-@pytest.mark.parametrize("make_env", [SHORT_CARTPOLE, CARTPOLE], ids=["3_step_episodes", "cartpole"])
-def test_host_unrolls_equal_the_lock_step_actors(make_env, monkeypatch):
+@pytest.mark.parametrize("make_env,minimum,maximum", [(SHORT_CARTPOLE, 1, 2), (CARTPOLE, 1, 2), (CARTPOLE, 4, 4)],
+                         ids=["3_step_episodes", "cartpole", "minimum_4_of_5_envs"])
+def test_host_unrolls_equal_the_lock_step_actors(make_env, minimum, maximum, monkeypatch):
     monkeypatch.setattr(impala.actor, "sample_actions", _argmax)
     monkeypatch.setattr(impala.actor_host, "sample_actions", _argmax)
     seeds, count = [11, 12, 13, 14, 15], 3
     expected = _lock_step_unrolls(make_env, seeds, StepCounter(), count)
-    # 5 envs over 2 workers (3 + 2), batches of at most 2 rows: rows of different
-    # workers and times share batches in whatever order they arrive.
-    with ActorHost(make_env, seeds, num_workers=2, maximum_batch_size=2, timeout_ms=1) as host:
-        got = _host_unrolls(host, StepCounter(), count)
+    # 5 envs over 2 workers (3 + 2), small batches: rows of different workers and
+    # times share batches in whatever order they arrive. With a minimum of 4, the
+    # last envs of an unroll are fewer than the minimum: the host must flush them.
+    with ActorHost(make_env, seeds, num_workers=2, minimum_batch_size=minimum, maximum_batch_size=maximum,
+                   timeout_ms=1) as host:
+        got = _in_thread(lambda: _host_unrolls(host, StepCounter(), count))
         assert host.batches > count * T  # really batched many times, not once per step
     for k, (want, have) in enumerate(zip(expected, got)):
         assert set(want) == set(have)

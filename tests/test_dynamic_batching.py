@@ -129,6 +129,22 @@ def test_timeout_fires_a_batch_between_minimum_and_maximum():
     batcher.close()
 
 
+def test_flush_fires_what_is_waiting_below_the_minimum():
+    fn = Recorder()
+    batcher = Batcher(fn, minimum_batch_size=4, maximum_batch_size=8, timeout_ms=None)
+    requests = [batcher.submit(*_item(i)) for i in range(3)]
+    with pytest.raises(TimeoutError):
+        requests[0].result(timeout=0.1)
+    batcher.flush()
+    for i, request in enumerate(requests):
+        _check_row(i, request.result(timeout=WAIT_S))
+    later = [batcher.submit(*_item(i)) for i in range(3, 5)]  # the flush is over: the minimum holds again
+    with pytest.raises(TimeoutError):
+        later[0].result(timeout=0.1)
+    assert fn.sizes == [3]
+    batcher.close()
+
+
 def test_exception_reaches_every_caller_of_the_batch_and_later_batches_still_run():
     def fail_on_negative(x):
         if (x < 0).any():
