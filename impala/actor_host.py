@@ -112,6 +112,7 @@ class ActorHost:
         self._by_fd = {w.stepped_fd: w for w in self._workers}
         self._outbox: dict[EnvWorker, list[int]] = {w: [] for w in self._workers}
         self._rows_left = 0  # of the batch whose callbacks are running
+        self._answered = 0
         self.batches = self.rows = 0  # batched forward passes and the rows they had
         _reuse_freed_memory()
 
@@ -150,12 +151,15 @@ class ActorHost:
         self._agent, self._buffer = agent, buffer
         self._states = [s.numpy().copy() for s in state]  # rows are updated as envs act
         next_step = [1] * self.num_envs
-        unfinished = self.num_envs
+        unfinished = submitted = self.num_envs  # envs not done with this unroll; requests made
+        self._answered = 0  # requests answered (counted by the batcher thread)
         for i in self._order:
             self._submit(i, 1)
         while unfinished:
-            if unfinished < self._batcher.minimum_batch_size:
-                self._batcher.flush()  # too few envs left in this unroll to reach the minimum
+            if submitted - self._answered >= unfinished:
+                # No env is being stepped, so no row can join those waiting before
+                # they are answered: waiting for the maximum or the timeout would only stall.
+                self._batcher.flush()
             for fd, _ in self._poller.poll():
                 if fd == self._wake_reader:
                     raise self._error
@@ -169,6 +173,7 @@ class ActorHost:
                     else:
                         next_step[i] = t + 1
                         self._submit(i, t + 1)
+                        submitted += 1
         return tuple(torch.from_numpy(s) for s in self._states)
 
     def _copy_output(self, buffer: unroll.Unroll, t: int, i: int) -> None:
@@ -196,6 +201,7 @@ class ActorHost:
             states[i] = row
         worker, j = self._where[i]
         worker.shared.action[j] = action
+        self._answered += 1
         self._outbox[worker].append(j)
         self._rows_left -= 1
         if self._rows_left == 0:

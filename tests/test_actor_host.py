@@ -123,18 +123,21 @@ def _host_unrolls(host, agent, count):
     return unrolls
 
 
-@pytest.mark.parametrize("make_env,minimum,maximum", [(SHORT_CARTPOLE, 1, 2), (CARTPOLE, 1, 2), (CARTPOLE, 4, 4)],
-                         ids=["3_step_episodes", "cartpole", "minimum_4_of_5_envs"])
-def test_host_unrolls_equal_the_lock_step_actors(make_env, minimum, maximum, monkeypatch):
+@pytest.mark.parametrize("make_env,minimum,maximum,timeout_ms", [
+    (SHORT_CARTPOLE, 1, 2, 1), (CARTPOLE, 1, 2, 1),
+    (CARTPOLE, 4, 4, 1),  # the last envs of an unroll are fewer than the minimum
+    (CARTPOLE, 1, 3, 600_000),  # 5 envs never fill batches of 3 evenly, and nobody waits 10 minutes
+], ids=["3_step_episodes", "cartpole", "minimum_4_of_5_envs", "no_waiting_for_rows_that_cannot_come"])
+def test_host_unrolls_equal_the_lock_step_actors(make_env, minimum, maximum, timeout_ms, monkeypatch):
     monkeypatch.setattr(impala.actor, "sample_actions", _argmax)
     monkeypatch.setattr(impala.actor_host, "sample_actions", _argmax)
     seeds, count = [11, 12, 13, 14, 15], 3
     expected = _lock_step_unrolls(make_env, seeds, StepCounter(), count)
     # 5 envs over 2 workers (3 + 2), small batches: rows of different workers and
-    # times share batches in whatever order they arrive. With a minimum of 4, the
-    # last envs of an unroll are fewer than the minimum: the host must flush them.
+    # times share batches in whatever order they arrive. When no env is being
+    # stepped, the rows waiting are all that can come: the host must not wait for more.
     with ActorHost(make_env, seeds, num_workers=2, minimum_batch_size=minimum, maximum_batch_size=maximum,
-                   timeout_ms=1) as host:
+                   timeout_ms=timeout_ms) as host:
         got = _in_thread(lambda: _host_unrolls(host, StepCounter(), count))
         assert host.batches > count * T  # really batched many times, not once per step
     for k, (want, have) in enumerate(zip(expected, got)):
