@@ -110,7 +110,14 @@ def _check_plain(value: Any, where: str, depth: int = 0) -> None:
     raise WireError(f"{where} holds a non-plain value of type {type(value).__name__}")
 
 
+# dtype -> wire name by hash lookup: dtype.name is slow enough to matter per message.
+_NAMES: Mapping[np.dtype, str] = MappingProxyType({dtype: name for name, dtype in _DTYPES.items()})
+
+
 def _dtype_name(dtype: np.dtype) -> str:
+    name = _NAMES.get(dtype)
+    if name is not None:
+        return name
     name = dtype.newbyteorder("<").name if dtype.byteorder == ">" else dtype.name
     if name not in _DTYPES:
         raise WireError(f"unsupported dtype {dtype.str!r}")
