@@ -14,10 +14,15 @@ calls batched dynamically into one forward pass.
 
 Every environment advances on its own: as soon as its output arrives its next
 action is requested, so while the network works on some environments' rows
-the workers step the others. `act()` fills steps 1..T of one unroll for all n
-environments and returns when every column is complete; the unroll layout,
-the overlap, the core state and the behaviour logits are exactly those of the
-lock-step actor (impala/actor.py `_act`), so run_actor ships it unchanged.
+the workers step the others (with batches of half the environments, the
+default, one half is inferred while the other is stepped). When all the
+remaining envs of a worker are waiting in the batcher's queue, that worker
+idles until they fire and none of its rows can join them, so the host flushes
+the batcher instead of waiting for a full batch or the timeout. `act()` fills
+steps 1..T of one unroll for all n environments and returns when every column
+is complete; the unroll layout, the overlap, the core state and the behaviour
+logits are exactly those of the lock-step actor (impala/actor.py `_act`), so
+run_actor ships it unchanged.
 
 An observation is copied three times on its way: by the worker into shared
 memory, from there into the unroll (which the wire sends), and into the
@@ -40,7 +45,7 @@ import torch
 
 from impala import envs, unroll
 from impala.config import Config
-from impala.dynamic_batching import Batcher, Request
+from impala.dynamic_batching import Batcher
 from impala.env_worker import EnvWorker, EnvWorkerError
 from impala.nets import Agent, CoreState, sample_actions
 
@@ -72,7 +77,7 @@ class ActorHost:
     Run it with one torch thread (run_actor does): the workers need the other cores."""
 
     def __init__(self, make_env: Callable[..., envs.Environment], seeds: Sequence[int], num_workers: int,
-                 minimum_batch_size: int = 1, maximum_batch_size: int = 0, timeout_ms: float = 2.0):
+                 minimum_batch_size: int = 1, maximum_batch_size: int = 0, timeout_ms: float = 10.0):
         if not 1 <= num_workers <= len(seeds):
             raise ValueError(f"need 1 <= num_workers ({num_workers}) <= environments ({len(seeds)})")
         self.num_envs = len(seeds)
@@ -82,9 +87,14 @@ class ActorHost:
         self._first_env: dict[EnvWorker, int] = {}
         self._batcher: Batcher | None = None
         self._closed = False
+        maximum = maximum_batch_size or math.ceil(self.num_envs / 2)
+        # A worker reports its steps in groups of its share of a full batch: what
+        # one batch needs arrives together, and the next group is stepped meanwhile.
+        report_every = max(1, math.ceil(maximum / num_workers))
         try:
             for w, group in enumerate(np.array_split(np.asarray(seeds), num_workers)):
-                worker = EnvWorker(make_env, group.tolist(), name=f"env-worker-{w}", context=context)
+                worker = EnvWorker(make_env, group.tolist(), name=f"env-worker-{w}", report_every=report_every,
+                                   context=context)
                 self._first_env[worker] = len(self._where)
                 self._where += [(worker, j) for j in range(len(group))]
                 self._workers.append(worker)
@@ -95,7 +105,6 @@ class ActorHost:
                     self.observation_shape, self.observation_dtype, self.num_actions = spec
                 elif spec != (self.observation_shape, self.observation_dtype, self.num_actions):
                     raise EnvWorkerError(f"{worker.name}'s environments differ from the first worker's")
-            maximum = maximum_batch_size or math.ceil(self.num_envs / 2)
             self._batcher = Batcher(self._policy, minimum_batch_size, maximum, timeout_ms)
         except BaseException:
             self.close()
@@ -110,9 +119,8 @@ class ActorHost:
         for fd in [self._wake_reader, *(w.stepped_fd for w in self._workers)]:
             self._poller.register(fd, select.POLLIN)
         self._by_fd = {w.stepped_fd: w for w in self._workers}
-        self._outbox: dict[EnvWorker, list[int]] = {w: [] for w in self._workers}
-        self._rows_left = 0  # of the batch whose callbacks are running
-        self._answered = 0
+        self._worker_of = np.array([self._workers.index(w) for w, _ in self._where])  # env -> worker
+        self._taken = [0] * len(self._workers)  # per worker: rows the batcher has taken (its thread counts)
         self.batches = self.rows = 0  # batched forward passes and the rows they had
         _reuse_freed_memory()
 
@@ -124,10 +132,6 @@ class ActorHost:
         return cls(make_env, [seed + i for i in range(config.num_envs_per_actor)],
                    config.env_workers_per_actor, config.inference_minimum_batch_size,
                    config.inference_maximum_batch_size, config.inference_timeout_ms)
-
-    @property
-    def batcher(self) -> Batcher:
-        return self._batcher
 
     @property
     def worker_pids(self) -> list[int]:
@@ -151,29 +155,33 @@ class ActorHost:
         self._agent, self._buffer = agent, buffer
         self._states = [s.numpy().copy() for s in state]  # rows are updated as envs act
         next_step = [1] * self.num_envs
-        unfinished = submitted = self.num_envs  # envs not done with this unroll; requests made
-        self._answered = 0  # requests answered (counted by the batcher thread)
+        # Per worker: its envs not done with this unroll, and the rows submitted for them.
+        unfinished = [w.num_envs for w in self._workers]
+        submitted = list(unfinished)
+        self._taken = [0] * len(self._workers)
         for i in self._order:
             self._submit(i, 1)
-        while unfinished:
-            if submitted - self._answered >= unfinished:
-                # No env is being stepped, so no row can join those waiting before
-                # they are answered: waiting for the maximum or the timeout would only stall.
+        while any(unfinished):
+            if any(submitted[w] - self._taken[w] >= unfinished[w] > 0 for w in range(len(unfinished))):
+                # All envs of a worker are waiting in the queue: it idles until they
+                # fire, and none of its rows can join them before. Waiting for the
+                # maximum, the minimum or the timeout would only waste its core.
                 self._batcher.flush()
             for fd, _ in self._poller.poll():
                 if fd == self._wake_reader:
                     raise self._error
                 worker = self._by_fd[fd]
+                w = self._workers.index(worker)
                 for j in worker.read_stepped():
                     i = self._first_env[worker] + j
                     t = next_step[i]
                     self._copy_output(buffer, t, i)
                     if t == unroll_length:
-                        unfinished -= 1
+                        unfinished[w] -= 1
                     else:
                         next_step[i] = t + 1
                         self._submit(i, t + 1)
-                        submitted += 1
+                        submitted[w] += 1
         return tuple(torch.from_numpy(s) for s in self._states)
 
     def _copy_output(self, buffer: unroll.Unroll, t: int, i: int) -> None:
@@ -185,33 +193,7 @@ class ActorHost:
         """Asks for env i's action t, from its env output t - 1 (what `_act` feeds the agent)."""
         b = self._buffer
         self._batcher.submit(b["observation"][t - 1, i], b["action"][t - 1, i], b["reward"][t - 1, i],
-                             b["done"][t - 1, i], *(s[i] for s in self._states),
-                             callback=functools.partial(self._acted, i, t))
-
-    def _acted(self, i: int, t: int, request: Request) -> None:
-        """Batcher thread, right after `_policy`: env i's action t is known. Records
-        it; after the batch's last row, sends each worker its actions in one write."""
-        if request.exception() is not None:
-            self._fail(request.exception())
-            return
-        logits, action, *state = request.result()
-        self._buffer["action"][t, i] = action
-        self._buffer["policy_logits"][t, i] = logits
-        for states, row in zip(self._states, state):
-            states[i] = row
-        worker, j = self._where[i]
-        worker.shared.action[j] = action
-        self._answered += 1
-        self._outbox[worker].append(j)
-        self._rows_left -= 1
-        if self._rows_left == 0:
-            for worker, slots in self._outbox.items():
-                if slots:
-                    try:
-                        worker.request(slots)
-                    except OSError:  # the worker is gone; act() reports why from its pipe
-                        pass
-                    slots.clear()
+                             b["done"][t - 1, i], i, t, *(s[i] for s in self._states))
 
     def _fail(self, error: BaseException) -> None:
         if self._error is None and not self._closed:
@@ -219,20 +201,43 @@ class ActorHost:
             os.write(self._wake_writer, b"!")
 
     @torch.no_grad()
-    def _policy(self, observation: np.ndarray, last_action: np.ndarray, reward: np.ndarray,
-                done: np.ndarray, *state: np.ndarray) -> tuple[np.ndarray, ...]:
-        """The batched function: rows of B environments in, (logits [B, A], actions [B],
-        *core state [B, H]) out."""
-        output, new_state = self._agent(
-            torch.from_numpy(observation)[None], torch.from_numpy(last_action)[None],
-            torch.from_numpy(reward)[None], torch.from_numpy(done)[None],
-            tuple(torch.from_numpy(s) for s in state),
-        )
-        logits = output.policy_logits[0]
-        self.batches += 1
-        self.rows += logits.shape[0]
-        self._rows_left = logits.shape[0]  # the callbacks of these rows run next, in this thread
-        return (logits.numpy(), sample_actions(logits).numpy(), *(s.numpy() for s in new_state))
+    def _policy(self, observation: np.ndarray, last_action: np.ndarray, reward: np.ndarray, done: np.ndarray,
+                env: np.ndarray, step: np.ndarray, *state: np.ndarray) -> np.ndarray:
+        """The batched function, on the rows of B environments ([B, ...] each; `env`
+        and `step` say whose rows and which step they act for). Records each
+        action, its logits and the new core state in the unroll, and hands the
+        actions to the workers, one write per worker; returns the actions [B]."""
+        try:
+            for w, count in enumerate(np.bincount(self._worker_of[env], minlength=len(self._workers))):
+                self._taken[w] += int(count)
+            output, new_state = self._agent(
+                torch.from_numpy(observation)[None], torch.from_numpy(last_action)[None],
+                torch.from_numpy(reward)[None], torch.from_numpy(done)[None],
+                tuple(torch.from_numpy(s) for s in state),
+            )
+            logits = output.policy_logits[0]
+            actions = sample_actions(logits).numpy()
+            self._buffer["action"][step, env] = actions
+            self._buffer["policy_logits"][step, env] = logits.numpy()
+            for states, rows in zip(self._states, new_state):
+                states[env] = rows.numpy()
+            # Everything act() reads for these envs is written before their workers
+            # are told (act() learns of their steps through the workers' pipes).
+            self.batches += 1
+            self.rows += len(env)
+            for worker in self._workers:
+                slots = env - self._first_env[worker]
+                mine = (slots >= 0) & (slots < worker.num_envs)
+                if mine.any():
+                    worker.shared.action[slots[mine]] = actions[mine]
+                    try:
+                        worker.request(slots[mine].tolist())
+                    except OSError:  # the worker is gone; act() reports why from its pipe
+                        pass
+            return actions
+        except BaseException as e:  # act() raises it (the requests get it too, unused)
+            self._fail(e)
+            raise
 
     def close(self) -> None:
         """Stops the batcher and the workers (they exit; stragglers are killed) and

@@ -66,7 +66,7 @@ class Config:
     inference_maximum_batch_size: int = _f(
         0, "Actor host: a batch fires as soon as it has this many env rows; 0 means half the actor's envs.")
     inference_timeout_ms: float = _f(
-        2.0, "Actor host: a batch of at least the minimum fires once its oldest row has waited this long.")
+        10.0, "Actor host: a batch of at least the minimum fires once its oldest row has waited this long.")
 
     # Agent.
     network: str = _f(

@@ -13,24 +13,25 @@ pipe and nothing on the hot path is pickled:
   read slots j, ...                         ◀──  write slots j, ...; write their numbers
 
 A worker steps an environment only when asked, so a slot is never rewritten
-while the owner still reads it. It reads every request waiting, steps those
-environments and then reports them in one notice: the owner computes actions
-for one group of environments while the workers step another, and wakes once
-per group rather than once per step (which measured 6 points of the actor's
-throughput on 2 cores, docs/dynamic_batching.md).
+while the owner still reads it. It steps the environments asked for in order
+and reports them in groups of `report_every` (the owner sets it to the
+worker's share of a full batch): the owner wakes once per group rather than
+once per step, and infers one group while the worker steps the next
+(docs/dynamic_batching.md has the measurements).
 
 This module does not import torch: a worker costs an interpreter and its
 environments, not another copy of torch. Workers are spawned (never forked),
 ignore Ctrl-C (their owner handles it), die with their owner even when it is
 SIGKILLed (PR_SET_PDEATHSIG, which fires when the owner's thread that started
-them ends), and exit when their action pipe closes. A worker
-that fails sends its traceback on a control pipe and exits. The shared segment's
-name is removed as soon as both sides have mapped it, so no death of either
-side can leave it behind in /dev/shm.
+them ends), and exit when their action pipe closes. A worker that fails sends
+its traceback on a control pipe and exits. The shared segment's name is
+removed as soon as both sides have mapped it, so no death of either side can
+leave it behind in /dev/shm.
 """
 
 from __future__ import annotations
 
+import collections
 import ctypes
 import multiprocessing
 import os
@@ -128,8 +129,8 @@ def _die_with_parent(parent_pid: int) -> None:
         os._exit(0)
 
 
-def _worker_main(make_env: Callable[..., Environment], seeds: Sequence[int], actions: Connection,
-                 stepped: Connection, control: Connection, parent_pid: int) -> None:
+def _worker_main(make_env: Callable[..., Environment], seeds: Sequence[int], report_every: int,
+                 actions: Connection, stepped: Connection, control: Connection, parent_pid: int) -> None:
     """The worker process: make the environments, announce their slots, then step
     environments as asked until the action pipe closes."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the owner handles Ctrl-C and closes us
@@ -148,10 +149,17 @@ def _worker_main(make_env: Callable[..., Environment], seeds: Sequence[int], act
                       first.num_actions))
         announced = True  # from here on the owner unlinks the slots (as soon as it has mapped them)
         actions_fd, stepped_fd = actions.fileno(), stepped.fileno()
-        while requested := os.read(actions_fd, _READ_BYTES):  # b"": the owner closed the pipe
-            for j in np.frombuffer(requested, _SLOT).tolist():  # every request waiting
+        pending: collections.deque[int] = collections.deque()
+        while True:
+            if not pending:  # requests that came while we stepped are all read at once here
+                requested = os.read(actions_fd, _READ_BYTES)
+                if not requested:  # the owner closed the pipe
+                    break
+                pending.extend(np.frombuffer(requested, _SLOT).tolist())
+            stepped_now = [pending.popleft() for _ in range(min(report_every, len(pending)))]
+            for j in stepped_now:
                 slots.write(j, environments[j].step(int(slots.action[j])))
-            os.write(stepped_fd, requested)  # one notice, one wake-up of the owner, per group
+            os.write(stepped_fd, _slots(stepped_now))
     except BrokenPipeError:  # the owner went away: nothing to report to
         pass
     except BaseException:
@@ -186,10 +194,11 @@ class EnvWorker:
     the environments and maps their slots. Then `request(slots)` has it step those
     environments (with the actions in `shared.action`), and `read_stepped()`
     returns the slots it has stepped since (their new outputs are in `shared`);
-    `stepped_fd` becomes readable when there are some."""
+    `stepped_fd` becomes readable when there are some. The worker reports its
+    steps in groups of `report_every` (fewer when it runs out of requests)."""
 
     def __init__(self, make_env: Callable[..., Environment], seeds: Sequence[int], name: str,
-                 context: Any = None):
+                 report_every: int = 1, context: Any = None):
         if not 1 <= len(seeds) <= MAX_ENVS_PER_WORKER:
             raise ValueError(f"a worker needs 1 to {MAX_ENVS_PER_WORKER} environments, got {len(seeds)}")
         context = context or multiprocessing.get_context("spawn")
@@ -202,7 +211,8 @@ class EnvWorker:
         self._control, control_writer = context.Pipe(duplex=False)
         self.process = context.Process(
             target=_worker_main, name=name, daemon=True,
-            args=(make_env, list(seeds), actions_reader, stepped_writer, control_writer, os.getpid()))
+            args=(make_env, list(seeds), report_every, actions_reader, stepped_writer, control_writer,
+                  os.getpid()))
         _start_even_from_a_daemon(self.process)
         for end in (actions_reader, stepped_writer, control_writer):
             end.close()  # the worker's ends: kept here, they would hide its exit from us
