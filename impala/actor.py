@@ -21,6 +21,7 @@ from absl import logging
 from impala import envs, security, unroll, wire
 from impala.actor_host import ActorHost
 from impala.config import Config
+from impala.metrics import Stopwatch
 from impala.nets import Agent, make_agent, sample_actions
 
 PARAMS_RETRY_S = 3.0  # resend a parameter request unanswered this long (e.g. the learner restarted)
@@ -126,6 +127,8 @@ def run_actor(config: Config, task: int, unroll_address: str, params_address: st
     unroll_socket.connect(unroll_address)
     params_socket.connect(params_address)
     params = ParameterClient(params_socket, agent, task)
+    # Where this actor's time goes, sent with each unroll (the learner logs the sums).
+    watch = host.stopwatch if host else Stopwatch()
     try:
         params.wait_first(params_address, stop)
         logging.info("Actor %d: acting on %s with %d env(s), parameters v%d.", task, level,
@@ -141,16 +144,19 @@ def run_actor(config: Config, task: int, unroll_address: str, params_address: st
             initial_state = [s.numpy().copy() for s in state]
             acted_with = params.version
             if host:
-                state = host.act(agent, buffer, state, config.unroll_length)
+                with watch("act"):
+                    state = host.act(agent, buffer, state, config.unroll_length)
             else:
-                state = _act(agent, environments, buffer, state, config.unroll_length)
+                state = _act(agent, environments, buffer, state, config.unroll_length, watch)
             arrays = dict(buffer)
             arrays.update({f"core_state_{k}": s for k, s in enumerate(initial_state)})
-            _send_unroll(unroll_socket, arrays, task, acted_with, {"level": level, "run": params.run},
-                         unroll_address, stop)
+            meta = {"level": level, "run": params.run, "seconds": watch.take()}
+            with watch("send"):
+                _send_unroll(unroll_socket, arrays, task, acted_with, meta, unroll_address, stop)
             sent += 1
             buffer = unroll.next_unroll(spec, buffer)
-            params.refresh()
+            with watch("params"):
+                params.refresh()
     finally:
         for env in environments:
             env.close()
@@ -182,23 +188,28 @@ def _send_unroll(socket: zmq.Socket, arrays: unroll.Unroll, task: int, param_ver
 
 
 @torch.no_grad()
-def _act(agent: Agent, environments: list, buffer: unroll.Unroll, state, unroll_length: int):
-    """Fills steps 1..T of `buffer` (step 0 is already there); returns the core state."""
+def _act(agent: Agent, environments: list, buffer: unroll.Unroll, state, unroll_length: int,
+         watch: Stopwatch | None = None):
+    """Fills steps 1..T of `buffer` (step 0 is already there); returns the core state.
+    Time spent in inference and in the environments goes to `watch`."""
+    watch = watch or Stopwatch()
     for t in range(1, unroll_length + 1):
-        output, state = agent(
-            torch.from_numpy(buffer["observation"][t - 1])[None],
-            torch.from_numpy(buffer["action"][t - 1])[None],
-            torch.from_numpy(buffer["reward"][t - 1])[None],
-            torch.from_numpy(buffer["done"][t - 1])[None],
-            state,
-            instruction=_instruction(buffer, t - 1),
-        )
-        logits = output.policy_logits[0]
-        actions = sample_actions(logits).numpy()
-        buffer["action"][t] = actions
-        buffer["policy_logits"][t] = logits.numpy()
-        for i, env in enumerate(environments):
-            _write_step(buffer, t, i, env.step(int(actions[i])))
+        with watch("inference"):
+            output, state = agent(
+                torch.from_numpy(buffer["observation"][t - 1])[None],
+                torch.from_numpy(buffer["action"][t - 1])[None],
+                torch.from_numpy(buffer["reward"][t - 1])[None],
+                torch.from_numpy(buffer["done"][t - 1])[None],
+                state,
+                instruction=_instruction(buffer, t - 1),
+            )
+            logits = output.policy_logits[0]
+            actions = sample_actions(logits).numpy()
+            buffer["action"][t] = actions
+            buffer["policy_logits"][t] = logits.numpy()
+        with watch("env"):
+            for i, env in enumerate(environments):
+                _write_step(buffer, t, i, env.step(int(actions[i])))
     return state
 
 

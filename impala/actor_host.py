@@ -38,6 +38,7 @@ import math
 import multiprocessing
 import os
 import select
+import time
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -47,6 +48,7 @@ from impala import envs, unroll
 from impala.config import Config
 from impala.dynamic_batching import Batcher
 from impala.env_worker import EnvWorker, EnvWorkerError
+from impala.metrics import Stopwatch
 from impala.nets import Agent, CoreState, sample_actions
 
 _STEP_FIELDS = ("observation", "reward", "done", "episode_return", "episode_step")
@@ -122,6 +124,7 @@ class ActorHost:
         self._worker_of = np.array([self._workers.index(w) for w, _ in self._where])  # env -> worker
         self._taken = [0] * len(self._workers)  # per worker: rows the batcher has taken (its thread counts)
         self.batches = self.rows = 0  # batched forward passes and the rows they had
+        self.stopwatch = Stopwatch()  # 'inference': the batcher thread's forward passes
         _reuse_freed_memory()
 
     @classmethod
@@ -210,6 +213,7 @@ class ActorHost:
         try:
             for w, count in enumerate(np.bincount(self._worker_of[env], minlength=len(self._workers))):
                 self._taken[w] += int(count)
+            start = time.perf_counter()
             output, new_state = self._agent(
                 torch.from_numpy(observation)[None], torch.from_numpy(last_action)[None],
                 torch.from_numpy(reward)[None], torch.from_numpy(done)[None],
@@ -217,6 +221,7 @@ class ActorHost:
             )
             logits = output.policy_logits[0]
             actions = sample_actions(logits).numpy()
+            self.stopwatch.add("inference", time.perf_counter() - start)
             self._buffer["action"][step, env] = actions
             self._buffer["policy_logits"][step, env] = logits.numpy()
             for states, rows in zip(self._states, new_state):

@@ -126,9 +126,11 @@ class Config:
         if not 0 <= self.env_workers_per_actor <= self.num_envs_per_actor:
             raise ConfigError(f"--env_workers_per_actor must be in [0, --num_envs_per_actor], "
                               f"got {self.env_workers_per_actor}")
-        if not 1 <= self.inference_minimum_batch_size <= (self.inference_maximum_batch_size or math.inf):
-            raise ConfigError("--inference_minimum_batch_size must be at least 1 and at most "
-                              "--inference_maximum_batch_size (unless that is 0)")
+        maximum = self.inference_maximum_batch_size or math.ceil(self.num_envs_per_actor / 2)
+        if not 1 <= self.inference_minimum_batch_size <= maximum:
+            raise ConfigError(f"--inference_minimum_batch_size must be in [1, {maximum}] (the maximum batch: "
+                              "--inference_maximum_batch_size, or half the actor's envs when that is 0), "
+                              f"got {self.inference_minimum_batch_size}")
         if self.inference_maximum_batch_size < 0 or self.inference_timeout_ms < 0:
             raise ConfigError("--inference_maximum_batch_size and --inference_timeout_ms must not be negative")
         if not 0.0 <= self.discounting <= 1.0:

@@ -30,7 +30,7 @@ from absl import logging
 
 from impala import checkpoint, envs, losses, security, unroll, wire
 from impala.config import Config, ConfigError
-from impala.metrics import MetricsWriter
+from impala.metrics import MetricsWriter, Stopwatch
 from impala.nets import Agent, make_agent
 from impala.optim import RMSPropTF
 
@@ -38,6 +38,8 @@ from impala.optim import RMSPropTF
 # that unrolls in flight can take, whatever the actors do.
 UNROLL_RCVHWM = 4
 ACTOR_SILENT_S = 30.0  # an actor not heard from this long is reported gone
+# Parts of an actor's time it reports with its unrolls (meta 'seconds'); others are ignored.
+ACTOR_TIMES = ("env", "inference", "act", "send", "params")
 
 
 @dataclass
@@ -174,6 +176,9 @@ class Learner:
                                               instruction_length=self.spec.instruction_length)
         self.stats = ServerStats()
         self._stats_lock = threading.Lock()
+        # Seconds per part of the learner's threads and of the actors (from their
+        # unrolls); each metrics row has them per second of wall time ('time/...').
+        self.watch = Stopwatch()
         self._batches: queue.Queue = queue.Queue(maxsize=config.max_queued_batches)
         self._stop = threading.Event()
         self._params_frames: tuple[int, list] = (0, [])
@@ -283,10 +288,13 @@ class Learner:
         batcher = unroll.Batcher(self.unroll_spec, self.config.batch_size)
 
         def handle(socket: zmq.Socket) -> None:
-            _, message = wire.recv_routed(socket, allowed_kinds=("unroll",))
-            unroll.validate(message.arrays, self.unroll_spec)
-            self._record_unroll(message)
-            for batch in batcher.add(dict(message.arrays)):
+            with self.watch("learner_receive"):
+                _, message = wire.recv_routed(socket, allowed_kinds=("unroll",))
+                unroll.validate(message.arrays, self.unroll_spec)
+                self._record_unroll(message)
+            with self.watch("learner_assemble"):
+                batches = batcher.add(dict(message.arrays))
+            for batch in batches:
                 self._put(batch)
 
         self._serve(self._unroll_socket, handle)
@@ -311,11 +319,22 @@ class Learner:
             if message.meta.get("run") == self.run_id:  # versions of an earlier run don't compare
                 self.stats.lags.append(self.param_version - message.param_version)
             self.stats.episodes.extend(episodes)
+        seconds = message.meta.get("seconds")
+        if isinstance(seconds, dict):
+            for part in ACTOR_TIMES:
+                value = seconds.get(part)
+                if isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value < 1e6:
+                    self.watch.add(f"actor_{part}", float(value))
 
     def _put(self, batch: unroll.Unroll) -> None:
         tensors = {name: torch.from_numpy(array) for name, array in batch.items()}
         if self.device.type == "cuda":
-            tensors = {name: t.pin_memory() for name, t in tensors.items()}
+            with self.watch("learner_assemble"):
+                tensors = {name: t.pin_memory() for name, t in tensors.items()}
+        with self.watch("learner_queue_full"):
+            self._put_waiting(tensors)
+
+    def _put_waiting(self, tensors: dict[str, torch.Tensor]) -> None:
         while not self._stop.is_set():
             try:
                 self._batches.put(tensors, timeout=0.1)
@@ -365,16 +384,19 @@ class Learner:
         while self.frames < config.total_environment_frames:
             if tick is not None:
                 tick()
-            batch = self.next_batch(timeout=1.0)
+            with self.watch("learner_wait"):
+                batch = self.next_batch(timeout=1.0)
             if batch is None:
                 log.maybe_write({})
                 continue
             for group in self.optimizer.param_groups:
                 group["lr"] = config.learning_rate * max(0.0, 1.0 - self.frames / config.total_environment_frames)
-            stats = learn_step(self.agent, self.optimizer, batch, config)
+            with self.watch("learner_step"):
+                stats = learn_step(self.agent, self.optimizer, batch, config)
             self.frames += config.frames_per_step
             self.param_version += 1
-            self._publish()
+            with self.watch("learner_publish"):
+                self._publish()
             log.maybe_write(stats)
             if time.monotonic() - self._last_checkpoint > config.checkpoint_interval_s:
                 self.save_checkpoint()
@@ -449,6 +471,8 @@ class _ProgressLog:
         }
         row.update({k: v / max(self.updates, 1) for k, v in self.loss_sums.items()})
         row.update({f"actor_unrolls_per_s/{task}": round(rate, 2) for task, rate in sorted(rates.items())})
+        # Seconds spent per second of wall time, summed over threads and actors.
+        row.update({f"time/{part}": round(s / elapsed, 4) for part, s in sorted(learner.watch.take().items())})
         levels = sorted({e[0] for e in episodes})
         if len(levels) > 1 or (levels and levels[0] != config.level_name):  # multi-task runs
             for level in levels:

@@ -3,11 +3,15 @@ TensorBoard scalars, both keyed by environment frames."""
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import json
 import math
 import os
+import threading
+import time
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 
 class MetricsWriter:
@@ -45,3 +49,31 @@ def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
             except json.JSONDecodeError:
                 continue
     return rows
+
+
+class Stopwatch:
+    """Seconds spent in named parts of a program, summed until `take()`; the
+    throughput benchmark reads them to say where the time goes. Thread-safe;
+    about a microsecond per measured section."""
+
+    def __init__(self) -> None:
+        self._seconds: dict[str, float] = collections.defaultdict(float)
+        self._lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def __call__(self, part: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.add(part, time.perf_counter() - start)
+
+    def add(self, part: str, seconds: float) -> None:
+        with self._lock:
+            self._seconds[part] += seconds
+
+    def take(self) -> dict[str, float]:
+        """The sums since the last take, and starts new ones."""
+        with self._lock:
+            seconds, self._seconds = dict(self._seconds), collections.defaultdict(float)
+        return seconds

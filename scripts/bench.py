@@ -1,15 +1,36 @@
-"""Throughput benchmark: the environment alone against the whole local training run.
+"""Throughput benchmark: how close the whole local run comes to what this machine
+can do, and how fast the actor side is on its own.
 
-    python scripts/bench.py [--duration 30] [--warmup 10] --flagfile=configs/cartpole.cfg [impala flags]
+    python scripts/bench.py --flagfile=configs/pong.cfg [--measure all|training|actor] \
+        [--duration 60] [--warmup 20] [impala flags]
 
-Measures, in one run:
-  1. the environment alone: agent steps/s of one environment with random actions
-     and the level's preprocessing, on one core;
-  2. the full local training run (learner + actors over ZeroMQ, all cores) for
-     --warmup + --duration seconds, counting only the frames after the warm-up
-     (from the learner's metrics.jsonl).
-The ratio of (2) to (1) x cores shows how much of the machine the system's
-overhead (inference, wire, learning) takes. A benchmark, not a test.
+--measure=training (and all) measures, in one run:
+  1. the parts, each on one core with one torch thread:
+       environment: agent steps/s of one environment, random actions, the level's
+         preprocessing;
+       inference: samples/s of the network's forward pass and action sampling at
+         the batch size the actors use (--num_envs_per_actor for lock-step actors,
+         the actor host's maximum batch with --env_workers_per_actor);
+       learner: samples/s of learn_step (forward, V-trace, backward, clipping,
+         RMSProp) on a --batch_size x --unroll_length batch.
+     Every agent step is acted once and learned once, so the machine's limit is
+     cores / (1/environment + 1/inference + 1/learner) agent steps/s.
+  2. the real local training run (python -m impala.experiment with these flags,
+     all cores) for --warmup + --duration seconds; agent steps/s after the
+     warm-up (from metrics.jsonl), the ratio to the limit, and where the time
+     went: the run's 'time/...' metrics (seconds per second, summed over the
+     learner's threads and the actors), as cores busy and microseconds per agent
+     step.
+--measure=actor (and all): the actor side (impala/actor_host.py), in
+  --actor_rounds rounds of five --actor_seconds measurements each: the actor's
+  environments stepping random actions in --env_workers_per_actor processes with
+  no inference (the raw rate, measured before and after the host and averaged);
+  one actor host (the same environments and processes, batched inference, no
+  learner); the same host with batches of one row (unbatched inference); and, for
+  comparison, as many lock-step actor processes sharing the same environments.
+  Rounds interleave them, so load from other processes hits all of them.
+Absolute numbers drift between machines and runs; the ratios within one run are
+what this measures. A benchmark, not a test.
 """
 
 from __future__ import annotations
@@ -34,9 +55,14 @@ from impala import envs  # noqa: E402
 from impala.metrics import read_jsonl  # noqa: E402
 
 
+def _make_env(config: config_lib.Config, seed: int) -> envs.Environment:
+    return envs.make(config.level_name, seed=seed, num_action_repeats=config.num_action_repeats,
+                     **envs.options(config))
+
+
 def environment_steps_per_second(config: config_lib.Config, seconds: float) -> float:
-    env = envs.make(config.level_name, seed=config.seed, num_action_repeats=config.num_action_repeats,
-                    **envs.options(config))
+    """One environment, random actions; agent steps/s."""
+    env = _make_env(config, config.seed)
     rng = np.random.default_rng(config.seed)
     env.initial()
     steps, start = 0, time.perf_counter()
@@ -49,9 +75,96 @@ def environment_steps_per_second(config: config_lib.Config, seconds: float) -> f
     return steps / elapsed
 
 
-def training_steps_per_second(impala_flags: list[str], config: config_lib.Config, warmup: float,
-                              duration: float) -> tuple[float, dict]:
-    """Runs local training in a subprocess; returns agent steps/s after the warm-up."""
+def _timed(step, seconds: float, warmup_calls: int = 2) -> float:
+    """Seconds per call of step(), over at least `seconds` after a few calls' warm-up."""
+    for _ in range(warmup_calls):
+        step()
+    calls, start = 0, time.perf_counter()
+    while calls < 3 or time.perf_counter() - start < seconds:
+        step()
+        calls += 1
+    return (time.perf_counter() - start) / calls
+
+
+def actor_batch_size(config: config_lib.Config) -> int:
+    """Rows per forward pass in the actors: all envs of a lock-step actor, or the
+    actor host's maximum batch."""
+    if config.env_workers_per_actor:
+        return config.inference_maximum_batch_size or -(-config.num_envs_per_actor // 2)
+    return config.num_envs_per_actor
+
+
+def _agent_and_spec(config: config_lib.Config):
+    from impala import learner
+    from impala.nets import make_agent
+
+    spec = learner.env_spec(config)
+    agent = make_agent(config, spec.observation_shape, spec.num_actions, spec.instruction_length)
+    return agent, spec
+
+
+def _random_inputs(spec, agent, T: int, B: int, rng: np.random.Generator) -> dict:
+    """Random [T, B, ...] env outputs with the level's shapes (compute does not
+    depend on the values)."""
+    import torch
+
+    shape = (T, B, *spec.observation_shape)
+    if np.dtype(spec.observation_dtype) == np.uint8:
+        observation = rng.integers(0, 256, shape, dtype=np.uint8)
+    else:
+        observation = rng.standard_normal(shape).astype(spec.observation_dtype)
+    batch = {
+        "observation": torch.from_numpy(observation),
+        "action": torch.from_numpy(rng.integers(0, spec.num_actions, (T, B))),
+        "reward": torch.from_numpy(rng.standard_normal((T, B)).astype(np.float32)),
+        "done": torch.from_numpy(rng.random((T, B)) < 0.01),
+        "policy_logits": torch.from_numpy(rng.standard_normal((T, B, spec.num_actions)).astype(np.float32)),
+    }
+    if spec.instruction_length:
+        batch["instruction"] = torch.from_numpy(rng.integers(0, 1000, (T, B, spec.instruction_length)))
+    for k, s in enumerate(agent.initial_state(B)):
+        batch[f"core_state_{k}"] = s
+    return batch
+
+
+def inference_samples_per_second(config: config_lib.Config, batch_size: int, seconds: float) -> float:
+    """The actors' forward pass and action sampling on `batch_size` rows; samples/s."""
+    import torch
+
+    from impala.nets import sample_actions
+
+    agent, spec = _agent_and_spec(config)
+    inputs = _random_inputs(spec, agent, 1, batch_size, np.random.default_rng(config.seed))
+    state = agent.initial_state(batch_size)
+
+    @torch.no_grad()
+    def step() -> None:
+        output, _ = agent(inputs["observation"], inputs["action"], inputs["reward"], inputs["done"], state,
+                          instruction=inputs.get("instruction"))
+        sample_actions(output.policy_logits[0]).numpy()
+
+    return batch_size / _timed(step, seconds)
+
+
+def learner_samples_per_second(config: config_lib.Config, seconds: float) -> float:
+    """learn_step on a --batch_size x --unroll_length batch; samples (agent steps)/s."""
+    from impala.learner import learn_step
+    from impala.optim import RMSPropTF
+
+    agent, spec = _agent_and_spec(config)
+    optimizer = RMSPropTF(agent.parameters(), lr=config.learning_rate, decay=config.decay,
+                          momentum=config.momentum, epsilon=config.epsilon)
+    batch = _random_inputs(spec, agent, config.unroll_length + 1, config.batch_size,
+                           np.random.default_rng(config.seed))
+    return config.batch_size * config.unroll_length / _timed(lambda: learn_step(agent, optimizer, batch, config),
+                                                             seconds)
+
+
+def training_run(impala_flags: list[str], config: config_lib.Config, warmup: float,
+                 duration: float) -> tuple[float, dict[str, float], dict]:
+    """Runs local training in a subprocess on all cores. Returns agent steps/s
+    after the warm-up, the mean of each 'time/...' metric over the same window
+    (seconds per second), and the last metrics row."""
     with tempfile.TemporaryDirectory(prefix="impala-bench-") as logdir:
         command = [sys.executable, "-m", "impala.experiment", *impala_flags, f"--logdir={logdir}",
                    "--total_environment_frames=1000000000000", "--log_interval_s=1",
@@ -81,14 +194,222 @@ def training_steps_per_second(impala_flags: list[str], config: config_lib.Config
         first, last = window[0], window[-1]
         frames = last["frames"] - first["frames"]
         seconds = last["wall_time"] - first["wall_time"]
-        return frames / seconds / config.num_action_repeats, last
+        # Row i's time/... values cover the interval ending at row i: rows 1.. of the window.
+        parts = sorted({k for r in window for k in r if k.startswith("time/")})
+        busy = {k[len("time/"):]: float(np.mean([r.get(k) or 0.0 for r in window[1:]])) for k in parts}
+        return frames / seconds / config.num_action_repeats, busy, last
+
+
+TIME_PARTS = {  # metrics 'time/<part>' -> what the table calls it
+    "actor_env": "actors: environments",
+    "actor_inference": "actors: inference",
+    "actor_act": "actors: acting (env workers + batched inference)",
+    "actor_send": "actors: encode + send unrolls (waits when queues are full)",
+    "actor_params": "actors: fetch + load parameters",
+    "learner_receive": "learner: receive + decode + validate unrolls",
+    "learner_assemble": "learner: assemble batches",
+    "learner_queue_full": "learner: batch queue full (receiver waits)",
+    "learner_wait": "learner: waiting for a batch",
+    "learner_step": "learner: learn_step",
+    "learner_publish": "learner: snapshot + encode parameters",
+}
+
+
+def throughput(config: config_lib.Config, impala_flags: list[str], args: argparse.Namespace) -> None:
+    """Measures and prints the limit and the training run (see the module docstring)."""
+    cores = os.cpu_count() or 1
+    batch = actor_batch_size(config)
+    env = environment_steps_per_second(config, args.part_seconds)
+    inference = inference_samples_per_second(config, batch, args.part_seconds)
+    learner = learner_samples_per_second(config, args.part_seconds)
+    limit = cores / (1 / env + 1 / inference + 1 / learner)
+    steps, busy, last = training_run(impala_flags, config, args.warmup, args.duration)
+    actors = (f"{config.num_actors} actors x {config.num_envs_per_actor} envs"
+              + (f" in {config.env_workers_per_actor} env workers each" if config.env_workers_per_actor else
+                 " (lock-step)"))
+    print(f"{config.level_name}, {config.network} network{' + LSTM' if config.use_lstm else ''}, {actors}, "
+          f"batch {config.batch_size} x unroll {config.unroll_length}, {cores} cores, "
+          f"{time.strftime('%Y-%m-%d')}")
+    print(f"{'part (one core, one torch thread)':58s} {'per second':>12s} {'us/agent step':>14s}")
+    for name, rate in ((f"environment alone (agent steps)", env),
+                       (f"inference at batch {batch} (samples)", inference),
+                       (f"learner step, {config.batch_size} x {config.unroll_length} (samples)", learner)):
+        print(f"  {name:56s} {rate:12,.0f} {1e6 / rate:14.0f}")
+    print(f"{f'limit: {cores} cores / (sum of the three)':58s} {limit:12,.0f} agent steps/s")
+    print(f"{f'training run ({args.duration:g} s after {args.warmup:g} s warm-up)':58s} {steps:12,.0f} agent steps/s "
+          f"({steps * config.num_action_repeats:,.0f} frames/s)")
+    print(f"{'ratio to the limit':58s} {steps / limit:12.1%}")
+    print(f"{'policy lag at the end (updates)':58s} {last.get('policy_lag') or 0:12.1f}")
+    print(f"{'where the time went in the run':58s} {'cores busy':>12s} {'us/agent step':>14s}")
+    for part, name in TIME_PARTS.items():
+        if part in busy:
+            print(f"  {name:56s} {busy[part]:12.2f} {busy[part] / steps * 1e6:14.0f}")
+    work = sum(v for k, v in busy.items() if k not in ("learner_wait", "learner_queue_full", "actor_send", "actor_act"))
+    print(f"  {'(work above, excluding waits)':56s} {work:12.2f}")
+
+
+def _random_stepper(make_env, seeds: list[int], seconds: float, start, results) -> None:
+    """A raw-rate process: steps its environments round-robin with random actions."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    environments = [make_env(seed=seed) for seed in seeds]
+    rng = np.random.default_rng(seeds[0])
+    for env in environments:
+        env.initial()
+    results.put(None)  # ready
+    start.wait()
+    steps, begin = 0, time.perf_counter()
+    while time.perf_counter() - begin < seconds:
+        for env in environments:
+            env.step(int(rng.integers(env.num_actions)))
+        steps += len(environments)
+    results.put(steps / (time.perf_counter() - begin))
+    for env in environments:
+        env.close()
+
+
+def _lock_step_actor(config: config_lib.Config, seeds: list[int], seconds: float, start, results) -> None:
+    """A lock-step actor process (impala/actor.py `_act`) on these environments."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    import torch
+
+    from impala import unroll
+    from impala.actor import _act, _write_step
+    from impala.nets import make_agent
+
+    torch.set_num_threads(1)
+    environments = [envs.make(config.level_name, seed=seed, num_action_repeats=config.num_action_repeats,
+                              **envs.options(config)) for seed in seeds]
+    first = environments[0]
+    agent = make_agent(config, first.observation_shape, first.num_actions)
+    spec = unroll.unroll_spec(config.unroll_length, first.observation_shape, first.observation_dtype,
+                              first.num_actions, [s.shape[1] for s in agent.initial_state(1)])
+    buffer = unroll.new_unroll(spec, len(environments))
+    for i, env in enumerate(environments):
+        _write_step(buffer, 0, i, env.initial())
+    state = _act(agent, environments, buffer, agent.initial_state(len(environments)), config.unroll_length)
+    buffer = unroll.next_unroll(spec, buffer)
+    results.put(None)  # ready
+    start.wait()
+    steps, begin = 0, time.perf_counter()
+    while time.perf_counter() - begin < seconds:
+        state = _act(agent, environments, buffer, state, config.unroll_length)
+        buffer = unroll.next_unroll(spec, buffer)
+        steps += config.unroll_length * len(environments)
+    results.put(steps / (time.perf_counter() - begin))
+    for env in environments:
+        env.close()
+
+
+def _in_processes(config: config_lib.Config, seconds: float, target, first_arg) -> float:
+    """Runs target(first_arg, seeds, ...) on the actor's environments, split over
+    --env_workers_per_actor processes as the actor host splits them, all starting
+    together; their summed agent steps/s."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    seeds = np.array_split(np.arange(config.num_envs_per_actor) + config.seed, config.env_workers_per_actor)
+    start, results = context.Event(), context.Queue()
+    processes = [context.Process(target=target, daemon=True,
+                                 args=(first_arg, group.tolist(), seconds, start, results)) for group in seeds]
+    for process in processes:
+        process.start()
+    try:
+        for _ in processes:
+            results.get(timeout=300)  # every process has its environments: start together
+        start.set()
+        return sum(results.get(timeout=seconds + 300) for _ in processes)
+    finally:
+        for process in processes:
+            process.join(timeout=10)
+            if process.is_alive():
+                process.kill()
+
+
+def raw_environment_steps_per_second(config: config_lib.Config, seconds: float) -> float:
+    """The actor's environments in --env_workers_per_actor processes, stepping random
+    actions with no inference; agent steps/s."""
+    import functools
+
+    make_env = functools.partial(envs.make, config.level_name, num_action_repeats=config.num_action_repeats,
+                                 **envs.options(config))
+    return _in_processes(config, seconds, _random_stepper, make_env)
+
+
+def lock_step_steps_per_second(config: config_lib.Config, seconds: float) -> float:
+    """The same environments in as many lock-step actor processes (each its own
+    batched inference, no env workers, no learner); agent steps/s."""
+    return _in_processes(config, seconds, _lock_step_actor, config)
+
+
+def actor_host_steps_per_second(config: config_lib.Config, seconds: float) -> tuple[float, float]:
+    """One actor host acting with the config's network as run_actor does, minus the
+    learner: (agent steps/s, mean rows per batched forward pass)."""
+    import torch
+
+    from impala import unroll
+    from impala.actor_host import ActorHost
+    from impala.nets import make_agent
+
+    torch.manual_seed(config.seed)
+    n, steps_per_unroll = config.num_envs_per_actor, config.unroll_length
+    with ActorHost.from_config(config, config.level_name, config.seed) as host:
+        agent = make_agent(config, host.observation_shape, host.num_actions)
+        spec = unroll.unroll_spec(steps_per_unroll, host.observation_shape, host.observation_dtype,
+                                  host.num_actions, [s.shape[1] for s in agent.initial_state(1)])
+        buffer = unroll.new_unroll(spec, n)
+        host.initial(buffer)
+        state = agent.initial_state(n)
+        for _ in range(2):  # warm-up: first batches, page faults of fresh buffers
+            state = host.act(agent, buffer, state, steps_per_unroll)
+            buffer = unroll.next_unroll(spec, buffer)
+        host.batches = host.rows = 0
+        steps, begin = 0, time.perf_counter()
+        while time.perf_counter() - begin < seconds:
+            state = host.act(agent, buffer, state, steps_per_unroll)
+            buffer = unroll.next_unroll(spec, buffer)
+            steps += steps_per_unroll * n
+        return steps / (time.perf_counter() - begin), host.rows / max(host.batches, 1)
+
+
+def actor_side(config: config_lib.Config, seconds: float, rounds: int) -> None:
+    """Measures and prints the actor-side table (see the module docstring)."""
+    if config.env_workers_per_actor == 0:
+        config = config.replace(env_workers_per_actor=min(os.cpu_count() or 1, config.num_envs_per_actor))
+    maximum = config.inference_maximum_batch_size or -(-config.num_envs_per_actor // 2)
+    unbatched = config.replace(inference_minimum_batch_size=1, inference_maximum_batch_size=1)
+    print(f"actor side: {config.level_name}, {config.network} network, {config.num_envs_per_actor} envs in "
+          f"{config.env_workers_per_actor} env workers, unroll {config.unroll_length}, batches of "
+          f"{config.inference_minimum_batch_size}..{maximum} rows, timeout {config.inference_timeout_ms:g} ms, "
+          f"{os.cpu_count()} cores; agent steps/s")
+    print(f"{'round':>5s} {'raw envs':>10s} {'host':>10s} {'ratio':>7s} {'rows/batch':>10s} "
+          f"{'host, batch 1':>13s} {'speed-up':>8s} {'lock-step':>10s} {'ratio':>7s}")
+    ratios, speedups, lock_ratios = [], [], []
+    for r in range(1, rounds + 1):
+        raw_before = raw_environment_steps_per_second(config, seconds)
+        batched, rows = actor_host_steps_per_second(config, seconds)
+        raw = (raw_before + raw_environment_steps_per_second(config, seconds)) / 2
+        single, _ = actor_host_steps_per_second(unbatched, seconds)
+        lock_step = lock_step_steps_per_second(config, seconds)
+        ratios.append(batched / raw)
+        speedups.append(batched / single)
+        lock_ratios.append(lock_step / raw)
+        print(f"{r:5d} {raw:10,.0f} {batched:10,.0f} {batched / raw:7.1%} {rows:10.1f} {single:13,.0f} "
+              f"{batched / single:7.2f}x {lock_step:10,.0f} {lock_step / raw:7.1%}", flush=True)
+    print(f"{'median':>5s} {'':10s} {'':10s} {float(np.median(ratios)):7.1%} {'':10s} {'':13s} "
+          f"{float(np.median(speedups)):7.2f}x {'':10s} {float(np.median(lock_ratios)):7.1%}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--duration", type=float, default=30.0, help="seconds measured after the warm-up")
-    parser.add_argument("--warmup", type=float, default=10.0, help="seconds of training not counted")
-    parser.add_argument("--env_seconds", type=float, default=10.0, help="seconds of the env-alone measurement")
+    parser.add_argument("--measure", choices=("all", "training", "actor"), default="training",
+                        help="training: the limit and the training run; actor: the actor side; all: both")
+    parser.add_argument("--duration", type=float, default=60.0, help="seconds of training measured after the warm-up")
+    parser.add_argument("--warmup", type=float, default=20.0, help="seconds of training not counted")
+    parser.add_argument("--part_seconds", type=float, default=10.0,
+                        help="seconds of each one-core measurement (environment, inference, learner)")
+    parser.add_argument("--actor_seconds", type=float, default=10.0,
+                        help="seconds of each actor-side measurement")
+    parser.add_argument("--actor_rounds", type=int, default=2, help="rounds of actor-side measurements")
     args, impala_flags = parser.parse_known_args()
     flag_values = flags.FlagValues()
     config_lib.define_flags(flag_values)
@@ -98,17 +419,12 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(1)
-    cores = os.cpu_count() or 1
-    env_sps = environment_steps_per_second(config, args.env_seconds)
-    train_sps, last = training_steps_per_second(impala_flags, config, args.warmup, args.duration)
-    print(f"level {config.level_name}, {config.num_actors} actors x {config.num_envs_per_actor} envs, "
-          f"batch {config.batch_size} x unroll {config.unroll_length}, {cores} cores")
-    print(f"{'environment alone (1 core, random actions)':48s} {env_sps:12,.0f} agent steps/s")
-    print(f"{'environment alone x cores (upper bound)':48s} {env_sps * cores:12,.0f} agent steps/s")
-    print(f"{'full local training run':48s} {train_sps:12,.0f} agent steps/s "
-          f"({train_sps * config.num_action_repeats:,.0f} frames/s)")
-    print(f"{'ratio to environment alone x cores':48s} {train_sps / (env_sps * cores):12.1%}")
-    print(f"{'policy lag at the end (updates)':48s} {last.get('policy_lag') or 0:12.1f}")
+    if args.measure in ("all", "training"):
+        throughput(config, impala_flags, args)
+    if args.measure == "all":
+        print()
+    if args.measure in ("all", "actor"):
+        actor_side(config, args.actor_seconds, args.actor_rounds)
 
 
 if __name__ == "__main__":

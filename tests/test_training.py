@@ -44,6 +44,24 @@ def test_cartpole_learns_well_above_random(trained):
     assert "steps/s" in result.stdout and "return" in result.stdout
 
 
+def test_metrics_say_where_the_time_goes(trained):
+    """Each row has the seconds per second the learner's threads and the actors
+    spent per part (scripts/bench.py prints them); busy parts are there, and no
+    single-threaded part can be busy for more than the wall time."""
+    rows = [r for r in read_jsonl(trained[0] / "metrics.jsonl") if r["frames"] > 0][1:]
+    assert rows
+    for part in ("learner_step", "learner_wait", "learner_receive", "learner_publish", "actor_env",
+                 "actor_inference", "actor_send"):
+        assert any((r.get(f"time/{part}") or 0) > 0 for r in rows), part
+    for r in rows:
+        for part in ("learner_step", "learner_wait", "learner_publish", "learner_receive"):
+            assert 0 <= (r.get(f"time/{part}") or 0) <= 1.05, (part, r)
+        # The training thread either waits for a batch, learns or publishes.
+        assert r.get("time/learner_wait", 0) + r.get("time/learner_step", 0) <= 1.05
+    learning = sum(r.get("time/learner_step", 0) for r in rows)
+    assert learning > 0.1 * len(rows)  # CartPole's learner is busy a good part of the time
+
+
 def test_run_resumes_from_its_checkpoint(trained, tmp_path):
     logdir = tmp_path / "resume"
     shutil.copytree(trained[0], logdir)
@@ -158,6 +176,9 @@ def _alive(pid: int) -> bool:
     (["--level_name=Pendulum-v1"], "Discrete"),
     (["--batch_size=0"], "batch_size"),
     (["--reward_clipping=sometimes"], "reward_clipping"),
+    # 16 envs: batches of at most 8 rows unless a maximum is given.
+    (["--num_envs_per_actor=16", "--env_workers_per_actor=2", "--inference_minimum_batch_size=9"],
+     "inference_minimum_batch_size"),
 ])
 def test_bad_flags_are_one_line_errors(flags, expected, tmp_path):
     result = subprocess.run(cli.command(f"--logdir={tmp_path}", *flags), cwd=cli.ROOT,
