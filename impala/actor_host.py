@@ -14,19 +14,22 @@ calls batched dynamically into one forward pass.
 
 Every environment advances on its own: as soon as its output arrives its next
 action is requested, so while the network works on some environments' rows
-the workers step the others (with batches of half the environments, the
-default, one half is inferred while the other is stepped). When all the
-remaining envs of a worker are waiting in the batcher's queue, that worker
-idles until they fire and none of its rows can join them, so the host flushes
-the batcher instead of waiting for a full batch or the timeout. `act()` fills
+the workers step the others. A worker reports its steps in groups (its share
+of a full batch; by default all its envs), which the host handles as one: one
+vectorised copy per field, one `Batcher.submit_many`. When every remaining env
+of a worker waits for its action and some of its rows are still queued, that
+worker idles until they fire, so the host flushes the batcher instead of
+waiting for a full batch or the timeout. Workers run at idle priority, so that
+the host's threads preempt them rather than share a core with them. `act()` fills
 steps 1..T of one unroll for all n environments and returns when every column
 is complete; the unroll layout, the overlap, the core state and the behaviour
 logits are exactly those of the lock-step actor (impala/actor.py `_act`), so
 run_actor ships it unchanged.
 
 An observation is copied three times on its way: by the worker into shared
-memory, from there into the unroll (which the wire sends), and into the
-stacked batch that the network reads. Nothing is pickled or sent through a
+memory, from there into the unroll (which the wire sends), and from the
+unroll into the batch that the network reads (one gather per batch: the
+batcher queues only env numbers and steps). Nothing is pickled or sent through a
 pipe but slot numbers.
 """
 
@@ -60,7 +63,7 @@ def _reuse_freed_memory() -> None:
     Without this, glibc serves each large tensor of a forward pass (1.8 MB for
     the uint8 -> float32 conversion of 16 Atari observations) with fresh mmap'd
     pages and unmaps them afterwards; the page faults on those fresh pages cost
-    more than the convolutions on the machine we measured (docs/dynamic_batching.md)."""
+    more than the convolutions on the machine we measured."""
     try:
         libc = ctypes.CDLL("libc.so.6")
         libc.mallopt(-3, 32 * 2**20)  # M_MMAP_THRESHOLD: mmap only above 32 MiB
@@ -74,12 +77,15 @@ class ActorHost:
     batched inference (see the module docstring and docs/dynamic_batching.md).
 
     Environment i is made by `make_env(seed=seeds[i])`; workers hold contiguous
-    groups of them (as np.array_split cuts). `maximum_batch_size` 0 means half of
-    the environments, so that one half is stepped while the other is inferred.
+    groups of them (as np.array_split cuts). `maximum_batch_size` 0 means all the
+    environments (a batch then holds whatever has arrived when the network is free,
+    up to every env). Workers run at idle priority unless `low_priority_workers` is
+    False, so that inference preempts env steps instead of queueing behind them.
     Run it with one torch thread (run_actor does): the workers need the other cores."""
 
     def __init__(self, make_env: Callable[..., envs.Environment], seeds: Sequence[int], num_workers: int,
-                 minimum_batch_size: int = 1, maximum_batch_size: int = 0, timeout_ms: float = 10.0):
+                 minimum_batch_size: int = 1, maximum_batch_size: int = 0, timeout_ms: float = 10.0,
+                 low_priority_workers: bool = True):
         if not 1 <= num_workers <= len(seeds):
             raise ValueError(f"need 1 <= num_workers ({num_workers}) <= environments ({len(seeds)})")
         self.num_envs = len(seeds)
@@ -89,14 +95,15 @@ class ActorHost:
         self._first_env: dict[EnvWorker, int] = {}
         self._batcher: Batcher | None = None
         self._closed = False
-        maximum = maximum_batch_size or math.ceil(self.num_envs / 2)
+        maximum = maximum_batch_size or self.num_envs
         # A worker reports its steps in groups of its share of a full batch: what
-        # one batch needs arrives together, and the next group is stepped meanwhile.
+        # one batch needs arrives together (by default all its envs: the worker then
+        # waits for their actions while its core infers them, as a lock-step actor would).
         report_every = max(1, math.ceil(maximum / num_workers))
         try:
             for w, group in enumerate(np.array_split(np.asarray(seeds), num_workers)):
                 worker = EnvWorker(make_env, group.tolist(), name=f"env-worker-{w}", report_every=report_every,
-                                   context=context)
+                                   context=context, low_priority=low_priority_workers)
                 self._first_env[worker] = len(self._where)
                 self._where += [(worker, j) for j in range(len(group))]
                 self._workers.append(worker)
@@ -111,18 +118,23 @@ class ActorHost:
         except BaseException:
             self.close()
             raise
-        # Interleave the workers, so that a batch holds a few envs of each of them.
-        longest = max(w.num_envs for w in self._workers)
-        self._order = [self._first_env[w] + j for j in range(longest) for w in self._workers if j < w.num_envs]
+        # The first requests of an unroll: each worker's envs in groups as it reports
+        # them, the workers interleaved, so that a batch holds a group of each.
+        groups = [np.arange(self._first_env[w], self._first_env[w] + w.num_envs) for w in self._workers]
+        groups = [np.array_split(g, math.ceil(len(g) / report_every)) for g in groups]
+        self._first_groups = [g[k] for k in range(max(map(len, groups))) for g in groups if k < len(g)]
         self._agent: Agent | None = None
         self._error: BaseException | None = None
         self._wake_reader, self._wake_writer = os.pipe()  # wakes act() when the batcher thread fails
         self._poller = select.poll()
         for fd in [self._wake_reader, *(w.stepped_fd for w in self._workers)]:
             self._poller.register(fd, select.POLLIN)
-        self._by_fd = {w.stepped_fd: w for w in self._workers}
+        self._by_fd = {w.stepped_fd: (k, w) for k, w in enumerate(self._workers)}
         self._worker_of = np.array([self._workers.index(w) for w, _ in self._where])  # env -> worker
-        self._taken = [0] * len(self._workers)  # per worker: rows the batcher has taken (its thread counts)
+        # Per worker, counted by the batcher thread: rows taken into a batch, and rows
+        # whose actions have gone to the worker.
+        self._taken = [0] * len(self._workers)
+        self._answered = [0] * len(self._workers)
         self.batches = self.rows = 0  # batched forward passes and the rows they had
         self.stopwatch = Stopwatch()  # 'inference': the batcher thread's forward passes
         _reuse_freed_memory()
@@ -142,8 +154,9 @@ class ActorHost:
 
     def initial(self, buffer: unroll.Unroll) -> None:
         """Writes every environment's first output into step 0 of `buffer` [T+1, n, ...]."""
-        for i in range(self.num_envs):
-            self._copy_output(buffer, 0, i)
+        for worker in self._workers:
+            slots = np.arange(worker.num_envs)
+            self._copy_outputs(buffer, worker, slots, self._first_env[worker] + slots, 0)
 
     def act(self, agent: Agent, buffer: unroll.Unroll, state: CoreState, unroll_length: int) -> CoreState:
         """Fills steps 1..T of `buffer` (step 0 is already there) acting with `agent`
@@ -157,46 +170,55 @@ class ActorHost:
             raise self._error
         self._agent, self._buffer = agent, buffer
         self._states = [s.numpy().copy() for s in state]  # rows are updated as envs act
-        next_step = [1] * self.num_envs
+        next_step = np.ones(self.num_envs, np.intp)  # per env: the step its next output fills
         # Per worker: its envs not done with this unroll, and the rows submitted for them.
         unfinished = [w.num_envs for w in self._workers]
         submitted = list(unfinished)
         self._taken = [0] * len(self._workers)
-        for i in self._order:
-            self._submit(i, 1)
+        self._answered = [0] * len(self._workers)
+        for group in self._first_groups:
+            self._submit(group, next_step[group])
         while any(unfinished):
-            if any(submitted[w] - self._taken[w] >= unfinished[w] > 0 for w in range(len(unfinished))):
-                # All envs of a worker are waiting in the queue: it idles until they
-                # fire, and none of its rows can join them before. Waiting for the
-                # maximum, the minimum or the timeout would only waste its core.
+            if any(self._idles_on_queued_rows(w, submitted[w], unfinished[w]) for w in range(len(unfinished))):
                 self._batcher.flush()
             for fd, _ in self._poller.poll():
                 if fd == self._wake_reader:
                     raise self._error
-                worker = self._by_fd[fd]
-                w = self._workers.index(worker)
-                for j in worker.read_stepped():
-                    i = self._first_env[worker] + j
-                    t = next_step[i]
-                    self._copy_output(buffer, t, i)
-                    if t == unroll_length:
-                        unfinished[w] -= 1
-                    else:
-                        next_step[i] = t + 1
-                        self._submit(i, t + 1)
-                        submitted[w] += 1
+                w, worker = self._by_fd[fd]
+                slots = worker.read_stepped()  # a group of its envs, handled as one
+                env = self._first_env[worker] + slots
+                step = next_step[env]
+                self._copy_outputs(buffer, worker, slots, env, step)
+                going = step < unroll_length
+                unfinished[w] -= len(env) - int(np.count_nonzero(going))
+                if going.any():
+                    env, step = env[going], step[going] + 1
+                    next_step[env] = step
+                    self._submit(env, step)
+                    submitted[w] += len(env)
         return tuple(torch.from_numpy(s) for s in self._states)
 
-    def _copy_output(self, buffer: unroll.Unroll, t: int, i: int) -> None:
-        worker, j = self._where[i]
-        for name in _STEP_FIELDS:
-            buffer[name][t, i] = worker.shared.arrays[name][j]
+    def _idles_on_queued_rows(self, w: int, submitted: int, unfinished: int) -> bool:
+        """Whether worker w has nothing to step (every env of it not done with the
+        unroll waits for its action) while some of its rows wait in the queue.
+        Waiting for a fuller batch or the timeout would then only waste its core."""
+        at_the_host = submitted - self._answered[w]
+        return unfinished > 0 and at_the_host >= unfinished and submitted > self._taken[w]
 
-    def _submit(self, i: int, t: int) -> None:
-        """Asks for env i's action t, from its env output t - 1 (what `_act` feeds the agent)."""
-        b = self._buffer
-        self._batcher.submit(b["observation"][t - 1, i], b["action"][t - 1, i], b["reward"][t - 1, i],
-                             b["done"][t - 1, i], i, t, *(s[i] for s in self._states))
+    @staticmethod
+    def _copy_outputs(buffer: unroll.Unroll, worker: EnvWorker, slots: np.ndarray, env: np.ndarray,
+                      step: np.ndarray | int) -> None:
+        """Copies the outputs in `worker`'s slots into the unroll: slot slots[k] to
+        [step[k], env[k]]."""
+        for name in _STEP_FIELDS:
+            buffer[name][step, env] = worker.shared.arrays[name][slots]
+
+    def _submit(self, env: np.ndarray, step: np.ndarray) -> None:
+        """Asks for env[k]'s action step[k], from its env output step[k] - 1 (what
+        `_act` feeds the agent); `_policy` reads the rows from the unroll."""
+        for start in range(0, len(env), self._batcher.maximum_batch_size):
+            end = start + self._batcher.maximum_batch_size
+            self._batcher.submit_many(env[start:end], step[start:end])
 
     def _fail(self, error: BaseException) -> None:
         if self._error is None and not self._closed:
@@ -204,20 +226,22 @@ class ActorHost:
             os.write(self._wake_writer, b"!")
 
     @torch.no_grad()
-    def _policy(self, observation: np.ndarray, last_action: np.ndarray, reward: np.ndarray, done: np.ndarray,
-                env: np.ndarray, step: np.ndarray, *state: np.ndarray) -> np.ndarray:
-        """The batched function, on the rows of B environments ([B, ...] each; `env`
-        and `step` say whose rows and which step they act for). Records each
-        action, its logits and the new core state in the unroll, and hands the
-        actions to the workers, one write per worker; returns the actions [B]."""
+    def _policy(self, env: np.ndarray, step: np.ndarray) -> np.ndarray:
+        """The batched function, for B environments `env` [B] and the steps `step`
+        [B] they act for. Gathers their inputs from the unroll and the core states
+        (one copy each), records each action, its logits and the new core state,
+        and hands the actions to the workers, one write per worker; returns the
+        actions [B]."""
         try:
-            for w, count in enumerate(np.bincount(self._worker_of[env], minlength=len(self._workers))):
-                self._taken[w] += int(count)
+            worker_of = self._worker_of[env]
+            counts = np.bincount(worker_of, minlength=len(self._workers)).tolist()
+            for w, count in enumerate(counts):
+                self._taken[w] += count
             start = time.perf_counter()
+            b, last = self._buffer, step - 1
             output, new_state = self._agent(
-                torch.from_numpy(observation)[None], torch.from_numpy(last_action)[None],
-                torch.from_numpy(reward)[None], torch.from_numpy(done)[None],
-                tuple(torch.from_numpy(s) for s in state),
+                *(torch.from_numpy(b[name][last, env])[None] for name in ("observation", "action", "reward", "done")),
+                tuple(torch.from_numpy(s[env]) for s in self._states),
             )
             logits = output.policy_logits[0]
             actions = sample_actions(logits).numpy()
@@ -230,15 +254,16 @@ class ActorHost:
             # are told (act() learns of their steps through the workers' pipes).
             self.batches += 1
             self.rows += len(env)
-            for worker in self._workers:
-                slots = env - self._first_env[worker]
-                mine = (slots >= 0) & (slots < worker.num_envs)
-                if mine.any():
-                    worker.shared.action[slots[mine]] = actions[mine]
+            for w, worker in enumerate(self._workers):
+                if counts[w]:
+                    mine = worker_of == w
+                    slots = env[mine] - self._first_env[worker]
+                    worker.shared.action[slots] = actions[mine]
                     try:
-                        worker.request(slots[mine].tolist())
+                        worker.request(slots)
                     except OSError:  # the worker is gone; act() reports why from its pipe
                         pass
+                    self._answered[w] += counts[w]
             return actions
         except BaseException as e:  # act() raises it (the requests get it too, unused)
             self._fail(e)

@@ -10,7 +10,6 @@ where it had them.
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -64,7 +63,7 @@ class Config:
         "calls are batched dynamically in the actor. 0 steps the envs in the actor in lock-step.")
     inference_minimum_batch_size: int = _f(1, "Actor host: fewest env rows a timed-out batch may have.")
     inference_maximum_batch_size: int = _f(
-        0, "Actor host: a batch fires as soon as it has this many env rows; 0 means half the actor's envs.")
+        0, "Actor host: a batch fires as soon as it has this many env rows; 0 means all the actor's envs.")
     inference_timeout_ms: float = _f(
         10.0, "Actor host: a batch of at least the minimum fires once its oldest row has waited this long.")
 
@@ -126,10 +125,10 @@ class Config:
         if not 0 <= self.env_workers_per_actor <= self.num_envs_per_actor:
             raise ConfigError(f"--env_workers_per_actor must be in [0, --num_envs_per_actor], "
                               f"got {self.env_workers_per_actor}")
-        maximum = self.inference_maximum_batch_size or math.ceil(self.num_envs_per_actor / 2)
+        maximum = self.inference_maximum_batch_size or self.num_envs_per_actor
         if not 1 <= self.inference_minimum_batch_size <= maximum:
             raise ConfigError(f"--inference_minimum_batch_size must be in [1, {maximum}] (the maximum batch: "
-                              "--inference_maximum_batch_size, or half the actor's envs when that is 0), "
+                              "--inference_maximum_batch_size, or the actor's envs when that is 0), "
                               f"got {self.inference_minimum_batch_size}")
         if self.inference_maximum_batch_size < 0 or self.inference_timeout_ms < 0:
             raise ConfigError("--inference_maximum_batch_size and --inference_timeout_ms must not be negative")

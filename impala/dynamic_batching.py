@@ -11,6 +11,10 @@ dimension) and block until their own row of the batched result comes back:
 
     logits_row, action = policy(observation, reward)   # from any thread: [A], []
 
+A caller with several items at hand can queue them together, as arrays with a
+leading dimension k, with `submit_many` (one request for k rows; its result is
+their k rows, [k, ...]); the sizes below count rows, however they arrived.
+
 Names and knobs follow the original scalable_agent's dynamic_batching.py. When a
 batch fires (decided by one background thread; nothing polls):
   - as soon as `maximum_batch_size` items are waiting, or
@@ -53,10 +57,11 @@ class Request:
     instead in the thread that completes the request (the batcher's thread, or
     the one calling `close()`), so it must be short and must not block."""
 
-    __slots__ = ("args", "arrived", "_done", "_value", "_error", "_error_traceback", "_callback")
+    __slots__ = ("args", "rows", "arrived", "_done", "_value", "_error", "_error_traceback", "_callback")
 
-    def __init__(self, args: tuple, callback: Callable[["Request"], None] | None):
+    def __init__(self, args: tuple, callback: Callable[["Request"], None] | None, rows: int | None = None):
         self.args = args
+        self.rows = rows  # None: one item; k: k items, as arrays [k, ...] (Batcher.submit_many)
         self.arrived = time.monotonic()
         self._done = threading.Lock()
         self._done.acquire()  # released once, when the result or error is set
@@ -113,6 +118,7 @@ class Batcher:
         self._timeout_s = None if timeout_ms is None else timeout_ms / 1000.0
         self._cond = threading.Condition(threading.Lock())
         self._queue: collections.deque[Request] = collections.deque()
+        self._queued_rows = 0  # rows of the requests in _queue
         self._in_flight: list[Request] = []
         self._flushing = 0  # items that fire without waiting for the minimum or the timeout
         self._closed = False
@@ -129,7 +135,20 @@ class Batcher:
 
     def submit(self, *item: Any, callback: Callable[[Request], None] | None = None) -> Request:
         """Queues one item without blocking; the request completes later."""
-        request = Request(item, callback)
+        return self._enqueue(Request(item, callback), 1)
+
+    def submit_many(self, *items: Any, callback: Callable[[Request], None] | None = None) -> Request:
+        """Queues k items at once without blocking: argument by argument, arrays
+        whose leading dimension k (1 <= k <= maximum_batch_size) runs over the
+        items. They go into one batch, in order; the request's result is their k
+        rows of the output ([k, ...], or a tuple of those)."""
+        rows = len(items[0]) if items else 0
+        if not 1 <= rows <= self.maximum_batch_size or any(len(column) != rows for column in items):
+            raise ValueError(f"submit_many needs arrays of one leading size in [1, {self.maximum_batch_size}], "
+                             f"got sizes {[len(column) for column in items]}")
+        return self._enqueue(Request(items, callback, rows), rows)
+
+    def _enqueue(self, request: Request, rows: int) -> Request:
         with self._cond:
             if self._closed:
                 raise BatcherClosedError(f"batcher of {self._name()} is closed")
@@ -138,9 +157,11 @@ class Batcher:
                                                 daemon=True)
                 self._thread.start()
             self._queue.append(request)
+            before, self._queued_rows = self._queued_rows, self._queued_rows + rows
             # Wake the batching thread only when its decision can change: it sleeps
             # without a deadline below the minimum and until the deadline below the maximum.
-            if len(self._queue) in (self.minimum_batch_size, self.maximum_batch_size):
+            if any(before < size <= self._queued_rows for size in (self.minimum_batch_size,
+                                                                   self.maximum_batch_size)):
                 self._cond.notify()
         return request
 
@@ -149,7 +170,7 @@ class Batcher:
         even below the minimum: for a caller that knows no more items will come
         until these are answered."""
         with self._cond:
-            self._flushing = len(self._queue)
+            self._flushing = self._queued_rows
             if self._flushing:
                 self._cond.notify()
 
@@ -162,6 +183,7 @@ class Batcher:
             self._closed = True
             failed = list(self._queue) + self._in_flight
             self._queue.clear()
+            self._queued_rows = 0
             self._in_flight = []
             self._cond.notify_all()
         error = BatcherClosedError(f"batcher of {self._name()} was closed")
@@ -181,7 +203,7 @@ class Batcher:
         """Waits until a batch should fire; None once closed."""
         with self._cond:
             while not self._closed:
-                waiting = len(self._queue)
+                waiting = self._queued_rows
                 if waiting >= self.maximum_batch_size or (self._flushing and waiting):
                     break
                 if waiting >= self.minimum_batch_size and self._timeout_s is not None:
@@ -193,18 +215,21 @@ class Batcher:
                     self._cond.wait()
             else:
                 return None
-            size = min(len(self._queue), self.maximum_batch_size)
+            batch, size = [], 0
+            while self._queue and size + _rows(self._queue[0]) <= self.maximum_batch_size:
+                size += _rows(self._queue[0])
+                batch.append(self._queue.popleft())
+            self._queued_rows -= size
             self._flushing = max(0, self._flushing - size)
-            batch = [self._queue.popleft() for _ in range(size)]
             self._in_flight = batch
             return batch
 
     def _loop(self) -> None:
         while (batch := self._next_batch()) is not None:
             try:
-                rows = _split(self.fn(*_stack(batch)), len(batch))
+                rows = _split(self.fn(*_stack(batch)), batch)
                 error = None
-            except Exception as e:  # goes to every caller of this batch
+            except BaseException as e:  # goes to every caller of this batch (SystemExit too: the thread serves on)
                 rows, error = None, e
             with self._cond:
                 if self._in_flight is not batch:  # closed meanwhile: callers already failed
@@ -214,30 +239,54 @@ class Batcher:
                 request._complete(None if rows is None else rows[j], error)
 
 
+def _rows(request: Request) -> int:
+    return 1 if request.rows is None else request.rows
+
+
 def _stack(batch: list[Request]) -> list[Any]:
-    """Per argument position: the items stacked along a new leading axis."""
+    """Per argument position: the items stacked along a new leading axis (the
+    arrays of submit_many's requests joined along theirs)."""
     first = batch[0].args
     for request in batch:
         if len(request.args) != len(first):
             raise TypeError(f"callers passed {len(first)} and {len(request.args)} arguments")
+    if len(batch) == 1 and batch[0].rows is not None:  # already batched: the caller's own arrays
+        return list(first)
+    single = all(request.rows is None for request in batch)
     stacked = []
     for k, value in enumerate(first):
-        column = [request.args[k] for request in batch]
-        stacked.append(torch.stack(column) if isinstance(value, torch.Tensor) else np.stack(column))
+        if single:
+            column = [request.args[k] for request in batch]
+        else:  # a mix: single items become one-row arrays
+            column = [request.args[k] if request.rows is not None else _one_row(request.args[k])
+                      for request in batch]
+        if isinstance(value, torch.Tensor):
+            stacked.append(torch.stack(column) if single else torch.cat(column))
+        else:
+            stacked.append(np.stack(column) if single else np.concatenate(column))
     return stacked
 
 
-def _split(output: Any, size: int) -> list[Any]:
-    """Row j of the function's output (a tuple of rows for a tuple output)."""
+def _one_row(value: Any) -> Any:
+    return value[None] if isinstance(value, torch.Tensor) else np.asarray(value)[None]
+
+
+def _split(output: Any, batch: list[Request]) -> list[Any]:
+    """Each request's part of the function's output: row j for an item, rows
+    [j, j + k) for submit_many's k items (tuples of those for a tuple output)."""
+    size = sum(_rows(request) for request in batch)
     parts = output if isinstance(output, tuple) else (output,)
     for part in parts:
         length = part.shape[0] if getattr(part, "ndim", 0) > 0 else None
         if length != size:
             raise ValueError(f"the batched function returned shape {tuple(getattr(part, 'shape', ()))} "
                              f"for a batch of {size}; outputs need a leading batch dimension")
-    if isinstance(output, tuple):
-        return [tuple(part[j] for part in parts) for j in range(size)]
-    return [output[j] for j in range(size)]
+    results, j = [], 0
+    for request in batch:
+        rows = j if request.rows is None else slice(j, j + request.rows)
+        results.append(tuple(part[rows] for part in parts) if isinstance(output, tuple) else output[rows])
+        j += _rows(request)
+    return results
 
 
 def batch_fn_with_options(minimum_batch_size: int = 1, maximum_batch_size: int = 1024,

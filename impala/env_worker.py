@@ -17,11 +17,11 @@ while the owner still reads it. It steps the environments asked for in order
 and reports them in groups of `report_every` (the owner sets it to the
 worker's share of a full batch): the owner wakes once per group rather than
 once per step, and infers one group while the worker steps the next
-(docs/dynamic_batching.md has the measurements).
+(measurements: docs/results.md, the actor side).
 
 This module does not import torch: a worker costs an interpreter and its
 environments, not another copy of torch. Workers are spawned (never forked),
-ignore Ctrl-C (their owner handles it), die with their owner even when it is
+ignore Ctrl-C (their owner handles it), can run at idle priority, die with their owner even when it is
 SIGKILLed (PR_SET_PDEATHSIG, which fires when the owner's thread that started
 them ends), and exit when their action pipe closes. A worker that fails sends
 its traceback on a control pipe and exits. The shared segment's name is
@@ -129,12 +129,28 @@ def _die_with_parent(parent_pid: int) -> None:
         os._exit(0)
 
 
+def _yield_to_the_owner() -> None:
+    """Runs this process at idle priority (SCHED_IDLE): whenever its owner's threads
+    wake up (to copy steps, to infer a batch) they preempt it at once, instead of
+    sharing the core with it. With as many workers as cores, inference otherwise
+    waits behind env steps while workers wait for its actions (docs/results.md, the
+    actor side). The price: on a machine busy with other work, idle-priority
+    workers get only the cores left over."""
+    try:
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+    except (AttributeError, OSError):  # not Linux: the ordinary priority works, a little slower
+        pass
+
+
 def _worker_main(make_env: Callable[..., Environment], seeds: Sequence[int], report_every: int,
-                 actions: Connection, stepped: Connection, control: Connection, parent_pid: int) -> None:
+                 low_priority: bool, actions: Connection, stepped: Connection, control: Connection,
+                 parent_pid: int) -> None:
     """The worker process: make the environments, announce their slots, then step
     environments as asked until the action pipe closes."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the owner handles Ctrl-C and closes us
     _die_with_parent(parent_pid)
+    if low_priority:
+        _yield_to_the_owner()
     environments: list[Environment] = []
     slots, announced = None, False
     try:
@@ -195,10 +211,12 @@ class EnvWorker:
     environments (with the actions in `shared.action`), and `read_stepped()`
     returns the slots it has stepped since (their new outputs are in `shared`);
     `stepped_fd` becomes readable when there are some. The worker reports its
-    steps in groups of `report_every` (fewer when it runs out of requests)."""
+    steps in groups of `report_every` (fewer when it runs out of requests).
+    With `low_priority` it runs at idle priority, so that its owner's threads
+    preempt it (see `_yield_to_the_owner`)."""
 
     def __init__(self, make_env: Callable[..., Environment], seeds: Sequence[int], name: str,
-                 report_every: int = 1, context: Any = None):
+                 report_every: int = 1, context: Any = None, low_priority: bool = False):
         if not 1 <= len(seeds) <= MAX_ENVS_PER_WORKER:
             raise ValueError(f"a worker needs 1 to {MAX_ENVS_PER_WORKER} environments, got {len(seeds)}")
         context = context or multiprocessing.get_context("spawn")
@@ -211,8 +229,8 @@ class EnvWorker:
         self._control, control_writer = context.Pipe(duplex=False)
         self.process = context.Process(
             target=_worker_main, name=name, daemon=True,
-            args=(make_env, list(seeds), report_every, actions_reader, stepped_writer, control_writer,
-                  os.getpid()))
+            args=(make_env, list(seeds), report_every, low_priority, actions_reader, stepped_writer,
+                  control_writer, os.getpid()))
         _start_even_from_a_daemon(self.process)
         for end in (actions_reader, stepped_writer, control_writer):
             end.close()  # the worker's ends: kept here, they would hide its exit from us
@@ -244,12 +262,12 @@ class EnvWorker:
         """Has the worker step these environments with the actions now in `shared.action`."""
         os.write(self._actions_fd, _slots(slots))
 
-    def read_stepped(self) -> list[int]:
-        """The slots stepped since the last call (blocks until there is one)."""
+    def read_stepped(self) -> np.ndarray:
+        """The slots stepped since the last call, in order (blocks until there is one)."""
         data = os.read(self.stepped_fd, _READ_BYTES)
         if not data:
             raise self._failure()
-        return np.frombuffer(data, _SLOT).tolist()
+        return np.frombuffer(data, _SLOT).astype(np.intp)
 
     def _failure(self) -> EnvWorkerError:
         """What to raise when the worker is gone: its traceback if it sent one."""

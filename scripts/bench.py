@@ -90,7 +90,7 @@ def actor_batch_size(config: config_lib.Config) -> int:
     """Rows per forward pass in the actors: all envs of a lock-step actor, or the
     actor host's maximum batch."""
     if config.env_workers_per_actor:
-        return config.inference_maximum_batch_size or -(-config.num_envs_per_actor // 2)
+        return config.inference_maximum_batch_size or config.num_envs_per_actor
     return config.num_envs_per_actor
 
 
@@ -375,7 +375,7 @@ def actor_side(config: config_lib.Config, seconds: float, rounds: int) -> None:
     """Measures and prints the actor-side table (see the module docstring)."""
     if config.env_workers_per_actor == 0:
         config = config.replace(env_workers_per_actor=min(os.cpu_count() or 1, config.num_envs_per_actor))
-    maximum = config.inference_maximum_batch_size or -(-config.num_envs_per_actor // 2)
+    maximum = actor_batch_size(config)
     unbatched = config.replace(inference_minimum_batch_size=1, inference_maximum_batch_size=1)
     print(f"actor side: {config.level_name}, {config.network} network, {config.num_envs_per_actor} envs in "
           f"{config.env_workers_per_actor} env workers, unroll {config.unroll_length}, batches of "

@@ -129,6 +129,37 @@ def test_timeout_fires_a_batch_between_minimum_and_maximum():
     batcher.close()
 
 
+def _group(keys: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    """The items of these keys as submit_many takes them: argument by argument, stacked."""
+    return np.stack([_item(k)[0] for k in keys]), np.array([_item(k)[1] for k in keys])
+
+
+def test_submit_many_queues_several_items_as_rows_that_count_towards_the_batch():
+    fn = Recorder()
+    batcher = Batcher(fn, minimum_batch_size=1, maximum_batch_size=5, timeout_ms=0)
+    held = fn.hold_next_call(batcher, [100])  # while it computes, the items below queue up
+    keys = [[1, 2, 3], [4], [6, 7, 8, 9, 10]]
+    groups = [batcher.submit_many(*_group(keys[0])), batcher.submit_many(*_group(keys[1]))]
+    single = batcher.submit(*_item(5))  # a single item joins the groups' rows
+    groups.append(batcher.submit_many(*_group(keys[2])))
+    fn.gate.set()
+    for thread in held:
+        thread.join(WAIT_S)
+    for group, request in zip(keys, groups):
+        doubled, summed = request.result(timeout=WAIT_S)
+        assert len(doubled) == len(summed) == len(group)
+        for j, k in enumerate(group):
+            _check_row(k, (doubled[j], summed[j]))
+    _check_row(5, single.result(timeout=WAIT_S))
+    # Rows count, not requests: 3 + 1 + 1 rows fill the maximum of 5; a group is never split.
+    assert fn.sizes == [1, 5, 5]
+    with pytest.raises(ValueError, match="submit_many"):
+        batcher.submit_many(*_group(list(range(6))))  # above the maximum
+    with pytest.raises(ValueError, match="submit_many"):
+        batcher.submit_many(np.zeros((2, 3), np.float32), np.zeros(3, np.float32))  # sizes differ
+    batcher.close()
+
+
 def test_flush_fires_what_is_waiting_below_the_minimum():
     fn = Recorder()
     batcher = Batcher(fn, minimum_batch_size=4, maximum_batch_size=8, timeout_ms=None)
@@ -159,6 +190,22 @@ def test_exception_reaches_every_caller_of_the_batch_and_later_batches_still_run
         assert isinstance(request.exception(), ValueError)
     good = [batcher.submit(np.float32(v)) for v in (5, 6, 7, 8)]
     assert [float(r.result(timeout=WAIT_S)) for r in good] == [6.0, 7.0, 8.0, 9.0]
+    batcher.close()
+
+
+def test_even_system_exit_in_the_function_reaches_its_callers_and_spares_the_thread():
+    def exit_on_negative(x):
+        if (x < 0).any():
+            raise SystemExit("negative input")
+        return x + 1
+
+    batcher = Batcher(exit_on_negative, maximum_batch_size=2, timeout_ms=None)
+    bad = [batcher.submit(np.float32(v)) for v in (1, -2)]
+    for request in bad:
+        with pytest.raises(SystemExit, match="negative input"):
+            request.result(timeout=WAIT_S)
+    good = [batcher.submit(np.float32(v)) for v in (3, 4)]
+    assert [float(r.result(timeout=WAIT_S)) for r in good] == [4.0, 5.0]
     batcher.close()
 
 

@@ -176,8 +176,8 @@ def _alive(pid: int) -> bool:
     (["--level_name=Pendulum-v1"], "Discrete"),
     (["--batch_size=0"], "batch_size"),
     (["--reward_clipping=sometimes"], "reward_clipping"),
-    # 16 envs: batches of at most 8 rows unless a maximum is given.
-    (["--num_envs_per_actor=16", "--env_workers_per_actor=2", "--inference_minimum_batch_size=9"],
+    # 16 envs: batches of at most 16 rows unless a maximum is given.
+    (["--num_envs_per_actor=16", "--env_workers_per_actor=2", "--inference_minimum_batch_size=17"],
      "inference_minimum_batch_size"),
 ])
 def test_bad_flags_are_one_line_errors(flags, expected, tmp_path):
