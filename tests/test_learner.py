@@ -177,3 +177,19 @@ def test_checkpoints_are_pruned_and_corrupt_ones_refused(tmp_path):
     with pytest.raises(checkpoint.CheckpointError, match="cannot read checkpoint") as error:
         checkpoint.load(kept[-1])
     assert "\n" not in str(error.value)
+
+
+def test_actor_time_reports_are_summed_and_foreign_values_ignored(tmp_path):
+    """The 'seconds' an actor sends with an unroll feed the learner's time/actor_*
+    metrics; unknown parts and values that are not plausible seconds are dropped."""
+    config = _config(tmp_path, batch_size=2, num_envs_per_actor=2, unroll_length=5)
+    server = learner.Learner(config)
+    try:
+        arrays = unroll.new_unroll(server.unroll_spec, 2)
+        for seconds in ({"env": 0.25, "inference": 0.5}, {"env": 0.25, "send": "slow", "params": -1.0},
+                        {"inference": float("nan"), "act": float("inf"), "evil": 3.0}, "not a map"):
+            frames = wire.encode("unroll", arrays, task=1, meta={"level": "CartPole-v1", "seconds": seconds})
+            server._record_unroll(wire.decode(frames))
+        assert server.watch.take() == {"actor_env": 0.5, "actor_inference": 0.5}
+    finally:
+        server.close(save=False)
