@@ -57,6 +57,48 @@ class Environment(Protocol):
     def close(self) -> None: ...
 
 
+class EpisodicEnvironment:
+    """What every environment here does around its own game: refuse step() before
+    initial() and actions out of range, keep the episode's running return and step,
+    and follow StepOutput's convention on the step that ends an episode.
+    Subclasses set `num_actions` and implement `_begin()` -> (observation,
+    instruction) for a new episode and `_advance(action)` -> (reward, done,
+    observation, instruction), where a done step's observation is already the
+    next episode's first (instruction None where the level has none)."""
+
+    num_actions: int
+    _episode_return = 0.0
+    _episode_step = 0
+    _started = False
+
+    def _begin(self) -> tuple[np.ndarray, np.ndarray | None]:
+        raise NotImplementedError
+
+    def _advance(self, action: int) -> tuple[float, bool, np.ndarray, np.ndarray | None]:
+        raise NotImplementedError
+
+    def initial(self) -> StepOutput:
+        """Starts a new episode (the first one seeded) and returns its start."""
+        observation, instruction = self._begin()
+        self._episode_return, self._episode_step = 0.0, 0
+        self._started = True
+        return StepOutput(0.0, False, observation, 0.0, 0, instruction)
+
+    def step(self, action: int) -> StepOutput:
+        if not self._started:
+            raise RuntimeError("call initial() before step()")
+        action = int(action)
+        if not 0 <= action < self.num_actions:
+            raise ValueError(f"action {action} outside [0, {self.num_actions})")
+        reward, done, observation, instruction = self._advance(action)
+        self._episode_return += reward
+        self._episode_step += 1
+        output = StepOutput(reward, done, observation, self._episode_return, self._episode_step, instruction)
+        if done:
+            self._episode_return, self._episode_step = 0.0, 0
+        return output
+
+
 class UnknownLevelError(ValueError):
     """The level name is not a registered environment id."""
 

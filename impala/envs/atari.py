@@ -36,7 +36,7 @@ import gymnasium
 import numpy as np
 from ale_py import Action, ALEInterface
 
-from impala.envs import StepOutput
+from impala.envs import EpisodicEnvironment
 
 MAX_FRAMES_PER_EPISODE = 108_000  # 30 minutes of play at 60 Hz.
 NOOP_MAX = 30
@@ -50,7 +50,7 @@ def preprocess(screen_a: np.ndarray, screen_b: np.ndarray) -> np.ndarray:
     return cv2.resize(gray, (SCREEN_SIZE, SCREEN_SIZE), interpolation=cv2.INTER_AREA)
 
 
-class AtariEnvironment:
+class AtariEnvironment(EpisodicEnvironment):
     """Auto-resetting ALE game behind impala's Environment interface (see StepOutput).
 
     Observations are fresh arrays; the first game is seeded with `seed`, later
@@ -106,9 +106,6 @@ class AtariEnvironment:
         self.noops = 0
         self._game_frames = 0
         self._lives = 0
-        self._episode_return = 0.0
-        self._episode_step = 0
-        self._started = False
 
     @property
     def ale(self) -> ALEInterface:
@@ -144,23 +141,13 @@ class AtariEnvironment:
         self._stack[:] = preprocess(self._screens[0], self._screens[1])
         return self._stack.copy()
 
-    def initial(self) -> StepOutput:
-        """Start a new game (the first one is seeded) and return its start."""
-        self._episode_return, self._episode_step = 0.0, 0
-        self._started = True
-        return StepOutput(0.0, False, self._new_game(), 0.0, 0)
+    def _begin(self) -> tuple[np.ndarray, None]:
+        return self._new_game(), None
 
-    def step(self, action: int) -> StepOutput:
-        if not self._started:
-            raise RuntimeError("call initial() before step()")
-        action = int(action)
-        if not 0 <= action < self.num_actions:
-            raise ValueError(f"action {action} outside [0, {self.num_actions})")
+    def _advance(self, action: int) -> tuple[float, bool, np.ndarray, None]:
         frames = min(self._repeats, self._max_frames - self._game_frames)
         reward = self._emulate(self._actions[action], frames)
         self._game_frames += frames
-        self._episode_return += reward
-        self._episode_step += 1
         lives, previous = self._ale.lives(), self._lives
         self._lives = lives
         game_over = self._ale.game_over() or self._game_frames >= self._max_frames
@@ -171,11 +158,7 @@ class AtariEnvironment:
             self._stack[:-1] = self._stack[1:]
             self._stack[-1] = preprocess(self._screens[0], self._screens[1])
             observation = self._stack.copy()
-        done = game_over or life_lost
-        out = StepOutput(reward, done, observation, self._episode_return, self._episode_step)
-        if done:
-            self._episode_return, self._episode_step = 0.0, 0
-        return out
+        return reward, game_over or life_lost, observation, None
 
     def close(self) -> None:
         self._env.close()

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from impala import dmlab30
-from impala.envs import EngineMissingError, StepOutput, UnknownLevelError
+from impala.envs import EngineMissingError, EpisodicEnvironment, UnknownLevelError
 
 # The original's action set (environments.py, DEFAULT_ACTION_SET). Each row is one
 # native action: look left/right (pixels per frame), look down/up, strafe left/right,
@@ -135,7 +135,7 @@ class LevelCache:
             raise
 
 
-class DmLabEnvironment:
+class DmLabEnvironment(EpisodicEnvironment):
     """Auto-resetting DeepMind Lab environment (see impala.envs.StepOutput)."""
 
     num_actions = len(ACTION_SET)
@@ -186,9 +186,6 @@ class DmLabEnvironment:
                 f"{str(e).splitlines()[0] if str(e) else 'no message'}){_close_matches(level_name)}")
         self._actions = [np.array(a, dtype=np.intc) for a in ACTION_SET]
         self._empty_instruction = np.zeros(self.instruction_length, np.int32)
-        self._episode_return = 0.0
-        self._episode_step = 0
-        self._started = False
         self._closed = False
 
     def _reset(self) -> None:
@@ -207,37 +204,23 @@ class DmLabEnvironment:
             instruction = self._empty_instruction.copy()
         return image, instruction
 
-    def initial(self) -> StepOutput:
-        """Starts a new episode and returns its first observation."""
+    def _begin(self) -> tuple[np.ndarray, np.ndarray]:
         if self._closed:
             raise RuntimeError("the environment is closed")
         self._reset()
-        self._episode_return, self._episode_step = 0.0, 0
-        self._started = True
-        image, instruction = self._observe()
-        return StepOutput(0.0, False, image, 0.0, 0, instruction)
+        return self._observe()
 
-    def step(self, action: int) -> StepOutput:
-        if not self._started or self._closed:
-            raise RuntimeError("call initial() before step()")
-        action = int(action)
-        if not 0 <= action < self.num_actions:
-            raise ValueError(f"action {action} outside [0, {self.num_actions})")
+    def _advance(self, action: int) -> tuple[float, bool, np.ndarray, np.ndarray]:
         reward = float(self._lab.step(self._actions[action], num_steps=self._repeats))
-        self._episode_return += reward
-        self._episode_step += 1
-        if self._lab.is_running():
-            image, instruction = self._observe()
-            return StepOutput(reward, False, image, self._episode_return, self._episode_step, instruction)
-        finished = (self._episode_return, self._episode_step)
-        self._reset()  # the episode ended: observations() is valid again only after a reset
-        image, instruction = self._observe()
-        self._episode_return, self._episode_step = 0.0, 0
-        return StepOutput(reward, True, image, finished[0], finished[1], instruction)
+        done = not self._lab.is_running()
+        if done:
+            self._reset()  # the episode ended: observations() is valid again only after a reset
+        return (reward, done, *self._observe())
 
     def close(self) -> None:
         if not self._closed:
             self._closed = True
+            self._started = False  # step() now refuses, as before initial()
             self._lab.close()
 
 

@@ -7,10 +7,10 @@ from typing import Any
 import gymnasium
 import numpy as np
 
-from impala.envs import StepOutput
+from impala.envs import EpisodicEnvironment
 
 
-class GymEnvironment:
+class GymEnvironment(EpisodicEnvironment):
     """Auto-resetting wrapper that keeps episode totals (see StepOutput).
 
     Observations are returned as fresh arrays of `observation_dtype`
@@ -47,9 +47,6 @@ class GymEnvironment:
         self.num_actions = int(space.n)
         self.observation_dtype = np.dtype(observation_dtype)
         self.observation_shape = tuple(env.observation_space.shape)
-        self._episode_return = 0.0
-        self._episode_step = 0
-        self._started = False
 
     @classmethod
     def from_level(
@@ -71,18 +68,10 @@ class GymEnvironment:
         observation, _ = self._env.reset(seed=seed)
         return self._observation(observation)
 
-    def initial(self) -> StepOutput:
-        """Start a new episode (the first one is seeded) and return its start."""
-        self._episode_return, self._episode_step = 0.0, 0
-        self._started = True
-        return StepOutput(0.0, False, self._reset(), 0.0, 0)
+    def _begin(self) -> tuple[np.ndarray, None]:
+        return self._reset(), None
 
-    def step(self, action: int) -> StepOutput:
-        if not self._started:
-            raise RuntimeError("call initial() before step()")
-        action = int(action)
-        if not 0 <= action < self.num_actions:
-            raise ValueError(f"action {action} outside [0, {self.num_actions})")
+    def _advance(self, action: int) -> tuple[float, bool, np.ndarray, None]:
         reward, done = 0.0, False
         for _ in range(self._repeats):
             observation, r, terminated, truncated, _ = self._env.step(
@@ -92,18 +81,7 @@ class GymEnvironment:
             if terminated or truncated:  # Time limits end episodes too.
                 done = True
                 break
-        self._episode_return += reward
-        self._episode_step += 1
-        if not done:
-            return StepOutput(
-                reward, False, self._observation(observation),
-                self._episode_return, self._episode_step,
-            )
-        finished = StepOutput(
-            reward, True, self._reset(), self._episode_return, self._episode_step
-        )
-        self._episode_return, self._episode_step = 0.0, 0
-        return finished
+        return reward, done, self._reset() if done else self._observation(observation), None
 
     def close(self) -> None:
         self._env.close()
