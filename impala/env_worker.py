@@ -190,19 +190,6 @@ def _worker_main(make_env: Callable[..., Environment], seeds: Sequence[int], rep
             slots.close(unlink=not announced)
 
 
-def _start_even_from_a_daemon(process: multiprocessing.Process) -> None:
-    """Starts `process`, also from a daemonic process (impala/local.py starts its
-    actors as daemons). multiprocessing refuses that because a daemon's children
-    could outlive it; a worker cannot: PR_SET_PDEATHSIG and its pipes end it."""
-    config = multiprocessing.current_process()._config
-    daemonic = config.get("daemon", False)
-    config["daemon"] = False
-    try:
-        process.start()
-    finally:
-        config["daemon"] = daemonic
-
-
 class EnvWorker:
     """The owner's side of one worker process with `len(seeds)` environments.
 
@@ -231,7 +218,7 @@ class EnvWorker:
             target=_worker_main, name=name, daemon=True,
             args=(make_env, list(seeds), report_every, low_priority, actions_reader, stepped_writer,
                   control_writer, os.getpid()))
-        _start_even_from_a_daemon(self.process)
+        self.process.start()
         for end in (actions_reader, stepped_writer, control_writer):
             end.close()  # the worker's ends: kept here, they would hide its exit from us
         self.stepped_fd = self._stepped.fileno()

@@ -55,8 +55,10 @@ class ActorPool:
 
     def _start(self, task: int) -> None:
         config, unroll_address, params_address = self._args
+        # Not daemonic, so that an actor may start env worker processes of its own;
+        # stop() ends actors, and PR_SET_PDEATHSIG does if this process is killed.
         process = self._context.Process(target=_actor_main, name=f"actor-{task}",
-                                        args=(config, task, unroll_address, params_address), daemon=True)
+                                        args=(config, task, unroll_address, params_address))
         process.start()
         self._processes[task] = process
 
