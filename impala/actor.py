@@ -21,6 +21,7 @@ from absl import logging
 from impala import envs, security, unroll, wire
 from impala.actor_host import ActorHost
 from impala.config import Config
+from impala.memory import reuse_freed_memory
 from impala.metrics import Stopwatch
 from impala.nets import Agent, make_agent, sample_actions
 
@@ -98,6 +99,7 @@ def run_actor(config: Config, task: int, unroll_address: str, params_address: st
               stop: threading.Event | None = None, max_unrolls: int | None = None) -> None:
     """Acts until `stop` is set, `max_unrolls` were sent, or the process is killed."""
     torch.set_num_threads(1)
+    reuse_freed_memory()
     seed = config.seed + 1000 * task
     torch.manual_seed(seed)
     level = envs.level_for_task(config.level_name, task)

@@ -35,7 +35,6 @@ pipe but slot numbers.
 
 from __future__ import annotations
 
-import ctypes
 import functools
 import math
 import multiprocessing
@@ -51,25 +50,11 @@ from impala import envs, unroll
 from impala.config import Config
 from impala.dynamic_batching import Batcher
 from impala.env_worker import EnvWorker, EnvWorkerError
+from impala.memory import reuse_freed_memory
 from impala.metrics import Stopwatch
 from impala.nets import Agent, CoreState, sample_actions
 
 _STEP_FIELDS = ("observation", "reward", "done", "episode_return", "episode_step")
-
-
-def _reuse_freed_memory() -> None:
-    """Keeps freed memory in this process instead of returning it to the kernel.
-
-    Without this, glibc serves each large tensor of a forward pass (1.8 MB for
-    the uint8 -> float32 conversion of 16 Atari observations) with fresh mmap'd
-    pages and unmaps them afterwards; the page faults on those fresh pages cost
-    more than the convolutions on the machine we measured."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 32 * 2**20)  # M_MMAP_THRESHOLD: mmap only above 32 MiB
-        libc.mallopt(-1, 128 * 2**20)  # M_TRIM_THRESHOLD: keep up to 128 MiB of free heap
-    except (OSError, AttributeError):  # not glibc: nothing to tune
-        pass
 
 
 class ActorHost:
@@ -137,7 +122,7 @@ class ActorHost:
         self._answered = [0] * len(self._workers)
         self.batches = self.rows = 0  # batched forward passes and the rows they had
         self.stopwatch = Stopwatch()  # 'inference': the batcher thread's forward passes
-        _reuse_freed_memory()
+        reuse_freed_memory()
 
     @classmethod
     def from_config(cls, config: Config, level: str, seed: int) -> "ActorHost":

@@ -30,6 +30,7 @@ from absl import logging
 
 from impala import checkpoint, envs, losses, security, unroll, wire
 from impala.config import Config, ConfigError
+from impala.memory import reuse_freed_memory
 from impala.metrics import MetricsWriter, Stopwatch
 from impala.nets import Agent, make_agent
 from impala.optim import RMSPropTF
@@ -159,6 +160,7 @@ class Learner:
         self.spec = spec or env_spec(config)
         self.device = _device(config.device)
         torch.set_num_threads(config.learner_threads)
+        reuse_freed_memory()
         torch.manual_seed(config.seed)
 
         self.agent = make_agent(config, self.spec.observation_shape, self.spec.num_actions,

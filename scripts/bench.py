@@ -52,6 +52,7 @@ sys.path.insert(0, str(ROOT))
 
 from impala import config as config_lib  # noqa: E402
 from impala import envs  # noqa: E402
+from impala.memory import reuse_freed_memory  # noqa: E402
 from impala.metrics import read_jsonl  # noqa: E402
 
 
@@ -419,6 +420,7 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(1)
+    reuse_freed_memory()  # as the actors and the learner do
     if args.measure in ("all", "training"):
         throughput(config, impala_flags, args)
     if args.measure == "all":
