@@ -76,7 +76,7 @@ class ActorHost:
         self.num_envs = len(seeds)
         context = multiprocessing.get_context("spawn")
         self._workers: list[EnvWorker] = []
-        self._where: list[tuple[EnvWorker, int]] = []  # env i -> (its worker, its slot there)
+        worker_of: list[int] = []  # env i -> the index of its worker
         self._first_env: dict[EnvWorker, int] = {}
         self._batcher: Batcher | None = None
         self._closed = False
@@ -89,8 +89,8 @@ class ActorHost:
             for w, group in enumerate(np.array_split(np.asarray(seeds), num_workers)):
                 worker = EnvWorker(make_env, group.tolist(), name=f"env-worker-{w}", report_every=report_every,
                                    context=context, low_priority=low_priority_workers)
-                self._first_env[worker] = len(self._where)
-                self._where += [(worker, j) for j in range(len(group))]
+                self._first_env[worker] = len(worker_of)
+                worker_of += [w] * len(group)
                 self._workers.append(worker)
             for worker in self._workers:  # they start in parallel; wait for all
                 shared = worker.wait_ready()
@@ -115,7 +115,7 @@ class ActorHost:
         for fd in [self._wake_reader, *(w.stepped_fd for w in self._workers)]:
             self._poller.register(fd, select.POLLIN)
         self._by_fd = {w.stepped_fd: (k, w) for k, w in enumerate(self._workers)}
-        self._worker_of = np.array([self._workers.index(w) for w, _ in self._where])  # env -> worker
+        self._worker_of = np.array(worker_of)  # env -> the index of its worker
         # Per worker, counted by the batcher thread: rows taken into a batch, and rows
         # whose actions have gone to the worker.
         self._taken = [0] * len(self._workers)

@@ -249,10 +249,10 @@ def throughput(config: config_lib.Config, impala_flags: list[str], args: argpars
     print(f"  {'(work above, excluding waits)':56s} {work:12.2f}")
 
 
-def _random_stepper(make_env, seeds: list[int], seconds: float, start, results) -> None:
+def _random_stepper(config: config_lib.Config, seeds: list[int], seconds: float, start, results) -> None:
     """A raw-rate process: steps its environments round-robin with random actions."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    environments = [make_env(seed=seed) for seed in seeds]
+    environments = [_make_env(config, seed) for seed in seeds]
     rng = np.random.default_rng(seeds[0])
     for env in environments:
         env.initial()
@@ -278,8 +278,7 @@ def _lock_step_actor(config: config_lib.Config, seeds: list[int], seconds: float
     from impala.nets import make_agent
 
     torch.set_num_threads(1)
-    environments = [envs.make(config.level_name, seed=seed, num_action_repeats=config.num_action_repeats,
-                              **envs.options(config)) for seed in seeds]
+    environments = [_make_env(config, seed) for seed in seeds]
     first = environments[0]
     agent = make_agent(config, first.observation_shape, first.num_actions)
     spec = unroll.unroll_spec(config.unroll_length, first.observation_shape, first.observation_dtype,
@@ -301,8 +300,8 @@ def _lock_step_actor(config: config_lib.Config, seeds: list[int], seconds: float
         env.close()
 
 
-def _in_processes(config: config_lib.Config, seconds: float, target, first_arg) -> float:
-    """Runs target(first_arg, seeds, ...) on the actor's environments, split over
+def _in_processes(config: config_lib.Config, seconds: float, target) -> float:
+    """Runs target(config, seeds, ...) on the actor's environments, split over
     --env_workers_per_actor processes as the actor host splits them, all starting
     together; their summed agent steps/s."""
     import multiprocessing
@@ -311,7 +310,7 @@ def _in_processes(config: config_lib.Config, seconds: float, target, first_arg) 
     seeds = np.array_split(np.arange(config.num_envs_per_actor) + config.seed, config.env_workers_per_actor)
     start, results = context.Event(), context.Queue()
     processes = [context.Process(target=target, daemon=True,
-                                 args=(first_arg, group.tolist(), seconds, start, results)) for group in seeds]
+                                 args=(config, group.tolist(), seconds, start, results)) for group in seeds]
     for process in processes:
         process.start()
     try:
@@ -329,17 +328,13 @@ def _in_processes(config: config_lib.Config, seconds: float, target, first_arg) 
 def raw_environment_steps_per_second(config: config_lib.Config, seconds: float) -> float:
     """The actor's environments in --env_workers_per_actor processes, stepping random
     actions with no inference; agent steps/s."""
-    import functools
-
-    make_env = functools.partial(envs.make, config.level_name, num_action_repeats=config.num_action_repeats,
-                                 **envs.options(config))
-    return _in_processes(config, seconds, _random_stepper, make_env)
+    return _in_processes(config, seconds, _random_stepper)
 
 
 def lock_step_steps_per_second(config: config_lib.Config, seconds: float) -> float:
     """The same environments in as many lock-step actor processes (each its own
     batched inference, no env workers, no learner); agent steps/s."""
-    return _in_processes(config, seconds, _lock_step_actor, config)
+    return _in_processes(config, seconds, _lock_step_actor)
 
 
 def actor_host_steps_per_second(config: config_lib.Config, seconds: float) -> tuple[float, float]:
