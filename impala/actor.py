@@ -112,7 +112,7 @@ def run_actor(config: Config, task: int, unroll_address: str, params_address: st
     ]
     first = host or environments[0]
     instruction_length = envs.instruction_length(first)  # > 0 on levels with instructions (DMLab)
-    agent = make_agent(config, first.observation_shape, first.num_actions, instruction_length)
+    agent = make_agent(config, first.observation_shape, first.num_actions, instruction_length, acting=True)
     spec = unroll.unroll_spec(config.unroll_length, first.observation_shape, first.observation_dtype,
                               first.num_actions, [s.shape[1] for s in agent.initial_state(1)],
                               instruction_length=instruction_length)

@@ -66,6 +66,10 @@ class Config:
         0, "Actor host: a batch fires as soon as it has this many env rows; 0 means all the actor's envs.")
     inference_timeout_ms: float = _f(
         10.0, "Actor host: a batch of at least the minimum fires once its oldest row has waited this long.")
+    inference_dtype: str = _f(
+        "float32", "Number format of the actors' forward passes. bfloat16 is faster on CPUs with AVX512-BF16 "
+        "or AMX, slower elsewhere; V-trace corrects for its rounding (docs/dynamic_batching.md).",
+        ("float32", "bfloat16"))
 
     # Agent.
     network: str = _f(

@@ -95,12 +95,12 @@ def actor_batch_size(config: config_lib.Config) -> int:
     return config.num_envs_per_actor
 
 
-def _agent_and_spec(config: config_lib.Config):
+def _agent_and_spec(config: config_lib.Config, acting: bool = False):
     from impala import learner
     from impala.nets import make_agent
 
     spec = learner.env_spec(config)
-    agent = make_agent(config, spec.observation_shape, spec.num_actions, spec.instruction_length)
+    agent = make_agent(config, spec.observation_shape, spec.num_actions, spec.instruction_length, acting)
     return agent, spec
 
 
@@ -134,7 +134,7 @@ def inference_samples_per_second(config: config_lib.Config, batch_size: int, sec
 
     from impala.nets import sample_actions
 
-    agent, spec = _agent_and_spec(config)
+    agent, spec = _agent_and_spec(config, acting=True)
     inputs = _random_inputs(spec, agent, 1, batch_size, np.random.default_rng(config.seed))
     state = agent.initial_state(batch_size)
 
@@ -280,7 +280,7 @@ def _lock_step_actor(config: config_lib.Config, seeds: list[int], seconds: float
     torch.set_num_threads(1)
     environments = [_make_env(config, seed) for seed in seeds]
     first = environments[0]
-    agent = make_agent(config, first.observation_shape, first.num_actions)
+    agent = make_agent(config, first.observation_shape, first.num_actions, acting=True)
     spec = unroll.unroll_spec(config.unroll_length, first.observation_shape, first.observation_dtype,
                               first.num_actions, [s.shape[1] for s in agent.initial_state(1)])
     buffer = unroll.new_unroll(spec, len(environments))
@@ -349,7 +349,7 @@ def actor_host_steps_per_second(config: config_lib.Config, seconds: float) -> tu
     torch.manual_seed(config.seed)
     n, steps_per_unroll = config.num_envs_per_actor, config.unroll_length
     with ActorHost.from_config(config, config.level_name, config.seed) as host:
-        agent = make_agent(config, host.observation_shape, host.num_actions)
+        agent = make_agent(config, host.observation_shape, host.num_actions, acting=True)
         spec = unroll.unroll_spec(steps_per_unroll, host.observation_shape, host.observation_dtype,
                                   host.num_actions, [s.shape[1] for s in agent.initial_state(1)])
         buffer = unroll.new_unroll(spec, n)

@@ -4,6 +4,7 @@ memory outlives its owner."""
 
 from __future__ import annotations
 
+import copy
 import functools
 import json
 import os
@@ -150,13 +151,15 @@ def test_host_unrolls_equal_the_lock_step_actors(make_env, minimum, maximum, tim
     assert got[-1]["core_state_0"].any()
 
 
-def test_host_unrolls_with_a_real_agent_overlap_replay_and_match_the_learner():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_host_unrolls_with_a_real_agent_overlap_replay_and_match_the_learner(dtype):
     torch.manual_seed(0)
     agent = Agent((4,), 2, network="mlp", use_lstm=True, lstm_size=8, hidden_sizes=(16,))
     seeds = [3, 4, 5]
     with ActorHost(SHORT_CARTPOLE, seeds, num_workers=2, maximum_batch_size=2, timeout_ms=1) as host:
         assert (host.observation_shape, host.observation_dtype, host.num_actions) == ((4,), np.float32, 2)
-        first, second = _host_unrolls(host, agent, 2)
+        # --inference_dtype: the actor acts with a rounded copy of the learner's agent.
+        first, second = _host_unrolls(host, copy.deepcopy(agent).to(dtype), 2)
     for name in TIME_MAJOR:  # step 0 repeats the previous unroll's step T
         np.testing.assert_array_equal(second[name][0], first[name][T], err_msg=name)
     for i, seed in enumerate(seeds):  # env output t came from action t, episodes end every 3 steps
@@ -172,14 +175,15 @@ def test_host_unrolls_with_a_real_agent_overlap_replay_and_match_the_learner():
         env.close()
     assert first["done"][1:].sum() == 2 * len(seeds)  # steps 3 and 6 of 7
     # The behaviour logits are what the learner computes from the unroll's initial
-    # core state over env outputs 0..T-1, across the cut too.
+    # core state over env outputs 0..T-1, across the cut too (to bfloat16's rounding).
+    tolerance = {"rtol": 1e-5, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 0.05, "atol": 0.05}
     with torch.no_grad():
         for u in (first, second):
+            assert u["policy_logits"].dtype == u["core_state_0"].dtype == np.float32
             inputs = (torch.from_numpy(u[k][:-1]) for k in ("observation", "action", "reward", "done"))
             state = (torch.from_numpy(u["core_state_0"]), torch.from_numpy(u["core_state_1"]))
             output, _ = agent(*inputs, state)
-            np.testing.assert_allclose(output.policy_logits.numpy(), u["policy_logits"][1:],
-                                       rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose(output.policy_logits.numpy(), u["policy_logits"][1:], **tolerance)
     assert not first["core_state_0"].any() and second["core_state_0"].any()
 
 
@@ -259,9 +263,10 @@ def test_workers_die_with_their_actor_even_when_it_is_killed():
 
 
 def test_training_with_env_workers_runs_and_stops_every_process(tmp_path):
+    # bfloat16 acting too: the actor's agent loads the learner's float32 parameters.
     process = cli.start("--flagfile=configs/cartpole.cfg", "--num_actors=1", "--num_envs_per_actor=4",
-                        "--env_workers_per_actor=2", "--total_environment_frames=6000", "--log_interval_s=1",
-                        f"--logdir={tmp_path}")
+                        "--env_workers_per_actor=2", "--inference_dtype=bfloat16", "--total_environment_frames=6000",
+                        "--log_interval_s=1", f"--logdir={tmp_path}")
     try:
         out, _ = process.communicate(timeout=240)
         assert process.returncode == 0, out[-3000:]

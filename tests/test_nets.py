@@ -285,3 +285,42 @@ def test_sample_actions_follows_the_distribution():
     rows = torch.tensor([[20.0, 0.0], [0.0, 20.0]]).repeat(100, 1)
     actions = sample_actions(rows.view(100, 2, 2))
     assert (actions[:, 0] == 0).all() and (actions[:, 1] == 1).all()
+
+
+def test_shallow_torso_computes_the_papers_network_on_scaled_pixels():
+    # The 1/255 is folded into conv1's weights; the result must be the textbook one.
+    torso = ShallowTorso(IMAGE)
+    x = torch.randint(0, 256, (5, *IMAGE), dtype=torch.uint8)
+    h = torch.relu(torso.conv1(x.float() / 255.0))
+    h = torch.relu(torso.conv2(h)).flatten(1)
+    expected = torch.relu(torso.fc(h))
+    torch.testing.assert_close(torso(x), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("network, observation_shape, use_lstm", [
+    ("shallow", IMAGE, False), ("deep", (3, 16, 16), True), ("mlp", (4,), True)])
+def test_a_bfloat16_acting_agent_takes_float32_parameters_and_gives_float32_outputs(network, observation_shape,
+                                                                                   use_lstm):
+    config = Config(network=network, use_lstm=use_lstm, lstm_size=LSTM_SIZE, inference_dtype="bfloat16")
+    learner_agent = make_agent(config, observation_shape, 3)
+    actor_agent = make_agent(config, observation_shape, 3, acting=True)
+    assert {p.dtype for p in learner_agent.parameters()} == {torch.float32}
+    assert {p.dtype for p in actor_agent.parameters()} == {torch.bfloat16}
+    actor_agent.load_state_dict(learner_agent.state_dict())  # what an actor does with the learner's parameters
+    inputs = _inputs(observation_shape, 3)
+    state = learner_agent.initial_state(B)
+    with torch.no_grad():
+        expected, expected_state = learner_agent(*inputs, state)
+        got, got_state = actor_agent(*inputs, state)
+    assert got.policy_logits.dtype == got.baseline.dtype == torch.float32
+    assert all(s.dtype == torch.float32 for s in got_state) and len(got_state) == len(expected_state)
+    # bfloat16 keeps 8 bits of mantissa: logits agree to a few hundredths, not exactly.
+    torch.testing.assert_close(got.policy_logits, expected.policy_logits, rtol=0.05, atol=0.05)
+    assert not torch.equal(got.policy_logits, expected.policy_logits)
+    for g, e in zip(got_state, expected_state):
+        torch.testing.assert_close(g, e, rtol=0.05, atol=0.05)
+
+
+def test_acting_agents_are_float32_by_default():
+    agent = make_agent(Config(network="mlp"), (4,), 2, acting=True)
+    assert {p.dtype for p in agent.parameters()} == {torch.float32}
