@@ -337,9 +337,23 @@ def lock_step_steps_per_second(config: config_lib.Config, seconds: float) -> flo
     return _in_processes(config, seconds, _lock_step_actor)
 
 
-def actor_host_steps_per_second(config: config_lib.Config, seconds: float) -> tuple[float, float]:
+def _cpu_seconds(pid: int, thread: int | None = None) -> float:
+    """User + system CPU seconds of a process (or one of its threads), from /proc."""
+    path = Path(f"/proc/{pid}/stat" if thread is None else f"/proc/{pid}/task/{thread}/stat")
+    fields = path.read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _idle_cores_seconds() -> float:
+    """Idle + iowait CPU seconds of the whole machine so far, from /proc/stat."""
+    fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+    return (int(fields[3]) + int(fields[4])) / os.sysconf("SC_CLK_TCK")
+
+
+def actor_host_steps_per_second(config: config_lib.Config, seconds: float) -> tuple[float, float, dict]:
     """One actor host acting with the config's network as run_actor does, minus the
-    learner: (agent steps/s, mean rows per batched forward pass)."""
+    learner: (agent steps/s, mean rows per batched forward pass, where the CPU went
+    in microseconds per agent step: env workers, the actor's threads, inference, idle)."""
     import torch
 
     from impala import unroll
@@ -359,12 +373,25 @@ def actor_host_steps_per_second(config: config_lib.Config, seconds: float) -> tu
             state = host.act(agent, buffer, state, steps_per_unroll)
             buffer = unroll.next_unroll(spec, buffer)
         host.batches = host.rows = 0
+        host.stopwatch.take()
+        threads = os.listdir(f"/proc/{os.getpid()}/task")
+
+        def cpu() -> list[float]:
+            return ([sum(_cpu_seconds(pid) for pid in host.worker_pids)]
+                    + [_cpu_seconds(os.getpid(), int(t)) for t in threads] + [_idle_cores_seconds()])
+
+        before = cpu()
         steps, begin = 0, time.perf_counter()
         while time.perf_counter() - begin < seconds:
             state = host.act(agent, buffer, state, steps_per_unroll)
             buffer = unroll.next_unroll(spec, buffer)
             steps += steps_per_unroll * n
-        return steps / (time.perf_counter() - begin), host.rows / max(host.batches, 1)
+        elapsed = time.perf_counter() - begin
+        used = [(b - a) / steps * 1e6 for a, b in zip(before, cpu())]
+        where = {"env workers": used[0], "actor threads": sum(used[1:-1]),
+                 "of which inference": host.stopwatch.take().get("inference", 0.0) / steps * 1e6,
+                 "idle cores": used[-1]}
+        return steps / elapsed, host.rows / max(host.batches, 1), where
 
 
 def actor_side(config: config_lib.Config, seconds: float, rounds: int) -> None:
@@ -382,9 +409,9 @@ def actor_side(config: config_lib.Config, seconds: float, rounds: int) -> None:
     ratios, speedups, lock_ratios = [], [], []
     for r in range(1, rounds + 1):
         raw_before = raw_environment_steps_per_second(config, seconds)
-        batched, rows = actor_host_steps_per_second(config, seconds)
+        batched, rows, where = actor_host_steps_per_second(config, seconds)
         raw = (raw_before + raw_environment_steps_per_second(config, seconds)) / 2
-        single, _ = actor_host_steps_per_second(unbatched, seconds)
+        single, _, _ = actor_host_steps_per_second(unbatched, seconds)
         lock_step = lock_step_steps_per_second(config, seconds)
         ratios.append(batched / raw)
         speedups.append(batched / single)
@@ -393,6 +420,9 @@ def actor_side(config: config_lib.Config, seconds: float, rounds: int) -> None:
               f"{batched / single:7.2f}x {lock_step:10,.0f} {lock_step / raw:7.1%}", flush=True)
     print(f"{'median':>5s} {'':10s} {'':10s} {float(np.median(ratios)):7.1%} {'':10s} {'':13s} "
           f"{float(np.median(speedups)):7.2f}x {'':10s} {float(np.median(lock_ratios)):7.1%}")
+    print("where the CPU went in the host, last round (us per agent step; wall time of the "
+          f"{os.cpu_count()} cores: {(os.cpu_count() or 1) / batched * 1e6:,.0f}): "
+          + ", ".join(f"{k} {v:,.0f}" for k, v in where.items()))
 
 
 def main() -> None:
