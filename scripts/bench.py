@@ -315,14 +315,31 @@ def _in_processes(config: config_lib.Config, seconds: float, target) -> float:
         process.start()
     try:
         for _ in processes:
-            results.get(timeout=300)  # every process has its environments: start together
+            _result(results, processes, 300)  # every process has its environments: start together
         start.set()
-        return sum(results.get(timeout=seconds + 300) for _ in processes)
+        return sum(_result(results, processes, seconds + 300) for _ in processes)
     finally:
         for process in processes:
             process.join(timeout=10)
             if process.is_alive():
                 process.kill()
+
+
+def _result(results, processes: list, timeout: float):
+    """The next item on `results`; raises at once (not after `timeout`) when one of
+    `processes` has died without sending it (its traceback is on stderr)."""
+    import queue
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return results.get(timeout=1.0)
+        except queue.Empty:
+            dead = [p for p in processes if p.exitcode not in (None, 0)]
+            if dead:
+                raise RuntimeError(f"a benchmark process exited with code {dead[0].exitcode} (see its traceback above)")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"no result from the benchmark processes in {timeout:.0f} s")
 
 
 def raw_environment_steps_per_second(config: config_lib.Config, seconds: float) -> float:
