@@ -46,10 +46,6 @@ def resolve_network(network: str, observation_shape: Sequence[int]) -> str:
     return network
 
 
-def _dtype_of(module: nn.Module) -> torch.dtype:
-    return next(module.parameters(), torch.empty(0)).dtype
-
-
 class MLPTorso(nn.Module):
     def __init__(self, input_size: int, hidden_sizes: Sequence[int]):
         super().__init__()
@@ -61,7 +57,7 @@ class MLPTorso(nn.Module):
         self.output_size = input_size
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.layers(x.to(_dtype_of(self)))
+        return self.layers(x.to(next(self.parameters(), x).dtype))
 
 
 class ShallowTorso(nn.Module):
@@ -216,7 +212,7 @@ class Agent(nn.Module):
         dtype = self.policy.weight.dtype  # float32, or bfloat16 for actors' inference
         if core_state is None:
             core_state = self.initial_state(B, observation.device)
-        torso_out = self.torso(observation.reshape(T * B, *self.observation_shape))
+        torso_out = self.torso(observation.reshape(T * B, *self.observation_shape)).to(dtype)  # (an empty MLP)
         one_hot_action = F.one_hot(last_action.reshape(T * B).long(), self.num_actions).to(dtype)
         clipped_reward = reward.reshape(T * B, 1).float().clamp(-1.0, 1.0).to(dtype)
         core_input = torch.cat([torso_out, clipped_reward, one_hot_action], dim=1)

@@ -297,11 +297,12 @@ def test_shallow_torso_computes_the_papers_network_on_scaled_pixels():
     torch.testing.assert_close(torso(x), expected, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("network, observation_shape, use_lstm", [
-    ("shallow", IMAGE, False), ("deep", (3, 16, 16), True), ("mlp", (4,), True)])
+@pytest.mark.parametrize("network, observation_shape, use_lstm, mlp_sizes", [
+    ("shallow", IMAGE, False, ""), ("deep", (3, 16, 16), True, ""), ("mlp", (4,), True, "8"), ("mlp", (4,), True, "")])
 def test_a_bfloat16_acting_agent_takes_float32_parameters_and_gives_float32_outputs(network, observation_shape,
-                                                                                   use_lstm):
-    config = Config(network=network, use_lstm=use_lstm, lstm_size=LSTM_SIZE, inference_dtype="bfloat16")
+                                                                                   use_lstm, mlp_sizes):
+    config = Config(network=network, use_lstm=use_lstm, lstm_size=LSTM_SIZE, mlp_sizes=mlp_sizes,
+                    inference_dtype="bfloat16")
     learner_agent = make_agent(config, observation_shape, 3)
     actor_agent = make_agent(config, observation_shape, 3, acting=True)
     assert {p.dtype for p in learner_agent.parameters()} == {torch.float32}
