@@ -28,7 +28,9 @@ can do, and how fast the actor side is on its own.
   one actor host (the same environments and processes, batched inference, no
   learner); the same host with batches of one row (unbatched inference); and, for
   comparison, as many lock-step actor processes sharing the same environments.
-  Rounds interleave them, so load from other processes hits all of them.
+  Rounds interleave them, so load from other processes hits all of them. Then
+  where the host's CPU went in the last round (from /proc): env workers, the
+  actor's threads (inference among them), idle cores, per agent step.
 Absolute numbers drift between machines and runs; the ratios within one run are
 what this measures. A benchmark, not a test.
 """
