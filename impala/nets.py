@@ -212,7 +212,8 @@ class Agent(nn.Module):
         dtype = self.policy.weight.dtype  # float32, or bfloat16 for actors' inference
         if core_state is None:
             core_state = self.initial_state(B, observation.device)
-        torso_out = self.torso(observation.reshape(T * B, *self.observation_shape)).to(dtype)  # (an empty MLP)
+        # .to(dtype): an MLP torso without hidden layers passes its float32 input through.
+        torso_out = self.torso(observation.reshape(T * B, *self.observation_shape)).to(dtype)
         one_hot_action = F.one_hot(last_action.reshape(T * B).long(), self.num_actions).to(dtype)
         clipped_reward = reward.reshape(T * B, 1).float().clamp(-1.0, 1.0).to(dtype)
         core_input = torch.cat([torso_out, clipped_reward, one_hot_action], dim=1)
