@@ -11,12 +11,28 @@ Make keys once, then copy each file where it is needed:
 
 Both jobs then take `--keys_dir=keys`. A learner bound to anything but loopback
 refuses to start without keys unless `--insecure` is given.
+
+More actor pairs, each revocable on its own, are made by name into the same folder
+(the learner pair is made once and reused):
+
+    python -m impala.security --keys_dir=keys --name=box-7
+
+    keys/box-7/                      an actor box's whole --keys_dir: actor.key_secret,
+                                     actor.key and a copy of learner.key
+    keys/authorized_actors/box-7.key its public key, accepted by the learner
+
+To revoke a pair, delete its public key from the learner's authorized_actors/. The
+learner reads that folder at every connection handshake, so it refuses the pair's
+new connections at once, without a restart; a connection made before the deletion
+lasts until it breaks, so restart the learner to cut it off now (actors with a
+valid key reconnect by themselves).
 """
 
 from __future__ import annotations
 
 import ipaddress
 import os
+import re
 import socket as socket_lib
 import sys
 from pathlib import Path
@@ -33,22 +49,45 @@ class KeysError(ValueError):
     """Missing or unreadable keys; one line for the user."""
 
 
-def generate(keys_dir: str | os.PathLike) -> None:
-    """Creates a learner and an actor key pair and authorizes the actor's key."""
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+def generate(keys_dir: str | os.PathLike, name: str = ACTOR) -> Path:
+    """Makes an actor key pair and authorizes its public key; makes the learner pair
+    too when `keys_dir` has none. Returns the folder to give actors as --keys_dir:
+    `keys_dir` itself for the default name, `keys_dir/<name>` for another name (it
+    holds the pair as actor.key/actor.key_secret and a copy of learner.key).
+    Never overwrites a key (KeysError)."""
     keys_dir = Path(keys_dir)
+    if not NAME.fullmatch(name) or name in (LEARNER, AUTHORIZED):
+        raise KeysError(f"--name={name!r}: use letters, digits, '.', '_' or '-' (not {LEARNER!r} "
+                        f"or {AUTHORIZED!r})")
     authorized = keys_dir / AUTHORIZED
+    actor_dir = keys_dir if name == ACTOR else keys_dir / name
+    for path in (actor_dir / f"{ACTOR}.key_secret", authorized / f"{name}.key"):
+        if path.exists():
+            raise KeysError(f"{path} exists; not overwriting keys (choose another --name)")
+    learner_secret, learner_public = keys_dir / f"{LEARNER}.key_secret", keys_dir / f"{LEARNER}.key"
+    if learner_secret.exists() and not learner_public.exists():
+        raise KeysError(f"{learner_public} is missing next to {learner_secret}")
     authorized.mkdir(parents=True, exist_ok=True)
-    for name in (LEARNER, ACTOR):
-        if (keys_dir / f"{name}.key_secret").exists():
-            raise KeysError(f"{keys_dir / (name + '.key_secret')} exists; not overwriting keys")
-    zmq.auth.create_certificates(str(keys_dir), LEARNER)
-    public, _ = zmq.auth.create_certificates(str(keys_dir), ACTOR)
-    (authorized / f"{ACTOR}.key").write_bytes(Path(public).read_bytes())
-    for secret in keys_dir.glob("*.key_secret"):
-        secret.chmod(0o600)
+    actor_dir.mkdir(exist_ok=True)
+    if not learner_secret.exists():
+        zmq.auth.create_certificates(str(keys_dir), LEARNER)
+        learner_secret.chmod(0o600)
+    if actor_dir != keys_dir:
+        (actor_dir / f"{LEARNER}.key").write_bytes(learner_public.read_bytes())
+    public, secret = zmq.auth.create_certificates(str(actor_dir), ACTOR)
+    Path(secret).chmod(0o600)
+    (authorized / f"{name}.key").write_bytes(Path(public).read_bytes())
+    return actor_dir
 
 
 def _load(path: Path) -> tuple[bytes, bytes | None]:
+    if not path.is_file():
+        folder = "" if path.parent.is_dir() else f" (no folder {path.parent})"
+        raise KeysError(f"no key file {path}{folder}: make keys with `python -m impala.security "
+                        "--keys_dir=DIR` and copy them as its docstring says (docs/distributed.md)")
     try:
         return zmq.auth.load_certificate(str(path))
     except (OSError, ValueError) as e:
@@ -77,7 +116,12 @@ class _AllowedActors:
         self.refused = 0
 
     def callback(self, domain: str, client_key: bytes) -> bool:
-        allowed = {_load(p)[0] for p in self.folder.glob("*.key")}  # re-read: keys can be added live
+        allowed = set()
+        for path in self.folder.glob("*.key"):  # re-read: keys can be added and revoked live
+            try:
+                allowed.add(_load(path)[0])
+            except KeysError as e:  # e.g. a key being copied in; the others still count
+                logging.warning("Skipping an authorized key: %s", e)
         if client_key in allowed:
             return True
         self.refused += 1
@@ -118,16 +162,24 @@ def connect_securely(socket: zmq.Socket, keys_dir: str) -> None:
 def main(argv: list[str]) -> None:
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m impala.security", description="Make CurveZMQ keys.")
-    parser.add_argument("--keys_dir", required=True, help="folder to create the keys in")
+    parser = argparse.ArgumentParser(
+        prog="python -m impala.security",
+        description="Make CurveZMQ keys: the learner pair (once) and an actor pair whose public key the "
+                    "learner accepts. See impala/security.py for what goes where and how to revoke a pair.")
+    parser.add_argument("--keys_dir", required=True, help="folder to create the keys in (made if missing)")
+    parser.add_argument("--name", default=ACTOR,
+                        help=f"name of the actor pair (default {ACTOR}: written to KEYS_DIR itself); another "
+                             "name makes KEYS_DIR/NAME/, a ready --keys_dir for that actor box, and "
+                             f"KEYS_DIR/{AUTHORIZED}/NAME.key, so pairs can be revoked one by one")
     args = parser.parse_args(argv)
     try:
-        generate(args.keys_dir)
+        actor_dir = generate(args.keys_dir, args.name)
     except (KeysError, OSError) as e:
-        print(f"impala: error: {e}", file=sys.stderr)
+        print(f"impala: error: {e}".replace("\n", " "), file=sys.stderr)
         sys.exit(2)
-    print(f"Keys written to {args.keys_dir}. Learner box: learner.key_secret and {AUTHORIZED}/. "
-          "Actor boxes: actor.key_secret and learner.key. Pass --keys_dir to both jobs.")
+    print(f"Keys written to {args.keys_dir}. Learner box: {LEARNER}.key_secret and {AUTHORIZED}/. "
+          f"Actor boxes: {actor_dir}/ ({ACTOR}.key_secret and {LEARNER}.key) as --keys_dir. "
+          f"Revoke this pair by deleting {Path(args.keys_dir) / AUTHORIZED / (args.name + '.key')}.")
 
 
 if __name__ == "__main__":
