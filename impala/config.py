@@ -177,5 +177,32 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
             flags.DEFINE_string(f.name, f.default, help_text, flag_values=flag_values)
 
 
+def sections() -> list[tuple[str, list[str]]]:
+    """Config's fields grouped by the section comments of its class body, in order:
+    [(title, [field name, ...]), ...] (for --help). A section starts at a comment
+    line after a blank line or the class line; its title is the comment up to a '.'
+    or ':'."""
+    import inspect
+    import re
+
+    names = [f.name for f in dataclasses.fields(Config)]
+    try:
+        lines = inspect.getsource(Config).splitlines()
+    except (OSError, TypeError):  # no source (e.g. a zip without .py files): one section
+        return [("Flags", names)]
+    groups: list[tuple[str, list[str]]] = []
+    previous = ""
+    for line in lines:
+        comment, field_line = re.match(r"    # (.+)", line), re.match(r"    (\w+): ", line)
+        if comment and (not previous.strip() or previous.startswith("class ")):
+            groups.append((re.split(r"[.:]( |$)", comment.group(1))[0], []))
+        elif field_line and field_line.group(1) in names:
+            if not groups:
+                groups.append(("Flags", []))
+            groups[-1][1].append(field_line.group(1))
+        previous = line
+    return [g for g in groups if g[1]]
+
+
 def from_flags(flag_values: flags.FlagValues = flags.FLAGS) -> Config:
     return Config(**{f.name: flag_values[f.name].value for f in dataclasses.fields(Config)})

@@ -5,12 +5,15 @@ With no --job_name, trains on this machine (learner + actor processes). With
 run. With --mode=test, plays the latest checkpoint of --logdir and reports its
 scores instead (evaluate.py). Every user error ends in one line on stderr and
 exit status 2.
+
+    python -m impala.experiment --flagfile=configs/cartpole.cfg --logdir=/tmp/impala/cartpole
 """
 
 from __future__ import annotations
 
 import signal
 import sys
+import textwrap
 
 from absl import app, flags, logging
 
@@ -25,7 +28,32 @@ def _fail(message: str) -> None:
     sys.exit(2)
 
 
+_HELP, _HELPFULL = ("--help", "-help", "--helpshort", "-helpshort", "-?", "-h"), ("--helpfull", "-helpfull")
+
+
+def _help() -> str:
+    """The program's own flags, by section of impala/config.py."""
+    lines = [__doc__.strip(), "", "Flags are --name=value; --flagfile=FILE reads them from a file (configs/*.cfg)."]
+    for title, names in config_lib.sections():
+        lines += ["", f"{title}:"]
+        for name in names:
+            flag = FLAGS[name]
+            default = flag.default_as_str.strip("'") or "''"
+            lines.append(f"  --{name} (default: {default})")
+            lines += textwrap.wrap(flag.help, 88, initial_indent="      ", subsequent_indent="      ")
+    lines += ["", "--helpfull lists these and absl's own flags (logging, --flagfile)."]
+    return "\n".join(lines)
+
+
 def _parse(argv: list[str]) -> list[str]:
+    # absl's --help lists only flags defined in this module (none: they come from
+    # config.py) and exits 1; ours lists them by section and exits 0, as --helpfull does.
+    if any(arg in _HELP for arg in argv[1:]):
+        print(_help())
+        sys.exit(0)
+    if any(arg in _HELPFULL for arg in argv[1:]):
+        app.usage(writeto_stdout=True)
+        sys.exit(0)
     try:
         return FLAGS(argv)
     except flags.Error as e:

@@ -154,7 +154,8 @@ def to_markdown(rows: Sequence[Row]) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("paths", nargs="+", help=f"{RESULTS_FILE} files or logdirs holding one")
-    parser.add_argument("--format", choices=("markdown", "csv"), default="markdown")
+    parser.add_argument("--format", choices=("markdown", "csv"), default="markdown",
+                        help="markdown: rounded, for reading (default); csv: full precision")
     parser.add_argument("--output", "-o", help="file to write (default: stdout)")
     args = parser.parse_args(argv)
     try:

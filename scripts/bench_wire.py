@@ -107,9 +107,11 @@ def report(seconds: float, num_envs: int, repeats: int = 3) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seconds", type=float, default=5.0)
-    parser.add_argument("--envs", type=int, default=1)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--seconds", type=float, default=5.0,
+                        help="seconds each measurement receives for, after a 1 s warm-up (default 5)")
+    parser.add_argument("--envs", type=int, default=1, help="environments per unroll (default 1)")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="measurements of each kind, alternating; the medians are reported (default 3)")
     args = parser.parse_args()
     report(args.seconds, args.envs, args.repeats)
 

@@ -10,8 +10,8 @@ Each path is a metrics.jsonl file or a logdir holding one. Rows without a return
 a torn last line (the learner died mid-write) is ignored. Raw points are drawn
 faintly, with an exponential moving average of them on top.
 
-A missing file, or a run without any return values, is a one-line error on
-stderr and exit status 2.
+On success it prints where the PNG went. A missing file, or a run without any
+return values, is a one-line error on stderr and exit status 2.
 """
 
 from __future__ import annotations
@@ -160,11 +160,11 @@ def plot(
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("paths", nargs="+", help="metrics.jsonl files or logdirs holding one")
-    parser.add_argument("--output", "-o", required=True, help="PNG file to write")
+    parser.add_argument("--output", "-o", required=True, help="PNG file to write (its folder is made if missing)")
     parser.add_argument("--labels", help="comma-separated legend labels, one per path")
     parser.add_argument("--smoothing", type=float, default=0.9,
                         help="exponential moving average weight in [0, 1) (default 0.9)")
-    parser.add_argument("--title")
+    parser.add_argument("--title", help="title above the plot (default: none)")
     parser.add_argument("--x", choices=X_AXES, default="frames", help="x axis (default frames)")
     args = parser.parse_args(argv)
     labels = args.labels.split(",") if args.labels is not None else None
@@ -176,6 +176,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as e:  # e.g. the output cannot be written
         print(f"plot.py: error: {e}".replace("\n", " "), file=sys.stderr)
         return 2
+    print(f"plot.py: wrote {Path(args.output).resolve()} ({len(args.paths)} run(s))")
     return 0
 
 
