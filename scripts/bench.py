@@ -20,7 +20,9 @@ can do, and how fast the actor side is on its own.
      warm-up (from metrics.jsonl), the ratio to the limit, and where the time
      went: the run's 'time/...' metrics (seconds per second, summed over the
      learner's threads and the actors), as cores busy and microseconds per agent
-     step.
+     step. They are wall-clock time inside each part, not CPU time: a thread
+     waiting for a core (or the GIL) inside a part counts, so with more runnable
+     threads than cores the parts can sum to more than the cores.
 --measure=actor (and all): the actor side (impala/actor_host.py), in
   --actor_rounds rounds of five --actor_seconds measurements each: the actor's
   environments stepping random actions in --env_workers_per_actor processes with
@@ -56,6 +58,11 @@ from impala import config as config_lib  # noqa: E402
 from impala import envs  # noqa: E402
 from impala.memory import reuse_freed_memory  # noqa: E402
 from impala.metrics import read_jsonl  # noqa: E402
+
+
+def progress(message: str) -> None:
+    """A progress line on stderr (the results go to stdout): the measurements take minutes."""
+    print(f"bench.py: {message}", file=sys.stderr, flush=True)
 
 
 def _make_env(config: config_lib.Config, seed: int) -> envs.Environment:
@@ -177,12 +184,18 @@ def training_run(impala_flags: list[str], config: config_lib.Config, warmup: flo
         metrics = Path(logdir) / "metrics.jsonl"
         try:
             # The clock starts at the first update, so process start-up is not counted.
+            progress("training run: starting (waiting for its first update)")
             deadline = time.monotonic() + 300
             while not (metrics.exists() and any(r["frames"] > 0 for r in read_jsonl(metrics))):
                 if process.poll() is not None or time.monotonic() > deadline:
                     raise SystemExit(f"training did not start: {process.stderr.read()[-2000:]}")
                 time.sleep(0.2)
-            time.sleep(warmup + duration)
+            begin = time.monotonic()
+            while (elapsed := time.monotonic() - begin) < warmup + duration:
+                part = "warm-up" if elapsed < warmup else "measuring"
+                progress(f"training run: {elapsed:3.0f} s of {warmup:g} s warm-up + {duration:g} s ({part})")
+                time.sleep(min(10.0, warmup + duration - elapsed))
+            progress("training run: stopping it")
         finally:
             os.killpg(process.pid, signal.SIGINT)
             try:
@@ -222,9 +235,13 @@ def throughput(config: config_lib.Config, impala_flags: list[str], args: argpars
     """Measures and prints the limit and the training run (see the module docstring)."""
     cores = os.cpu_count() or 1
     batch = actor_batch_size(config)
+    progress(f"1/4 environment alone, {args.part_seconds:g} s")
     env = environment_steps_per_second(config, args.part_seconds)
+    progress(f"2/4 inference at batch {batch}, {args.part_seconds:g} s")
     inference = inference_samples_per_second(config, batch, args.part_seconds)
+    progress(f"3/4 learner step, {args.part_seconds:g} s")
     learner = learner_samples_per_second(config, args.part_seconds)
+    progress(f"4/4 the training run, {args.warmup:g} s warm-up + {args.duration:g} s")
     limit = cores / (1 / env + 1 / inference + 1 / learner)
     steps, busy, last = training_run(impala_flags, config, args.warmup, args.duration)
     actors = (f"{config.num_actors} actors x {config.num_envs_per_actor} envs"
@@ -249,6 +266,10 @@ def throughput(config: config_lib.Config, impala_flags: list[str], args: argpars
             print(f"  {name:56s} {busy[part]:12.2f} {busy[part] / steps * 1e6:14.0f}")
     work = sum(v for k, v in busy.items() if k not in ("learner_wait", "learner_queue_full", "actor_send", "actor_act"))
     print(f"  {'(work above, excluding waits)':56s} {work:12.2f}")
+    print("'cores busy' is wall-clock seconds inside each part per second, summed over the learner's\n"
+          "threads and the actor processes (impala.metrics.Stopwatch), not CPU time: a thread that\n"
+          f"waits for one of the {cores} cores, or for Python's GIL, inside a part still counts, so with\n"
+          f"more runnable threads than cores the sum can exceed {cores}.")
 
 
 def _random_stepper(config: config_lib.Config, seeds: list[int], seconds: float, start, results) -> None:
@@ -427,10 +448,15 @@ def actor_side(config: config_lib.Config, seconds: float, rounds: int) -> None:
           f"{'host, batch 1':>13s} {'speed-up':>8s} {'lock-step':>10s} {'ratio':>7s}")
     ratios, speedups, lock_ratios = [], [], []
     for r in range(1, rounds + 1):
+        progress(f"actor side, round {r}/{rounds}: 1/5 raw environments, {seconds:g} s")
         raw_before = raw_environment_steps_per_second(config, seconds)
+        progress(f"actor side, round {r}/{rounds}: 2/5 actor host, {seconds:g} s")
         batched, rows, where = actor_host_steps_per_second(config, seconds)
+        progress(f"actor side, round {r}/{rounds}: 3/5 raw environments again, {seconds:g} s")
         raw = (raw_before + raw_environment_steps_per_second(config, seconds)) / 2
+        progress(f"actor side, round {r}/{rounds}: 4/5 actor host with batches of 1, {seconds:g} s")
         single, _, _ = actor_host_steps_per_second(unbatched, seconds)
+        progress(f"actor side, round {r}/{rounds}: 5/5 lock-step actors, {seconds:g} s")
         lock_step = lock_step_steps_per_second(config, seconds)
         ratios.append(batched / raw)
         speedups.append(batched / single)
@@ -445,21 +471,32 @@ def actor_side(config: config_lib.Config, seconds: float, rounds: int) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog="Every other argument is a flag of python -m impala.experiment (e.g. "
+               "--flagfile=configs/pong.cfg); the measured run uses them. Progress goes to stderr, results "
+               "to stdout. The module docstring (scripts/bench.py) says what each number is.")
     parser.add_argument("--measure", choices=("all", "training", "actor"), default="training",
-                        help="training: the limit and the training run; actor: the actor side; all: both")
-    parser.add_argument("--duration", type=float, default=60.0, help="seconds of training measured after the warm-up")
-    parser.add_argument("--warmup", type=float, default=20.0, help="seconds of training not counted")
+                        help="training (default): the one-core parts, the limit and the training run; "
+                             "actor: the actor side; all: both")
+    parser.add_argument("--duration", type=float, default=60.0,
+                        help="seconds of training measured after the warm-up (default 60)")
+    parser.add_argument("--warmup", type=float, default=20.0,
+                        help="seconds of training at the start that are not counted (default 20)")
     parser.add_argument("--part_seconds", type=float, default=10.0,
-                        help="seconds of each one-core measurement (environment, inference, learner)")
+                        help="seconds of each one-core measurement: environment, inference, learner (default 10)")
     parser.add_argument("--actor_seconds", type=float, default=10.0,
-                        help="seconds of each actor-side measurement")
-    parser.add_argument("--actor_rounds", type=int, default=2, help="rounds of actor-side measurements")
+                        help="seconds of each actor-side measurement (default 10)")
+    parser.add_argument("--actor_rounds", type=int, default=2, help="rounds of actor-side measurements (default 2)")
     args, impala_flags = parser.parse_known_args()
     flag_values = flags.FlagValues()
     config_lib.define_flags(flag_values)
-    flag_values([sys.argv[0], *impala_flags])
-    config = config_lib.from_flags(flag_values)
+    try:
+        flag_values([sys.argv[0], *impala_flags])
+        config = config_lib.from_flags(flag_values)
+    except (flags.Error, config_lib.ConfigError) as e:
+        print(f"bench.py: error: {str(e).splitlines()[0]}", file=sys.stderr)
+        sys.exit(2)
 
     import torch
 
