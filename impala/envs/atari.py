@@ -34,9 +34,14 @@ from __future__ import annotations
 import cv2
 import gymnasium
 import numpy as np
-from ale_py import Action, ALEInterface
+from ale_py import Action, ALEInterface, LoggerMode
 
 from impala.envs import EpisodicEnvironment
+
+# The ALE prints its banner (version, "Powered by Stella") on every emulator it makes,
+# i.e. once per process; errors still show. ale_py has no environment variable for
+# this: the logger mode is process-wide and set here, before any emulator exists.
+ALEInterface.setLoggerMode(LoggerMode.Error)
 
 MAX_FRAMES_PER_EPISODE = 108_000  # 30 minutes of play at 60 Hz.
 NOOP_MAX = 30

@@ -53,7 +53,7 @@ RENDERERS = ("software", "hardware")
 
 INSTALL_HINT = (
     "DeepMind Lab is not installed (no module named 'deepmind_lab'): build it from source with "
-    "bazel, or use the Docker image's dmlab stage (docker build --target dmlab -t impala-dmlab .); "
+    "bazel, or use the Docker image's dmlab stage (docker build --target dmlab -t impala:dmlab .); "
     "see docs/dmlab.md"
 )
 
