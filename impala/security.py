@@ -87,7 +87,7 @@ def _load(path: Path) -> tuple[bytes, bytes | None]:
     if not path.is_file():
         folder = "" if path.parent.is_dir() else f" (no folder {path.parent})"
         raise KeysError(f"no key file {path}{folder}: make keys with `python -m impala.security "
-                        "--keys_dir=DIR` and copy them as its docstring says (docs/distributed.md)")
+                        "--keys_dir=DIR` (docs/distributed.md says which files go to which box)")
     try:
         return zmq.auth.load_certificate(str(path))
     except (OSError, ValueError) as e:
