@@ -26,6 +26,9 @@ from pathlib import Path
 
 import yaml
 
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # impala.security, when run from a checkout
+
 PORT = 5555  # the learner's unroll port; the parameter port is PORT + 1
 KEYS, LOGS = "/keys", "/logs"
 TASK_ENV = "IMPALA_TASK"  # the pod's index in the Indexed Job, as --task
@@ -38,13 +41,14 @@ ACTOR_KEYS = {"actor.key_secret": "actor.key_secret", "learner.key": "learner.ke
 
 def read_keys(keys_dir: str | None) -> dict[str, str]:
     """The key files the pods need, by Secret key; made afresh when keys_dir is None."""
-    if keys_dir is None:
-        from impala import security
-
-        keys_dir = tempfile.mkdtemp(prefix="impala-keys-")
-        security.generate(keys_dir)
     files = {**LEARNER_KEYS, **ACTOR_KEYS}
-    return {key: (Path(keys_dir) / path).read_text() for key, path in files.items()}
+    if keys_dir is not None:
+        return {key: (Path(keys_dir) / path).read_text() for key, path in files.items()}
+    from impala import security
+
+    with tempfile.TemporaryDirectory(prefix="impala-keys-") as fresh:  # gone once in the Secret
+        security.generate(fresh)
+        return read_keys(fresh)
 
 
 def _labels(name: str, component: str) -> dict[str, str]:
