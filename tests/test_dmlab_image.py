@@ -52,13 +52,13 @@ def test_no_moving_reference(path):
 
 def test_the_dockerfile_builds_the_pinned_commit_with_the_pinned_workspace():
     text = DOCKERFILE.read_text()
-    assert re.findall(r"^ARG DMLAB_REF=(\S+)$", text, re.M) == [DMLAB_REF]
+    assert re.findall(r"^ARG DMLAB_REF=(\S+)$", text, re.MULTILINE) == [DMLAB_REF]
     assert 'git fetch -q --depth 1 https://github.com/google-deepmind/lab.git "${DMLAB_REF}"' in text
     assert 'test "$(git log -1 --format=%H)" = "${DMLAB_REF}"' in text  # the build stops on any other commit
     copy = text.index("COPY docker/dmlab/WORKSPACE /lab/WORKSPACE")
     assert text.index("git checkout -q FETCH_HEAD") < copy < text.index("bazel build")
-    assert re.search(r"^ARG BAZEL_VERSION=\d+\.\d+\.\d+$", text, re.M)
-    assert re.search(r"^ARG BAZELISK_VERSION=v\d+\.\d+\.\d+$", text, re.M)
+    assert re.search(r"^ARG BAZEL_VERSION=\d+\.\d+\.\d+$", text, re.MULTILINE)
+    assert re.search(r"^ARG BAZELISK_VERSION=v\d+\.\d+\.\d+$", text, re.MULTILINE)
 
 
 def test_every_archive_is_a_fixed_release_with_its_checksum():
