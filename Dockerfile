@@ -18,6 +18,9 @@
 # The OS image under every stage. Ubuntu 22.04 by default; the CUDA runtime images of the
 # same release work unchanged (they add CUDA libraries, Python comes from apt either way).
 ARG BASE_IMAGE=ubuntu:22.04
+# The DeepMind Lab revision the dmlab target builds: a commit, never a branch (its last
+# one, of 2023-01-04; docs/dmlab.md).
+ARG DMLAB_REF=b1db91af5b4d2f3a24466f4632a3e5e1b0829cca
 
 # ----------------------------------------------------------------------------------------
 # base: Python in a virtual environment, torch pinned (CPU wheel unless TORCH_INDEX_URL
@@ -49,9 +52,10 @@ RUN mkdir impala && touch impala/__init__.py \
 # (https://github.com/google-deepmind/lab, docs/users/build.md and
 # python/pip_package/README.md), into a wheel in /dmlab_pkg.
 FROM base AS dmlab-build
-# DMLab revision and the bazel release that builds it; change both together if a newer
-# DMLab needs a newer bazel.
-ARG DMLAB_REF=master
+# DMLAB_REF (top of file) and the bazel release that builds it. docker/dmlab/WORKSPACE
+# replaces DMLab's own, which fetched its dependencies at moving heads; change the three
+# together (docs/dmlab.md).
+ARG DMLAB_REF
 ARG BAZEL_VERSION=6.5.0
 ARG BAZELISK_VERSION=v1.20.0
 RUN apt-get update \
@@ -63,12 +67,17 @@ RUN apt-get update \
        "https://github.com/bazelbuild/bazelisk/releases/download/${BAZELISK_VERSION}/bazelisk-linux-amd64" \
     && chmod +x /usr/local/bin/bazel
 ENV USE_BAZEL_VERSION=${BAZEL_VERSION}
+# Exactly DMLAB_REF: fetched by commit id (GitHub serves any commit), then checked.
+RUN git init -q /lab && cd /lab \
+    && git fetch -q --depth 1 https://github.com/google-deepmind/lab.git "${DMLAB_REF}" \
+    && git checkout -q FETCH_HEAD \
+    && test "$(git log -1 --format=%H)" = "${DMLAB_REF}"
+COPY docker/dmlab/WORKSPACE /lab/WORKSPACE
 # DMLab's C extension uses the NumPy 1 C API: build and run it against NumPy 1.26. Its
 # bazel rules find Python and NumPy by running `python3`, which is the venv's here, so
 # the module matches the interpreter and NumPy it will run with.
 RUN pip install "numpy>=1.24,<2" \
-    && git clone https://github.com/google-deepmind/lab.git /lab \
-    && cd /lab && git checkout "${DMLAB_REF}" \
+    && cd /lab \
     && bazel build -c opt --python_version=PY3 //python/pip_package:build_pip_package \
     && PYTHON_BIN_PATH="$(command -v python3)" ./bazel-bin/python/pip_package/build_pip_package /dmlab_pkg \
     && bazel clean --expunge
@@ -77,6 +86,7 @@ RUN pip install "numpy>=1.24,<2" \
 # dmlab: impala with DeepMind Lab. Only the runtime libraries of the engine, the wheel
 # and impala; bazel and the build tree stay behind in dmlab-build.
 FROM base AS dmlab
+ARG DMLAB_REF
 # Set to 1 to download the brady_konkle_oliva2008 images that the psychlab_* levels of
 # DMLab-30 need (as the original's Dockerfile did; several GB from their hosts); then run
 # with --dataset_path=/opt/brady_konkle_oliva2008.
@@ -90,7 +100,7 @@ RUN pip install "numpy>=1.24,<2" /tmp/dmlab_pkg/*.whl && rm -rf /tmp/dmlab_pkg \
     && python -c "import deepmind_lab"
 RUN if [ "${DMLAB_DATASET}" = "1" ]; then \
       pip install Pillow && mkdir -p /opt/brady_konkle_oliva2008 && cd /opt/brady_konkle_oliva2008 \
-      && curl -fsSL https://raw.githubusercontent.com/google-deepmind/lab/master/data/brady_konkle_oliva2008/README.md \
+      && curl -fsSL "https://raw.githubusercontent.com/google-deepmind/lab/${DMLAB_REF}/data/brady_konkle_oliva2008/README.md" \
          | tr '\n' '\r' | sed -e 's/.*```sh\(.*\)```.*/\1/' | tr '\r' '\n' | bash; \
     fi
 COPY . .

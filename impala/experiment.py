@@ -64,6 +64,22 @@ def _interrupt(signum: int, frame) -> None:
     raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
+def release_zmq() -> None:
+    """Ends this process's ZeroMQ context before the interpreter exits.
+
+    Frames sent with copy=False lend their buffers to libzmq until its I/O thread is done
+    with them; pyzmq's garbage collector, which keeps those buffers alive, stops in an
+    atexit hook. A frame still in flight then (an unroll half-written to a busy learner, an
+    I/O thread starved by 48 actors on 2 cores) is released after it: libzmq's free callback
+    writes to the gc's dead socket (`Assertion failed: pfd.revents & POLLIN
+    (src/signaler.cpp:238)`) or reads freed memory (`Bad address (src/tcp.cpp:227)`), and the
+    job aborts. destroy() drops unsent frames and returns once libzmq has let go of every
+    buffer, while the gc still runs."""
+    import zmq
+
+    zmq.Context.instance().destroy(linger=0)
+
+
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         _fail(f"unexpected arguments {argv[1:]}; flags look like --name=value")
@@ -104,6 +120,8 @@ def main(argv: list[str]) -> None:
     except (config_lib.ConfigError, envs.UnknownLevelError, checkpoint.CheckpointError,
             local.ActorCrashLoop, security.KeysError) as e:
         _fail(str(e))
+    finally:
+        release_zmq()
 
 
 def run_main() -> None:

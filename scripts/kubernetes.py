@@ -1,0 +1,169 @@
+"""Writes Kubernetes manifests for one impala run: keys, learner, actors.
+
+    python scripts/kubernetes.py --name pong --image REGISTRY/impala:cpu --actors 48 \\
+        --flagfile configs/pong.cfg > pong.yaml
+    kubectl apply -f pong.yaml
+
+Objects (docs/distributed.md walks through them):
+  Secret      <name>-keys     CurveZMQ keys made here (python -m impala.security), or read
+                              from --keys_dir; the file holds secret keys: keep it private.
+  PVC         <name>-logs     the learner's --logdir (checkpoints, metrics, TensorBoard).
+  Deployment  <name>-learner  one learner pod (--learner_gpus: GPUs it requests).
+  Service     <name>-learner  the learner's two ports (--learner_address port P and P + 1).
+  Job         <name>-actors   an Indexed Job of --actors pods; pod index i runs --task=i.
+
+The image runs `python -m impala.experiment` (the Dockerfile's ENTRYPOINT), so every
+container's `args` are impala flags. tests/test_kubernetes.py validates every object
+against the Kubernetes API schema and parses every container's flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # impala.security, when run from a checkout
+
+PORT = 5555  # the learner's unroll port; the parameter port is PORT + 1
+KEYS, LOGS = "/keys", "/logs"
+TASK_ENV = "IMPALA_TASK"  # the pod's index in the Indexed Job, as --task
+INDEX_ANNOTATION = "metadata.annotations['batch.kubernetes.io/job-completion-index']"
+# Secret keys may not contain '/': each names its file under /keys by `path`.
+LEARNER_KEYS = {"learner.key_secret": "learner.key_secret",
+                "authorized-actors.actor.key": "authorized_actors/actor.key"}
+ACTOR_KEYS = {"actor.key_secret": "actor.key_secret", "learner.key": "learner.key"}
+
+
+def read_keys(keys_dir: str | None) -> dict[str, str]:
+    """The key files the pods need, by Secret key; made afresh when keys_dir is None."""
+    files = {**LEARNER_KEYS, **ACTOR_KEYS}
+    if keys_dir is not None:
+        return {key: (Path(keys_dir) / path).read_text() for key, path in files.items()}
+    from impala import security
+
+    with tempfile.TemporaryDirectory(prefix="impala-keys-") as fresh:  # gone once in the Secret
+        security.generate(fresh)
+        return read_keys(fresh)
+
+
+def _labels(name: str, component: str) -> dict[str, str]:
+    return {"app.kubernetes.io/name": "impala", "app.kubernetes.io/instance": name,
+            "app.kubernetes.io/component": component}
+
+
+def _keys_volume(name: str, items: dict[str, str]) -> dict:
+    return {"name": "keys", "secret": {"secretName": f"{name}-keys", "defaultMode": 0o400,
+                                       "items": [{"key": k, "path": p} for k, p in items.items()]}}
+
+
+def _container(image: str, args: list[str], resources: dict, mounts: list[dict], **extra) -> dict:
+    return {"name": "impala", "image": image, "args": args, "resources": resources,
+            "volumeMounts": [{"name": "keys", "mountPath": KEYS, "readOnly": True}, *mounts], **extra}
+
+
+def _resources(cpus: float, memory: str, gpus: int = 0) -> dict:
+    requests = {"cpu": str(cpus), "memory": memory}
+    limits = {"memory": memory, **({"nvidia.com/gpu": str(gpus)} if gpus else {})}
+    return {"requests": requests, "limits": limits}
+
+
+def learner_objects(args: argparse.Namespace) -> list[dict]:
+    """The learner: a Deployment of one pod, its Service and its log volume.
+
+    One learner rank. When impala gets a data-parallel learner (several ranks sharing the
+    actors' unrolls), this is where it goes: a StatefulSet of N pods behind a headless
+    Service, rank = pod ordinal; the actors' side below does not change."""
+    name, labels = f"{args.name}-learner", _labels(args.name, "learner")
+    flags = [f"--flagfile={args.flagfile}", "--job_name=learner", f"--learner_address=tcp://0.0.0.0:{PORT}",
+             f"--keys_dir={KEYS}", f"--logdir={LOGS}/run", *args.flag]
+    pvc = {"apiVersion": "v1", "kind": "PersistentVolumeClaim",
+           "metadata": {"name": f"{args.name}-logs", "labels": labels},
+           "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": args.logs_size}},
+                    **({"storageClassName": args.storage_class} if args.storage_class else {})}}
+    container = _container(
+        args.learner_image or args.image, flags, _resources(args.learner_cpus, args.learner_memory, args.learner_gpus),
+        [{"name": "logs", "mountPath": LOGS}],
+        ports=[{"name": "unrolls", "containerPort": PORT}, {"name": "params", "containerPort": PORT + 1}])
+    deployment = {
+        "apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": name, "labels": labels},
+        "spec": {
+            "replicas": 1,
+            "strategy": {"type": "Recreate"},  # never two learners on one logdir
+            "selector": {"matchLabels": labels},
+            "template": {"metadata": {"labels": labels}, "spec": {
+                # SIGTERM writes a checkpoint before exit; give it time.
+                "terminationGracePeriodSeconds": 120,
+                "containers": [container],
+                "volumes": [_keys_volume(args.name, LEARNER_KEYS),
+                            {"name": "logs", "persistentVolumeClaim": {"claimName": f"{args.name}-logs"}}]}}}}
+    service = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": name, "labels": labels},
+               "spec": {"selector": labels, "ports": [
+                   {"name": "unrolls", "port": PORT, "targetPort": PORT},
+                   {"name": "params", "port": PORT + 1, "targetPort": PORT + 1}]}}
+    return [pvc, deployment, service]
+
+
+def actor_job(args: argparse.Namespace) -> dict:
+    """The actors: an Indexed Job of --actors pods; pod i runs --task=i (distinct seeds, and
+    the DMLab-30 level i mod 30). Actors wait for the learner and reconnect after its
+    restarts; a crashed actor pod restarts in place with the same index."""
+    labels = _labels(args.name, "actors")
+    flags = [f"--flagfile={args.flagfile}", "--job_name=actor", f"--task=$({TASK_ENV})",
+             f"--num_envs_per_actor={args.envs_per_actor}",
+             f"--learner_address=tcp://{args.name}-learner:{PORT}", f"--keys_dir={KEYS}", *args.flag]
+    container = _container(args.image, flags, _resources(args.actor_cpus, args.actor_memory), [],
+                           env=[{"name": TASK_ENV, "valueFrom": {"fieldRef": {"fieldPath": INDEX_ANNOTATION}}}])
+    return {
+        "apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": f"{args.name}-actors", "labels": labels},
+        "spec": {
+            "completionMode": "Indexed",
+            "completions": args.actors,
+            "parallelism": args.actors,
+            "backoffLimit": 10 * args.actors,
+            "template": {"metadata": {"labels": labels}, "spec": {
+                "restartPolicy": "OnFailure",
+                "containers": [container],
+                "volumes": [_keys_volume(args.name, ACTOR_KEYS)]}}}}
+
+
+def manifests(args: argparse.Namespace, keys: dict[str, str]) -> list[dict]:
+    secret = {"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
+              "metadata": {"name": f"{args.name}-keys", "labels": _labels(args.name, "keys")},
+              "stringData": keys}
+    return [secret, *learner_objects(args), actor_job(args)]
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--name", default="impala", help="prefix of every object's name (a DNS label)")
+    p.add_argument("--image", required=True, help="the impala image, pushed where the cluster pulls from")
+    p.add_argument("--learner_image", default="", help="the learner's image (a CUDA build); default --image")
+    p.add_argument("--flagfile", default="configs/pong.cfg", help="in the image, relative to its WORKDIR")
+    p.add_argument("--flag", action="append", default=[], help="an impala flag for every job (repeatable)")
+    p.add_argument("--actors", type=int, default=48)
+    p.add_argument("--envs_per_actor", type=int, default=1)
+    p.add_argument("--actor_cpus", type=float, default=1)
+    p.add_argument("--actor_memory", default="2Gi")
+    p.add_argument("--learner_cpus", type=float, default=4)
+    p.add_argument("--learner_memory", default="8Gi")
+    p.add_argument("--learner_gpus", type=int, default=0, help="nvidia.com/gpu the learner requests")
+    p.add_argument("--logs_size", default="10Gi")
+    p.add_argument("--storage_class", default="", help="the PVC's storage class; default: the cluster's")
+    p.add_argument("--keys_dir", default=None, help="existing keys (python -m impala.security); default: new")
+    return p
+
+
+def main() -> None:
+    args = parser().parse_args()
+    if args.actors < 1:
+        parser().error("--actors must be at least 1")
+    print(yaml.safe_dump_all(manifests(args, read_keys(args.keys_dir)), sort_keys=False), end="")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
