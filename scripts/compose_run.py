@@ -163,11 +163,11 @@ def run(actors: int, workdir: Path, after_all_s: float, timeout_s: float) -> dic
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--actors", type=int, default=48)
+    parser.add_argument("--actors", type=int, default=48, help="actor services of compose.yaml to run (its first N)")
     parser.add_argument("--workdir", type=Path, required=True, help="keys/, logs/ and one log per job")
     parser.add_argument("--after_all_s", type=float, default=60.0,
                         help="seconds to keep running once all actors are training")
-    parser.add_argument("--timeout_s", type=float, default=1800.0)
+    parser.add_argument("--timeout_s", type=float, default=1800.0, help="give up if not every actor is training by then")
     args = parser.parse_args()
     print(json.dumps(run(args.actors, args.workdir, args.after_all_s, args.timeout_s)))
 
