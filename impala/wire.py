@@ -27,7 +27,6 @@ with a one-line reason.
 
 from __future__ import annotations
 
-import math
 import struct
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
@@ -261,25 +260,30 @@ def _unpack_header(view: memoryview) -> tuple[dict, int]:
     return header, _PREFIX.size + size
 
 
-def _parse_spec(spec: Any, index: int, max_bytes: int) -> tuple[str, np.dtype, tuple[int, ...]]:
-    """(name, dtype, shape) of one array spec. The shape is bounded before numpy
-    sees it: its non-zero dimensions must fit in `max_bytes` (the message's size),
-    so an empty array cannot claim a shape like [0, 2**63] that numpy refuses."""
+def _parse_spec(spec: Any, index: int, max_bytes: int) -> tuple[str, np.dtype, tuple[int, ...], int]:
+    """(name, dtype, shape, number of elements) of one array spec. The shape is
+    bounded before numpy sees it: its non-zero dimensions must fit in `max_bytes`
+    (the message's size), so an empty array cannot claim a shape like [0, 2**63]
+    that numpy refuses."""
     if type(spec) is not list or len(spec) != 3:
         raise WireError(f"array spec {index} must be [name, dtype, shape]")
     name, dtype_name, shape = spec
     if type(name) is not str:
         raise WireError(f"array spec {index} name must be str")
-    if type(dtype_name) is not str or dtype_name not in _DTYPES:
+    dtype = _DTYPES.get(dtype_name) if type(dtype_name) is str else None
+    if dtype is None:
         raise WireError(f"array {_short(name)} has unsupported dtype {_short(dtype_name)}")
     if type(shape) is not list or len(shape) > MAX_RANK:
         raise WireError(f"array {_short(name)} shape must be a list of rank <= {MAX_RANK}")
-    if not all(_is_index(d) for d in shape):
-        raise WireError(f"array {_short(name)} shape {_short(shape)} must hold ints >= 0")
-    dtype = _DTYPES[dtype_name]
-    if math.prod(d for d in shape if d) * dtype.itemsize > max_bytes:
+    count = nonzero = 1
+    for d in shape:
+        if type(d) is not int or d < 0:  # (not bool either)
+            raise WireError(f"array {_short(name)} shape {_short(shape)} must hold ints >= 0")
+        count *= d
+        nonzero *= d or 1
+    if nonzero * dtype.itemsize > max_bytes:
         raise WireError(f"array {_short(name)} shape {_short(shape)} is larger than the message")
-    return name, dtype, tuple(shape)
+    return name, dtype, tuple(shape), count
 
 
 def _decode(frames: Any, max_frame_bytes: int, allowed_kinds: Collection[str] | None) -> Message:
@@ -307,11 +311,12 @@ def _decode(frames: Any, max_frame_bytes: int, allowed_kinds: Collection[str] | 
         raise WireError("arrays must be a list")
 
     arrays: dict[str, np.ndarray] = {}
+    if not view.readonly:  # (a bytearray given to decode): the arrays are read-only views
+        view = view.toreadonly()
     for index, spec in enumerate(specs):
-        name, dtype, shape = _parse_spec(spec, index, view.nbytes)
+        name, dtype, shape, count = _parse_spec(spec, index, view.nbytes)
         if name in arrays:
             raise WireError(f"duplicate array name {_short(name)}")
-        count = math.prod(shape)
         start = end + -end % ALIGNMENT
         end = start + count * dtype.itemsize
         if end > view.nbytes:
@@ -319,9 +324,7 @@ def _decode(frames: Any, max_frame_bytes: int, allowed_kinds: Collection[str] | 
                 f"array {_short(name)} of shape {list(shape)} {dtype.name} needs bytes "
                 f"up to {end}, message has {view.nbytes}"
             )
-        array = np.frombuffer(view, dtype=dtype, count=count, offset=start).reshape(shape)
-        array.flags.writeable = False
-        arrays[name] = array
+        arrays[name] = np.frombuffer(view, dtype=dtype, count=count, offset=start).reshape(shape)
     if end != view.nbytes:
         raise WireError(f"message is {view.nbytes} bytes, its arrays end at byte {end}")
     return Message(kind, header["task"], header["param_version"], meta, arrays)
