@@ -8,7 +8,8 @@ A sender process pushes Pong-sized unrolls (T = 20, 4 x 84 x 84 uint8 frames,
   wire:  the same arrays through impala.wire (msgpack header, validation, zero-copy
          numpy views) and impala.unroll.validate, as the learner receives them.
 Each is measured --repeats times, alternating; prints the medians of unrolls/s and
-MB/s and their ratio, and what encoding one unroll costs the sender.
+MB/s and their ratio; then the CPU time receiving one unroll takes each way over
+inproc (steadier on a busy machine), and what encoding one unroll costs the sender.
 
     python scripts/bench_wire.py --hostile
 
