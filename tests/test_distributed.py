@@ -149,15 +149,23 @@ def test_learner_and_actors_survive_kills_and_restarts(jobs, tmp_path):
 
 
 def _hostile_messages(good: list) -> list[list[bytes]]:
-    header = msgpack.unpackb(good[0])
+    [frame] = good  # docs/protocol.md: header length, msgpack header, arrays from the next multiple of 8
+    size = int.from_bytes(frame[:4], "little")
+    header = msgpack.unpackb(frame[4:4 + size])
+    arrays = frame[4 + size + -(4 + size) % 8:]
+
+    def with_header(**changes) -> list[bytes]:
+        raw = msgpack.packb({**header, **changes})
+        start = len(raw).to_bytes(4, "little") + raw
+        return [start + bytes(-len(start) % 8) + arrays]
+
     return [
         [os.urandom(64)],
         [b"\x93\x01"],  # truncated msgpack
-        [msgpack.packb({**header, "v": 999}), *good[1:]],  # a future protocol version
-        [msgpack.packb({**header, "proto": "other"}), *good[1:]],  # a foreign protocol
-        [msgpack.packb({**header, "arrays": [[n, "object", s] for n, _, s in header["arrays"]]}), *good[1:]],
-        [msgpack.packb({**header, "arrays": [[n, d, [s[0] + 1, *s[1:]]] for n, d, s in header["arrays"]]}),
-         *good[1:]],  # shapes that do not match the buffers
+        with_header(v=999),  # a future protocol version
+        with_header(proto="other"),  # a foreign protocol
+        with_header(arrays=[[n, "object", s] for n, _, s in header["arrays"]]),
+        with_header(arrays=[[n, d, [s[0] + 1, *s[1:]]] for n, d, s in header["arrays"]]),  # shapes that do not match
         wire.encode("unroll", {"reward": np.zeros((21, 1), np.float32)}),  # a valid message, wrong layout
         wire.encode("get_params", {}),  # a foreign kind on the unroll socket
     ]
@@ -187,7 +195,7 @@ def test_hostile_traffic_is_dropped_and_counted(jobs, tmp_path):
     oversized = context.socket(zmq.DEALER)  # over --max_message_mb: ZeroMQ cuts this peer off
     oversized.setsockopt(zmq.LINGER, 0)
     oversized.connect(address)
-    oversized.send_multipart([good[0], b"\x00" * (2 * 2**20)])
+    oversized.send_multipart([good[0] + b"\x00" * (2 * 2**20)])
     try:
         expected = len(hostile) + 3000
         row = _wait(lambda: next((r for r in reversed(_rows(logdir)) if r["bad_messages"] >= expected), None),

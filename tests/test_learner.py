@@ -125,7 +125,7 @@ def test_learner_drops_bad_messages_and_keeps_serving(tmp_path):
         wire.encode("params", {}),  # a foreign kind on the unroll socket
         wire.encode("unroll", {**good_shapes, "reward": np.zeros((6, 2), np.float64)}),  # wrong dtype
         wire.encode("unroll", {k: v for k, v in good_shapes.items() if k != "action"}),  # missing array
-        [wire.encode("unroll", good_shapes)[0]],  # header without its frames
+        [wire.encode("unroll", good_shapes)[0][:-1]],  # a message cut short
     ]
     stop = threading.Event()
     actor = threading.Thread(target=run_actor, args=(config, 7, server.unroll_address, server.params_address),
