@@ -271,35 +271,31 @@ def _random_stepper(config: config_lib.Config, seeds: list[int], seconds: float,
 
 
 def _lock_step_actor(config: config_lib.Config, seeds: list[int], seconds: float, start, results) -> None:
-    """A lock-step actor process (impala/actor.py `_act`) on these environments."""
+    """A lock-step actor process (impala/actor.py `LockStep`) on these environments."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     import torch
 
     from impala import unroll
-    from impala.actor import _act, _write_step
+    from impala.actor import LockStep
     from impala.nets import make_agent
 
     torch.set_num_threads(1)
-    environments = [_make_env(config, seed) for seed in seeds]
-    first = environments[0]
-    agent = make_agent(config, first.observation_shape, first.num_actions, acting=True)
-    spec = unroll.unroll_spec(config.unroll_length, first.observation_shape, first.observation_dtype,
-                              first.num_actions, [s.shape[1] for s in agent.initial_state(1)])
-    buffer = unroll.new_unroll(spec, len(environments))
-    for i, env in enumerate(environments):
-        _write_step(buffer, 0, i, env.initial())
-    state = _act(agent, environments, buffer, agent.initial_state(len(environments)), config.unroll_length)
+    stepper = LockStep([_make_env(config, seed) for seed in seeds])
+    agent = make_agent(config, stepper.spec.observation_shape, stepper.spec.num_actions, acting=True)
+    spec = unroll.spec_of(config.unroll_length, stepper.spec, [s.shape[1] for s in agent.initial_state(1)])
+    buffer = unroll.new_unroll(spec, stepper.num_envs)
+    stepper.initial(buffer)
+    state = stepper.act(agent, buffer, agent.initial_state(stepper.num_envs), config.unroll_length)
     buffer = unroll.next_unroll(spec, buffer)
     results.put(None)  # ready
     start.wait()
     steps, begin = 0, time.perf_counter()
     while time.perf_counter() - begin < seconds:
-        state = _act(agent, environments, buffer, state, config.unroll_length)
+        state = stepper.act(agent, buffer, state, config.unroll_length)
         buffer = unroll.next_unroll(spec, buffer)
-        steps += config.unroll_length * len(environments)
+        steps += config.unroll_length * stepper.num_envs
     results.put(steps / (time.perf_counter() - begin))
-    for env in environments:
-        env.close()
+    stepper.close()
 
 
 def _in_processes(config: config_lib.Config, seconds: float, target) -> float:

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 import torch
 
-from impala import checkpoint, dmlab30, envs, unroll
-from impala.actor import _act, _write_step
+from impala import checkpoint, dmlab30, envs, step, unroll
+from impala.actor import LockStep
 from impala.config import Config
 from impala.envs import dmlab
 from impala.learner import learn_step
@@ -374,10 +374,10 @@ def test_actor_unrolls_carry_instructions_that_the_learner_trains_on(lab, tmp_pa
     buffer = unroll.new_unroll(spec, 2)
     starts = [env.initial() for env in environments]
     for i, start in enumerate(starts):
-        _write_step(buffer, 0, i, start)
+        step.write(buffer, (0, i), start)
     state = agent.initial_state(2)
     initial_state = [s.numpy().copy() for s in state]
-    _act(agent, environments, buffer, state, T)
+    LockStep(environments).act(agent, buffer, state, T)
     arrays = dict(buffer)
     arrays.update({f"core_state_{k}": s for k, s in enumerate(initial_state)})
     assert unroll.validate(arrays, spec) == 2
@@ -425,15 +425,15 @@ def test_agent_learns_the_rewarded_action_of_a_stand_in_level(lab, tmp_path, one
     optimizer = torch.optim.RMSprop(agent.parameters(), lr=config.learning_rate)
     spec = unroll.unroll_spec(T, agent.observation_shape, np.uint8, 9, (), instruction_length=agent.instruction_length)
     buffer = unroll.new_unroll(spec, n)
-    for i, env in enumerate(environments):
-        _write_step(buffer, 0, i, env.initial())
+    stepper = LockStep(environments)
+    stepper.initial(buffer)
 
     def fire_rate(arrays):
         return float((arrays["action"][1:] == 8).mean())
 
     rates = []
     for _ in range(30):
-        _act(agent, environments, buffer, (), T)
+        stepper.act(agent, buffer, (), T)
         rates.append(fire_rate(buffer))
         learn_step(agent, optimizer, {k: torch.from_numpy(v) for k, v in buffer.items()}, config)
         buffer = unroll.next_unroll(spec, buffer)

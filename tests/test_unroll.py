@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from impala import envs, unroll
-from impala.actor import _act, _write_step
+from impala.actor import LockStep
 from impala.envs.gym import GymEnvironment
 from impala.nets import Agent
 from impala.unroll import Batcher, UnrollError, new_unroll, next_unroll, unroll_spec, validate
@@ -264,20 +264,19 @@ def _actor_unrolls(make_env, seeds, num_unrolls=2, unroll_length=T, torch_seed=0
     spec = unroll_spec(unroll_length, first.observation_shape, first.observation_dtype,
                        first.num_actions, [s.shape[1] for s in agent.initial_state(1)])
     buffer = new_unroll(spec, len(environments))
-    for i, env in enumerate(environments):
-        _write_step(buffer, 0, i, env.initial())
+    stepper = LockStep(environments)
+    stepper.initial(buffer)
     state = agent.initial_state(len(environments))
     unrolls = []
     for _ in range(num_unrolls):  # as run_actor does
         initial_state = [s.numpy().copy() for s in state]
-        state = _act(agent, environments, buffer, state, unroll_length)
+        state = stepper.act(agent, buffer, state, unroll_length)
         arrays = dict(buffer)
         arrays.update({f"core_state_{k}": s for k, s in enumerate(initial_state)})
         assert validate(arrays, spec) == len(environments)
         unrolls.append(arrays)
         buffer = next_unroll(spec, buffer)
-    for env in environments:
-        env.close()
+    stepper.close()
     return agent, spec, unrolls
 
 
