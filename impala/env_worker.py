@@ -64,7 +64,8 @@ class SharedSteps:
 
     def __init__(self, spec: step.EnvSpec, num_envs: int, name: str | None = None):
         layout = step.fields(spec)
-        fields = [(n, layout[n].dtype, (num_envs, *layout[n].shape)) for n in (*step.environment_fields(spec), "action")]
+        fields = [(name, layout[name].dtype, (num_envs, *layout[name].shape))
+                  for name in (*step.environment_fields(spec), "action")]
         offsets, size = [], 0
         for _, dtype, shape in fields:
             size = -(-size // 64) * 64  # 64-byte aligned: no array shares a cache line
