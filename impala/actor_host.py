@@ -23,8 +23,8 @@ waiting for a full batch or the timeout. Workers run at idle priority, so that
 the host's threads preempt them rather than share a core with them. `act()` fills
 steps 1..T of one unroll for all n environments and returns when every column
 is complete; the unroll layout, the overlap, the core state and the behaviour
-logits are exactly those of the lock-step actor (impala/actor.py `_act`), so
-run_actor ships it unchanged.
+logits are exactly those of the lock-step actor (impala/actor.py `LockStep`):
+the two are the implementations of run_actor's stepping interface (`Stepper`).
 
 An observation is copied three times on its way: by the worker into shared
 memory, from there into the unroll (which the wire sends), and from the
@@ -53,8 +53,8 @@ from impala.env_worker import EnvWorker, EnvWorkerError
 from impala.memory import reuse_freed_memory
 from impala.metrics import Stopwatch
 from impala.nets import Agent, CoreState, sample_actions
-
-_STEP_FIELDS = ("observation", "reward", "done", "episode_return", "episode_step")
+from impala.policy import call_agent, inputs_at
+from impala.step import EnvSpec, environment_fields
 
 
 class ActorHost:
@@ -75,6 +75,7 @@ class ActorHost:
             raise ValueError(f"need 1 <= num_workers ({num_workers}) <= environments ({len(seeds)})")
         self.num_envs = len(seeds)
         context = multiprocessing.get_context("spawn")
+        self.spec: EnvSpec | None = None  # the environments' spaces, as the first worker reports them
         self._workers: list[EnvWorker] = []
         worker_of: list[int] = []  # env i -> the index of its worker
         self._first_env: dict[EnvWorker, int] = {}
@@ -93,12 +94,12 @@ class ActorHost:
                 worker_of += [w] * len(group)
                 self._workers.append(worker)
             for worker in self._workers:  # they start in parallel; wait for all
-                shared = worker.wait_ready()
-                spec = (shared.observation_shape, shared.observation_dtype, worker.num_actions)
+                spec = worker.wait_ready().spec
                 if worker is self._workers[0]:
-                    self.observation_shape, self.observation_dtype, self.num_actions = spec
-                elif spec != (self.observation_shape, self.observation_dtype, self.num_actions):
+                    self.spec = spec
+                elif spec != self.spec:
                     raise EnvWorkerError(f"{worker.name}'s environments differ from the first worker's")
+            self._env_fields = environment_fields(self.spec)
             self._batcher = Batcher(self._policy, minimum_batch_size, maximum, timeout_ms)
         except BaseException:
             self.close()
@@ -121,7 +122,8 @@ class ActorHost:
         self._taken = [0] * len(self._workers)
         self._answered = [0] * len(self._workers)
         self.batches = self.rows = 0  # batched forward passes and the rows they had
-        self.stopwatch = Stopwatch()  # 'inference': the batcher thread's forward passes
+        # 'inference': the batcher thread's forward passes; 'act': act() (the main thread)
+        self.stopwatch = Stopwatch()
         reuse_freed_memory()
 
     @classmethod
@@ -132,6 +134,18 @@ class ActorHost:
         return cls(make_env, [seed + i for i in range(config.num_envs_per_actor)],
                    config.env_workers_per_actor, config.inference_minimum_batch_size,
                    config.inference_maximum_batch_size, config.inference_timeout_ms)
+
+    @property
+    def observation_shape(self) -> tuple[int, ...]:
+        return self.spec.observation_shape
+
+    @property
+    def observation_dtype(self) -> np.dtype:
+        return self.spec.observation_dtype
+
+    @property
+    def num_actions(self) -> int:
+        return self.spec.num_actions
 
     @property
     def worker_pids(self) -> list[int]:
@@ -148,7 +162,9 @@ class ActorHost:
         from core `state` ([n, H] tensors); returns the core state after step T.
 
         Blocks until every environment has stepped T times; raises EnvWorkerError
-        if a worker fails, or what the network raised."""
+        if a worker fails, or what the network raised. Its time goes to the
+        stopwatch as 'act'."""
+        start = time.perf_counter()
         if self._closed:
             raise EnvWorkerError("the actor host is closed")
         if self._error is not None:  # an unroll failed half-way: the envs are out of step
@@ -181,6 +197,7 @@ class ActorHost:
                     next_step[env] = step
                     self._submit(env, step)
                     submitted[w] += len(env)
+        self.stopwatch.add("act", time.perf_counter() - start)
         return tuple(torch.from_numpy(s) for s in self._states)
 
     def _idles_on_queued_rows(self, w: int, submitted: int, unfinished: int) -> bool:
@@ -190,17 +207,16 @@ class ActorHost:
         at_the_host = submitted - self._answered[w]
         return unfinished > 0 and at_the_host >= unfinished and submitted > self._taken[w]
 
-    @staticmethod
-    def _copy_outputs(buffer: unroll.Unroll, worker: EnvWorker, slots: np.ndarray, env: np.ndarray,
+    def _copy_outputs(self, buffer: unroll.Unroll, worker: EnvWorker, slots: np.ndarray, env: np.ndarray,
                       step: np.ndarray | int) -> None:
         """Copies the outputs in `worker`'s slots into the unroll: slot slots[k] to
         [step[k], env[k]]."""
-        for name in _STEP_FIELDS:
+        for name in self._env_fields:
             buffer[name][step, env] = worker.shared.arrays[name][slots]
 
     def _submit(self, env: np.ndarray, step: np.ndarray) -> None:
         """Asks for env[k]'s action step[k], from its env output step[k] - 1 (what
-        `_act` feeds the agent); `_policy` reads the rows from the unroll."""
+        what LockStep feeds the agent); `_policy` reads the rows from the unroll."""
         for start in range(0, len(env), self._batcher.maximum_batch_size):
             end = start + self._batcher.maximum_batch_size
             self._batcher.submit_many(env[start:end], step[start:end])
@@ -223,11 +239,8 @@ class ActorHost:
             for w, count in enumerate(counts):
                 self._taken[w] += count
             start = time.perf_counter()
-            b, last = self._buffer, step - 1
-            output, new_state = self._agent(
-                *(torch.from_numpy(b[name][last, env])[None] for name in ("observation", "action", "reward", "done")),
-                tuple(torch.from_numpy(s[env]) for s in self._states),
-            )
+            output, new_state = call_agent(self._agent, inputs_at(self._buffer, (step - 1, env)),
+                                           tuple(torch.from_numpy(s[env]) for s in self._states))
             logits = output.policy_logits[0]
             actions = sample_actions(logits).numpy()
             self.stopwatch.add("inference", time.perf_counter() - start)

@@ -20,6 +20,13 @@ class ConfigError(ValueError):
     """A setting that cannot work; the message is one line for the user."""
 
 
+# Choices of flags that lower modules check too: nets.resolve_network takes
+# NETWORKS, losses.clip_rewards REWARD_CLIPPING_MODES. They are said here, where
+# the flags are, and imported from here (config imports nothing of impala).
+NETWORKS = ("auto", "mlp", "shallow", "deep")
+REWARD_CLIPPING_MODES = ("abs_one", "soft_asymmetric", "none")
+
+
 def _f(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
     return field(default=default, metadata={"help": help, "choices": choices})
 
@@ -73,9 +80,7 @@ class Config:
 
     # Agent.
     network: str = _f(
-        "auto", "Torso: mlp, shallow, deep, or auto (mlp for vectors, deep for images).",
-        ("auto", "mlp", "shallow", "deep"),
-    )
+        "auto", "Torso: mlp, shallow, deep, or auto (mlp for vectors, deep for images).", NETWORKS)
     use_lstm: bool = _f(True, "Put an LSTM core after the torso, as in the paper.")
     lstm_size: int = _f(256, "LSTM core width.")
     mlp_sizes: str = _f("64,64", "Hidden layer widths of the mlp torso, comma separated.")
@@ -90,9 +95,7 @@ class Config:
     entropy_cost: float = _f(0.00025, "Entropy cost.")
     baseline_cost: float = _f(0.5, "Baseline cost.")
     discounting: float = _f(0.99, "Discount factor.")
-    reward_clipping: str = _f(
-        "abs_one", "Reward clipping.", ("abs_one", "soft_asymmetric", "none")
-    )
+    reward_clipping: str = _f("abs_one", "Reward clipping.", REWARD_CLIPPING_MODES)
     clip_rho_threshold: float = _f(1.0, "V-trace rho-bar; 0 or less means no clipping.")
     clip_pg_rho_threshold: float = _f(1.0, "V-trace rho-bar of the policy gradient; 0 or less: none.")
     max_grad_norm: float = _f(0.0, "Clip the global gradient norm to this; 0 turns it off.")

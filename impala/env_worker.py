@@ -3,8 +3,9 @@ outputs exchanged through shared memory.
 
 A worker owns k environments. Per environment j it shares one slot with the
 process that started it (`SharedSteps`): the env output of its latest step
-(observation, reward, done, episode_return, episode_step) and the action to
-take next. Pipes carry only which slots changed, as 2-byte slot numbers (so a
+(the environment's fields of a step, impala/step.py: observation, reward, done,
+episode_return, episode_step, and instruction on levels that have one) and the
+action to take next. Pipes carry only which slots changed, as 2-byte slot numbers (so a
 single read collects every notice waiting); observations never go through a
 pipe and nothing on the hot path is pickled:
 
@@ -32,7 +33,6 @@ leave it behind in /dev/shm.
 from __future__ import annotations
 
 import collections
-import ctypes
 import multiprocessing
 import os
 import signal
@@ -43,7 +43,9 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from impala import step
 from impala.envs import Environment, StepOutput
+from impala.process import die_with_parent
 
 _SLOT = np.dtype("<u2")  # slot numbers on the pipes; writes of whole numbers are atomic
 MAX_ENVS_PER_WORKER = 2**16
@@ -57,33 +59,19 @@ class EnvWorkerError(RuntimeError):
 
 class SharedSteps:
     """Shared-memory slots of k environments: the output of each one's latest step
-    and the action to take next.
+    and the action to take next, one array [k, ...] per field: the environment's
+    fields of a step (impala/step.py) and the agent's `action` (i64)."""
 
-      observation     [k, *obs] obs dtype
-      reward          [k] f32
-      done            [k] bool
-      episode_return  [k] f32
-      episode_step    [k] i32
-      action          [k] i64
-    """
-
-    def __init__(self, observation_shape: Sequence[int], observation_dtype: np.dtype | str,
-                 num_envs: int, name: str | None = None):
-        fields = [
-            ("observation", np.dtype(observation_dtype), (num_envs, *observation_shape)),
-            ("reward", np.dtype(np.float32), (num_envs,)),
-            ("done", np.dtype(np.bool_), (num_envs,)),
-            ("episode_return", np.dtype(np.float32), (num_envs,)),
-            ("episode_step", np.dtype(np.int32), (num_envs,)),
-            ("action", np.dtype(np.int64), (num_envs,)),
-        ]
+    def __init__(self, spec: step.EnvSpec, num_envs: int, name: str | None = None):
+        layout = step.fields(spec)
+        fields = [(name, layout[name].dtype, (num_envs, *layout[name].shape))
+                  for name in (*step.environment_fields(spec), "action")]
         offsets, size = [], 0
         for _, dtype, shape in fields:
             size = -(-size // 64) * 64  # 64-byte aligned: no array shares a cache line
             offsets.append(size)
             size += dtype.itemsize * int(np.prod(shape))
-        self.observation_shape = tuple(observation_shape)
-        self.observation_dtype = np.dtype(observation_dtype)
+        self.spec = spec
         self.num_envs = num_envs
         self._memory = shared_memory.SharedMemory(name=name, create=name is None, size=max(size, 1))
         self.name = self._memory.name
@@ -91,16 +79,10 @@ class SharedSteps:
             field: np.ndarray(shape, dtype, buffer=self._memory.buf, offset=offset)
             for (field, dtype, shape), offset in zip(fields, offsets)
         }
-        self.observation = self.arrays["observation"]
         self.action = self.arrays["action"]
 
-    def write(self, j: int, step: StepOutput) -> None:
-        a = self.arrays
-        a["observation"][j] = step.observation
-        a["reward"][j] = step.reward
-        a["done"][j] = step.done
-        a["episode_return"][j] = step.episode_return
-        a["episode_step"][j] = step.episode_step
+    def write(self, j: int, output: StepOutput) -> None:
+        step.write(self.arrays, j, output)
 
     def unlink(self) -> None:
         """Removes the segment's name; the memory lives on until both sides unmap it."""
@@ -110,7 +92,7 @@ class SharedSteps:
             pass
 
     def close(self, unlink: bool = False) -> None:
-        self.arrays = self.observation = self.action = None  # views must go before the mapping
+        self.arrays = self.action = None  # views must go before the mapping
         self._memory.close()
         if unlink:
             self.unlink()
@@ -118,15 +100,6 @@ class SharedSteps:
 
 def _slots(indices: Sequence[int]) -> bytes:
     return np.asarray(indices, _SLOT).tobytes()
-
-
-def _die_with_parent(parent_pid: int) -> None:
-    try:  # Linux: SIGTERM when the parent goes, even if it is SIGKILLed
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
-    if os.getppid() != parent_pid:  # the parent died before prctl took effect
-        os._exit(0)
 
 
 def _yield_to_the_owner() -> None:
@@ -148,21 +121,19 @@ def _worker_main(make_env: Callable[..., Environment], seeds: Sequence[int], rep
     """The worker process: make the environments, announce their slots, then step
     environments as asked until the action pipe closes."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the owner handles Ctrl-C and closes us
-    _die_with_parent(parent_pid)
+    if not die_with_parent(parent_pid):
+        os._exit(0)
     if low_priority:
         _yield_to_the_owner()
     environments: list[Environment] = []
     slots, announced = None, False
     try:
         environments = [make_env(seed=seed) for seed in seeds]
-        first = environments[0]
-        if getattr(first, "instruction_length", 0):
-            raise ValueError("environment workers do not carry instructions yet; use --env_workers_per_actor=0")
-        slots = SharedSteps(first.observation_shape, first.observation_dtype, len(environments))
+        spec = step.EnvSpec.of(environments[0])
+        slots = SharedSteps(spec, len(environments))
         for j, env in enumerate(environments):
             slots.write(j, env.initial())
-        control.send(("ready", slots.name, first.observation_shape, first.observation_dtype.str,
-                      first.num_actions))
+        control.send(("ready", slots.name, spec))
         announced = True  # from here on the owner unlinks the slots (as soon as it has mapped them)
         actions_fd, stepped_fd = actions.fileno(), stepped.fileno()
         pending: collections.deque[int] = collections.deque()
@@ -209,7 +180,6 @@ class EnvWorker:
         context = context or multiprocessing.get_context("spawn")
         self.name = name
         self.num_envs = len(seeds)
-        self.num_actions = 0
         self.shared: SharedSteps | None = None
         actions_reader, self._actions = context.Pipe(duplex=False)
         self._stepped, stepped_writer = context.Pipe(duplex=False)
@@ -237,12 +207,11 @@ class EnvWorker:
             raise self._failure() from None
         if message[0] == "error":
             raise EnvWorkerError(f"{self.name} failed to start:\n{message[1]}")
-        _, shm_name, shape, dtype, num_actions = message
-        self.shared = SharedSteps(shape, dtype, self.num_envs, name=shm_name)
+        _, shm_name, spec = message
+        self.shared = SharedSteps(spec, self.num_envs, name=shm_name)
         # Both sides have it mapped: drop the name now, so that however either side
         # dies (even SIGKILL) nothing is left behind in /dev/shm.
         self.shared.unlink()
-        self.num_actions = int(num_actions)
         return self.shared
 
     def request(self, slots: Sequence[int]) -> None:

@@ -27,6 +27,7 @@ Evaluation choices, as in the original's test mode:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import tempfile
@@ -34,13 +35,14 @@ import time
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import torch
 from absl import logging
 
 from impala import checkpoint, dmlab30, envs, scores
-from impala.config import Config, ConfigError
+from impala.config import Config
 from impala.nets import Agent, make_agent, sample_actions
+from impala.policy import call_agent, inputs_at
+from impala.step import EnvSpec, fields, new_arrays, write
 
 RESULTS_FILE = "test_results.json"
 
@@ -77,7 +79,8 @@ def evaluate(config: Config) -> dict:
     results = []
     start = time.monotonic()
     for index, level in enumerate(levels, 1):
-        env = _make(config, level)
+        env = envs.make_checked(level, seed=config.seed, num_action_repeats=config.num_action_repeats,
+                                training=False, **envs.options(config))
         try:
             if agent is None:
                 agent = _load_agent(config, env, state, path)
@@ -99,16 +102,6 @@ def evaluate(config: Config) -> dict:
     return scores.summary(results)
 
 
-def _make(config: Config, level: str) -> envs.Environment:
-    try:
-        return envs.make(level, seed=config.seed, num_action_repeats=config.num_action_repeats,
-                         training=False, **envs.options(config))
-    except envs.UnknownLevelError:
-        raise
-    except ValueError as e:  # e.g. a continuous action space; EngineMissingError is a ConfigError
-        raise ConfigError(str(e).splitlines()[0])
-
-
 def _load_agent(config: Config, env: envs.Environment, state: dict, path: Path) -> Agent:
     from impala.learner import network_signature
 
@@ -128,24 +121,19 @@ def play(agent: Agent, env: envs.Environment, num_episodes: int,
          on_episode: Callable[[int, float, int], None] | None = None) -> list[float]:
     """Plays `num_episodes` whole episodes from a fresh start, sampling actions from
     the policy; returns their returns."""
-    step = env.initial()
+    spec = EnvSpec.of(env)
+    if spec.instruction_length and agent.instruction is None:
+        spec = dataclasses.replace(spec, instruction_length=0)  # an agent that does not read them
+    arrays = new_arrays(fields(spec), (1,))  # the step the agent acts on, for one environment
+    write(arrays, 0, env.initial())
     state = agent.initial_state(1)
-    action = 0
     returns: list[float] = []
     while len(returns) < num_episodes:
-        instruction = None
-        if step.instruction is not None and agent.instruction is not None:
-            instruction = torch.from_numpy(np.asarray(step.instruction))[None, None]
-        output, state = agent(
-            torch.from_numpy(np.asarray(step.observation))[None, None],
-            torch.tensor([[action]]),
-            torch.tensor([[step.reward]], dtype=torch.float32),
-            torch.tensor([[step.done]]),
-            state,
-            instruction=instruction,
-        )
+        output, state = call_agent(agent, inputs_at(arrays, slice(None)), state)
         action = int(sample_actions(output.policy_logits)[0, 0])
         step = env.step(action)
+        write(arrays, 0, step)
+        arrays["action"][0] = action
         if step.done:
             returns.append(float(step.episode_return))
             if on_episode is not None:

@@ -10,9 +10,7 @@ one that keeps crashing stops the run with its exit code.
 
 from __future__ import annotations
 
-import ctypes
 import multiprocessing
-import os
 import signal
 import time
 
@@ -21,6 +19,7 @@ from absl import flags, logging
 from impala.actor import run_actor
 from impala.config import Config
 from impala.learner import Learner
+from impala.process import die_with_parent
 
 MAX_RESTARTS = 3  # per actor within RESTART_WINDOW_S before the run gives up
 RESTART_WINDOW_S = 60.0
@@ -32,11 +31,7 @@ class ActorCrashLoop(RuntimeError):
 
 def _actor_main(config: Config, task: int, unroll_address: str, params_address: str) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the launcher owns Ctrl-C
-    try:  # die with the launcher, even if it is SIGKILLed (Linux)
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
-    if os.getppid() == 1:  # the launcher died before prctl took effect
+    if not die_with_parent(multiprocessing.parent_process().pid):  # even if it is SIGKILLed (Linux)
         return
     flags.FLAGS.mark_as_parsed()  # flags arrive in `config`; this quiets absl's warning
     logging.use_absl_handler()

@@ -1,17 +1,12 @@
 """Unrolls: what an actor sends and the learner trains on.
 
-An unroll of length T holds T + 1 time steps of n environments, time-major:
+An unroll of length T holds T + 1 time steps of n environments, time-major: one
+array [T+1, n, ...] per field of a step (impala/step.py says which fields there
+are, their dtypes and shapes, and which come from the environment and which from
+the agent), plus the agent's core state before step 0:
 
-  observation     [T+1, n, *obs]  env output at step t (after auto-reset on done)
-  reward          [T+1, n] f32    reward that came with that env output
-  done            [T+1, n] bool   the step that produced it ended an episode
-  episode_return  [T+1, n] f32    running return (the finished episode's at done)
-  episode_step    [T+1, n] i32    running agent steps (likewise)
-  action          [T+1, n] i64    action that led to that env output
-  policy_logits   [T+1, n, A] f32 behaviour logits of that action
-  core_state_k    [n, H]          agent core state before step 0 (LSTM h, c)
-  instruction     [T+1, n, L] i32 word ids of the instruction that came with that
-                                  env output (only for levels with instructions, L > 0)
+  <step field>    [T+1, n, *shape]  see impala/step.py
+  core_state_k    [n, H] f32        agent core state before step 0 (LSTM h, c)
 
 As in the original, step 0 repeats the last step of the previous unroll, so the
 learner sees every transition once: it runs the network over all T + 1 env
@@ -24,6 +19,8 @@ from __future__ import annotations
 from typing import Mapping, Sequence
 
 import numpy as np
+
+from impala import step
 
 Unroll = dict[str, np.ndarray]
 
@@ -42,22 +39,20 @@ def unroll_spec(
 ) -> dict[str, tuple[np.dtype, tuple[int, ...], bool]]:
     """Layout of one unroll: name -> (dtype, shape without the env axis, time-major?).
 
-    `instruction_length` > 0 adds the 'instruction' array (DMLab); 0 leaves it out."""
+    The time-major arrays are impala/step.py's fields; `instruction_length` > 0
+    adds the 'instruction' array (DMLab), 0 leaves it out."""
     steps = unroll_length + 1
-    spec = {
-        "observation": (np.dtype(observation_dtype), (steps, *observation_shape), True),
-        "reward": (np.dtype(np.float32), (steps,), True),
-        "done": (np.dtype(np.bool_), (steps,), True),
-        "episode_return": (np.dtype(np.float32), (steps,), True),
-        "episode_step": (np.dtype(np.int32), (steps,), True),
-        "action": (np.dtype(np.int64), (steps,), True),
-        "policy_logits": (np.dtype(np.float32), (steps, num_actions), True),
-    }
+    layout = step.EnvSpec(tuple(observation_shape), np.dtype(observation_dtype), num_actions, instruction_length)
+    spec = {name: (f.dtype, (steps, *f.shape), True) for name, f in step.fields(layout).items()}
     for k, size in enumerate(state_sizes):
         spec[f"core_state_{k}"] = (np.dtype(np.float32), (size,), False)
-    if instruction_length > 0:
-        spec["instruction"] = (np.dtype(np.int32), (steps, instruction_length), True)
     return spec
+
+
+def spec_of(unroll_length: int, env: step.EnvSpec, state_sizes: Sequence[int] = ()) -> dict:
+    """`unroll_spec` for environments like `env`."""
+    return unroll_spec(unroll_length, env.observation_shape, env.observation_dtype, env.num_actions, state_sizes,
+                       instruction_length=env.instruction_length)
 
 
 def _env_axis(time_major: bool) -> int:

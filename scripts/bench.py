@@ -114,24 +114,24 @@ def _agent_and_spec(config: config_lib.Config, acting: bool = False):
 
 
 def _random_inputs(spec, agent, T: int, B: int, rng: np.random.Generator) -> dict:
-    """Random [T, B, ...] env outputs with the level's shapes (compute does not
-    depend on the values)."""
+    """Random [T, B, ...] steps with the level's shapes, one per field of
+    impala/step.py, and core states (compute does not depend on the values)."""
     import torch
 
-    shape = (T, B, *spec.observation_shape)
-    if np.dtype(spec.observation_dtype) == np.uint8:
-        observation = rng.integers(0, 256, shape, dtype=np.uint8)
-    else:
-        observation = rng.standard_normal(shape).astype(spec.observation_dtype)
-    batch = {
-        "observation": torch.from_numpy(observation),
-        "action": torch.from_numpy(rng.integers(0, spec.num_actions, (T, B))),
-        "reward": torch.from_numpy(rng.standard_normal((T, B)).astype(np.float32)),
-        "done": torch.from_numpy(rng.random((T, B)) < 0.01),
-        "policy_logits": torch.from_numpy(rng.standard_normal((T, B, spec.num_actions)).astype(np.float32)),
-    }
-    if spec.instruction_length:
-        batch["instruction"] = torch.from_numpy(rng.integers(0, 1000, (T, B, spec.instruction_length)))
+    from impala import step
+
+    batch = {}
+    for name, field in step.fields(spec).items():
+        shape = (T, B, *field.shape)
+        if field.dtype == np.bool_:
+            value = rng.random(shape) < 0.01
+        elif name == "action":
+            value = rng.integers(0, spec.num_actions, shape)
+        elif np.issubdtype(field.dtype, np.integer):  # pixels, word ids, step counts
+            value = rng.integers(0, 256 if field.dtype == np.uint8 else 1000, shape)
+        else:
+            value = rng.standard_normal(shape)
+        batch[name] = torch.from_numpy(np.asarray(value, field.dtype))
     for k, s in enumerate(agent.initial_state(B)):
         batch[f"core_state_{k}"] = s
     return batch
@@ -142,6 +142,7 @@ def inference_samples_per_second(config: config_lib.Config, batch_size: int, sec
     import torch
 
     from impala.nets import sample_actions
+    from impala.policy import call_agent
 
     agent, spec = _agent_and_spec(config, acting=True)
     inputs = _random_inputs(spec, agent, 1, batch_size, np.random.default_rng(config.seed))
@@ -149,8 +150,7 @@ def inference_samples_per_second(config: config_lib.Config, batch_size: int, sec
 
     @torch.no_grad()
     def step() -> None:
-        output, _ = agent(inputs["observation"], inputs["action"], inputs["reward"], inputs["done"], state,
-                          instruction=inputs.get("instruction"))
+        output, _ = call_agent(agent, inputs, state)
         sample_actions(output.policy_logits[0]).numpy()
 
     return batch_size / _timed(step, seconds)
@@ -292,35 +292,31 @@ def _random_stepper(config: config_lib.Config, seeds: list[int], seconds: float,
 
 
 def _lock_step_actor(config: config_lib.Config, seeds: list[int], seconds: float, start, results) -> None:
-    """A lock-step actor process (impala/actor.py `_act`) on these environments."""
+    """A lock-step actor process (impala/actor.py `LockStep`) on these environments."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     import torch
 
     from impala import unroll
-    from impala.actor import _act, _write_step
+    from impala.actor import LockStep
     from impala.nets import make_agent
 
     torch.set_num_threads(1)
-    environments = [_make_env(config, seed) for seed in seeds]
-    first = environments[0]
-    agent = make_agent(config, first.observation_shape, first.num_actions, acting=True)
-    spec = unroll.unroll_spec(config.unroll_length, first.observation_shape, first.observation_dtype,
-                              first.num_actions, [s.shape[1] for s in agent.initial_state(1)])
-    buffer = unroll.new_unroll(spec, len(environments))
-    for i, env in enumerate(environments):
-        _write_step(buffer, 0, i, env.initial())
-    state = _act(agent, environments, buffer, agent.initial_state(len(environments)), config.unroll_length)
+    stepper = LockStep([_make_env(config, seed) for seed in seeds])
+    agent = make_agent(config, stepper.spec.observation_shape, stepper.spec.num_actions, acting=True)
+    spec = unroll.spec_of(config.unroll_length, stepper.spec, [s.shape[1] for s in agent.initial_state(1)])
+    buffer = unroll.new_unroll(spec, stepper.num_envs)
+    stepper.initial(buffer)
+    state = stepper.act(agent, buffer, agent.initial_state(stepper.num_envs), config.unroll_length)
     buffer = unroll.next_unroll(spec, buffer)
     results.put(None)  # ready
     start.wait()
     steps, begin = 0, time.perf_counter()
     while time.perf_counter() - begin < seconds:
-        state = _act(agent, environments, buffer, state, config.unroll_length)
+        state = stepper.act(agent, buffer, state, config.unroll_length)
         buffer = unroll.next_unroll(spec, buffer)
-        steps += config.unroll_length * len(environments)
+        steps += config.unroll_length * stepper.num_envs
     results.put(steps / (time.perf_counter() - begin))
-    for env in environments:
-        env.close()
+    stepper.close()
 
 
 def _in_processes(config: config_lib.Config, seconds: float, target) -> float:

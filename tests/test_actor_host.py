@@ -24,7 +24,7 @@ from torch.nn import functional as F
 import impala.actor
 import impala.actor_host
 from impala import envs
-from impala.actor import _act, _write_step
+from impala.actor import LockStep
 from impala.actor_host import ActorHost
 from impala.env_worker import EnvWorkerError
 from impala.envs.gym import GymEnvironment
@@ -81,20 +81,18 @@ def _spec(environment_like, agent) -> dict:
 
 
 def _lock_step_unrolls(make_env, seeds, agent, count):
-    """What run_actor ships without env workers (impala/actor.py `_act`)."""
-    environments = [make_env(seed=seed) for seed in seeds]
-    spec = _spec(environments[0], agent)
+    """What run_actor ships without env workers (impala/actor.py `LockStep`)."""
+    stepper = LockStep([make_env(seed=seed) for seed in seeds])
+    spec = _spec(stepper.environments[0], agent)
     buffer = new_unroll(spec, len(seeds))
-    for i, env in enumerate(environments):
-        _write_step(buffer, 0, i, env.initial())
+    stepper.initial(buffer)
     state, unrolls = agent.initial_state(len(seeds)), []
     for _ in range(count):
         initial_state = [s.numpy().copy() for s in state]
-        state = _act(agent, environments, buffer, state, T)
+        state = stepper.act(agent, buffer, state, T)
         unrolls.append({**buffer, **{f"core_state_{k}": s for k, s in enumerate(initial_state)}})
         buffer = next_unroll(spec, buffer)
-    for env in environments:
-        env.close()
+    stepper.close()
     return unrolls
 
 

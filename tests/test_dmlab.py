@@ -6,6 +6,7 @@ put on sys.path (PYTHONPATH for subprocesses) by these tests only."""
 
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
 import sys
@@ -15,8 +16,9 @@ import numpy as np
 import pytest
 import torch
 
-from impala import checkpoint, dmlab30, envs, unroll
-from impala.actor import _act, _write_step
+from impala import checkpoint, dmlab30, envs, step, unroll
+from impala.actor import LockStep
+from impala.actor_host import ActorHost
 from impala.config import Config
 from impala.envs import dmlab
 from impala.learner import learn_step
@@ -374,10 +376,10 @@ def test_actor_unrolls_carry_instructions_that_the_learner_trains_on(lab, tmp_pa
     buffer = unroll.new_unroll(spec, 2)
     starts = [env.initial() for env in environments]
     for i, start in enumerate(starts):
-        _write_step(buffer, 0, i, start)
+        step.write(buffer, (0, i), start)
     state = agent.initial_state(2)
     initial_state = [s.numpy().copy() for s in state]
-    _act(agent, environments, buffer, state, T)
+    LockStep(environments).act(agent, buffer, state, T)
     arrays = dict(buffer)
     arrays.update({f"core_state_{k}": s for k, s in enumerate(initial_state)})
     assert unroll.validate(arrays, spec) == 2
@@ -405,6 +407,35 @@ def test_actor_unrolls_carry_instructions_that_the_learner_trains_on(lab, tmp_pa
         env.close()
 
 
+def test_env_workers_carry_instructions_to_the_unroll_and_the_agent(lab):
+    """The actor host on a language level: each step's instruction goes through the
+    workers' shared memory into the unroll, and the agent reads it."""
+    torch.manual_seed(0)
+    level, T, seeds = "language_answer_quantitative_question", 6, [1, 2, 3]
+    make_env = functools.partial(envs.make, level, num_action_repeats=4, **SMALL)  # spawned workers call it
+    with ActorHost(make_env, seeds, num_workers=2) as host:
+        assert host.spec.instruction_length > 0
+        agent = Agent(host.spec.observation_shape, host.spec.num_actions, network="shallow", lstm_size=16,
+                      instruction_length=host.spec.instruction_length)
+        seen = []
+        agent.instruction.register_forward_hook(lambda module, args, out: seen.append(args[0].clone()))
+        spec = unroll.spec_of(T, host.spec, [s.shape[1] for s in agent.initial_state(1)])
+        buffer = unroll.new_unroll(spec, len(seeds))
+        host.initial(buffer)
+        host.act(agent, buffer, agent.initial_state(len(seeds)), T)
+    assert len(seen) >= T and all(tokens.any() for tokens in seen)  # every forward pass read instructions
+    assert {tuple(row) for tokens in seen for row in tokens.reshape(-1, tokens.shape[-1]).tolist()} == {
+        tuple(row) for row in buffer["instruction"][:-1].reshape(-1, spec["instruction"][1][-1]).tolist()}
+    for i, seed in enumerate(seeds):  # replaying the actions gives the unroll's steps, instructions included
+        env = make_env(seed=seed)
+        np.testing.assert_array_equal(buffer["instruction"][0, i], env.initial().instruction)
+        for t in range(1, T + 1):
+            out = env.step(int(buffer["action"][t, i]))
+            np.testing.assert_array_equal(buffer["instruction"][t, i], out.instruction)
+            np.testing.assert_array_equal(buffer["observation"][t, i], out.observation)
+        env.close()
+
+
 @pytest.fixture
 def one_thread():
     threads = torch.get_num_threads()
@@ -425,15 +456,15 @@ def test_agent_learns_the_rewarded_action_of_a_stand_in_level(lab, tmp_path, one
     optimizer = torch.optim.RMSprop(agent.parameters(), lr=config.learning_rate)
     spec = unroll.unroll_spec(T, agent.observation_shape, np.uint8, 9, (), instruction_length=agent.instruction_length)
     buffer = unroll.new_unroll(spec, n)
-    for i, env in enumerate(environments):
-        _write_step(buffer, 0, i, env.initial())
+    stepper = LockStep(environments)
+    stepper.initial(buffer)
 
     def fire_rate(arrays):
         return float((arrays["action"][1:] == 8).mean())
 
     rates = []
     for _ in range(30):
-        _act(agent, environments, buffer, (), T)
+        stepper.act(agent, buffer, (), T)
         rates.append(fire_rate(buffer))
         learn_step(agent, optimizer, {k: torch.from_numpy(v) for k, v in buffer.items()}, config)
         buffer = unroll.next_unroll(spec, buffer)
@@ -466,3 +497,22 @@ def test_dmlab30_trains_end_to_end_with_returns_per_level(tmp_path):
     assert levels and levels <= {"rooms_collect_good_objects_train", "rooms_exploit_deferred_effects_train"}, rows
     assert "Actor 0: acting on rooms_collect_good_objects_train" in out
     assert "Actor 1: acting on" not in out or "Actor 1: acting on rooms_exploit_deferred_effects_train" in out
+
+
+def test_a_language_level_trains_with_env_workers(tmp_path):
+    """Instructions through env workers, the actor host and a real learner."""
+    logdir = tmp_path / "language"
+    process = cli.start("--level_name=language_answer_quantitative_question", "--network=shallow", "--width=32",
+                        "--height=24", "--lstm_size=16", "--num_actors=1", "--num_envs_per_actor=4",
+                        "--env_workers_per_actor=2", "--unroll_length=10", "--batch_size=2",
+                        "--total_environment_frames=400", "--log_interval_s=0.5", "--device=cpu",
+                        f"--logdir={logdir}", env=with_stand_in())
+    try:
+        out, _ = process.communicate(timeout=240)
+    finally:
+        cli.kill_session(process.pid)
+    assert process.returncode == 0, out[-3000:]
+    state = checkpoint.load(checkpoint.latest(logdir))
+    assert state["frames"] >= 400  # 5 updates of 2 x 10 steps x 4 frames
+    assert any(k.startswith("instruction.") for k in state["model"])
+    assert "Actor 0: acting on language_answer_quantitative_question" in out

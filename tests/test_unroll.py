@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from impala import envs, unroll
-from impala.actor import _act, _write_step
+from impala.actor import LockStep
 from impala.envs.gym import GymEnvironment
 from impala.nets import Agent
 from impala.unroll import Batcher, UnrollError, new_unroll, next_unroll, unroll_spec, validate
@@ -264,20 +264,19 @@ def _actor_unrolls(make_env, seeds, num_unrolls=2, unroll_length=T, torch_seed=0
     spec = unroll_spec(unroll_length, first.observation_shape, first.observation_dtype,
                        first.num_actions, [s.shape[1] for s in agent.initial_state(1)])
     buffer = new_unroll(spec, len(environments))
-    for i, env in enumerate(environments):
-        _write_step(buffer, 0, i, env.initial())
+    stepper = LockStep(environments)
+    stepper.initial(buffer)
     state = agent.initial_state(len(environments))
     unrolls = []
     for _ in range(num_unrolls):  # as run_actor does
         initial_state = [s.numpy().copy() for s in state]
-        state = _act(agent, environments, buffer, state, unroll_length)
+        state = stepper.act(agent, buffer, state, unroll_length)
         arrays = dict(buffer)
         arrays.update({f"core_state_{k}": s for k, s in enumerate(initial_state)})
         assert validate(arrays, spec) == len(environments)
         unrolls.append(arrays)
         buffer = next_unroll(spec, buffer)
-    for env in environments:
-        env.close()
+    stepper.close()
     return agent, spec, unrolls
 
 
@@ -357,3 +356,38 @@ def test_actor_unrolls_mark_episode_ends():
     # What the learner would log as finished episodes.
     returns = [float(r) for u in unrolls for r in u["episode_return"][1:, 0][u["done"][1:, 0]]]
     assert returns == [3.0, 3.0, 3.0]
+
+
+# ---------------------------------------------------------------------------
+# One step definition (impala/step.py) behind every layout.
+
+
+def test_unrolls_and_env_worker_slots_derive_from_the_step_definition():
+    from impala import step
+    from impala.env_worker import SharedSteps
+    from impala.envs import StepOutput
+
+    spec = step.EnvSpec((3, 4), np.dtype(np.uint8), 5, instruction_length=7)
+    fields = step.fields(spec)
+    # The environment's fields are StepOutput's, instruction only where the level has one.
+    assert set(step.environment_fields(spec)) == set(StepOutput._fields)
+    plain = step.EnvSpec((3, 4), np.dtype(np.uint8), 5)
+    assert set(step.environment_fields(plain)) == set(StepOutput._fields) - {"instruction"}
+    assert {n for n, f in fields.items() if f.source == step.AGENT} == {"action", "policy_logits"}
+    layout = unroll.spec_of(9, spec, (16, 16))
+    assert layout == unroll_spec(9, (3, 4), np.uint8, 5, (16, 16), instruction_length=7)
+    assert {name for name, (_, _, time_major) in layout.items() if time_major} == set(fields)
+    for name, field in fields.items():
+        assert layout[name] == (field.dtype, (10, *field.shape), True)
+    shared = SharedSteps(spec, 3)
+    try:
+        assert set(shared.arrays) == {*step.environment_fields(spec), "action"}
+        for name, array in shared.arrays.items():
+            assert (array.dtype, array.shape) == (fields[name].dtype, (3, *fields[name].shape))
+        output = StepOutput(1.5, True, np.full((3, 4), 9, np.uint8), 2.5, 4, np.arange(7, dtype=np.int32))
+        shared.write(1, output)
+        for name in StepOutput._fields:
+            np.testing.assert_array_equal(shared.arrays[name][1], getattr(output, name))
+        assert not shared.arrays["observation"][0].any()
+    finally:
+        shared.close(unlink=True)

@@ -194,11 +194,27 @@ def make(
     )
 
 
+def make_checked(level_name: str, **kwargs: Any) -> Environment:
+    """`make` for a level the user named: an environment this program cannot use
+    (e.g. a continuous action space) is a one-line ConfigError. UnknownLevelError
+    (itself a user error with its own hint) and EngineMissingError (a ConfigError)
+    pass through."""
+    try:
+        return make(level_name, **kwargs)
+    except UnknownLevelError:
+        raise
+    except ValueError as e:
+        if isinstance(e, ConfigError):
+            raise
+        raise ConfigError(str(e).splitlines()[0]) from None
+
+
 __all__ = [
     "Environment",
     "StepOutput",
     "UnknownLevelError",
     "make",
+    "make_checked",
     "resolve_level",
 ]
 
