@@ -1,4 +1,5 @@
-"""The learner's update step, its sockets under bad input, and checkpoints."""
+"""The learner's update step and schedule, its sockets under bad input, non-finite
+updates, a failing server thread, and checkpoints."""
 
 from __future__ import annotations
 
@@ -13,7 +14,9 @@ import zmq
 from impala import checkpoint, learner, unroll, wire
 from impala.actor import run_actor
 from impala.config import Config
+from impala.metrics import read_jsonl
 from impala.nets import Agent
+from impala.receiver import ActorBook
 
 T, B, A, OBS = 4, 3, 2, 3
 
@@ -187,3 +190,120 @@ def test_checkpoints_are_pruned_and_corrupt_ones_refused(tmp_path):
     with pytest.raises(checkpoint.CheckpointError, match="cannot read checkpoint") as error:
         checkpoint.load(kept[-1])
     assert "\n" not in str(error.value)
+
+
+def test_learning_rate_schedule_decays_linearly_to_zero_by_frames(tmp_path):
+    config = _config(tmp_path, learning_rate=0.01, total_environment_frames=1000)
+    assert learner.learning_rate_at(0, config) == pytest.approx(0.01)
+    assert learner.learning_rate_at(250, config) == pytest.approx(0.0075)
+    assert learner.learning_rate_at(999, config) == pytest.approx(0.00001)
+    assert learner.learning_rate_at(1000, config) == 0.0
+    assert learner.learning_rate_at(5000, config) == 0.0  # a resumed run past its budget
+
+
+def test_learn_step_applies_the_given_learning_rate(tmp_path):
+    agent = Agent((OBS,), A, network="mlp", use_lstm=False, hidden_sizes=(8,))
+    optimizer = torch.optim.SGD(agent.parameters(), lr=0.5)
+    learner.learn_step(agent, optimizer, _random_batch(np.random.default_rng(3)), _config(tmp_path), 0.125)
+    assert optimizer.param_groups[0]["lr"] == 0.125
+
+
+def _optimizer_state(optimizer) -> list[torch.Tensor]:
+    return [t.clone() for state in optimizer.state.values() for t in state.values() if torch.is_tensor(t)]
+
+
+@pytest.mark.parametrize("poison", ["reward", "logits"])
+def test_a_non_finite_update_is_skipped_and_leaves_parameters_and_optimizer_alone(tmp_path, poison):
+    from impala.optim import RMSPropTF
+
+    config = _config(tmp_path, reward_clipping="none")
+    agent = Agent((OBS,), A, network="mlp", use_lstm=False, hidden_sizes=(8,))
+    optimizer = RMSPropTF(agent.parameters(), lr=0.01, decay=0.99, momentum=0.0, epsilon=0.1)
+    rng = np.random.default_rng(4)
+    assert learner.learn_step(agent, optimizer, _random_batch(rng), config)["skipped"] == 0.0
+    params, state = [p.detach().clone() for p in agent.parameters()], _optimizer_state(optimizer)
+    batch = _random_batch(rng)
+    if poison == "reward":
+        batch["reward"][2, 1] = float("nan")
+    else:
+        batch["policy_logits"][1, 0, 0] = float("inf")
+    stats = learner.learn_step(agent, optimizer, batch, config)
+    assert stats["skipped"] == 1.0
+    assert not np.isfinite(stats["total_loss"]) or not np.isfinite(stats["grad_norm"])
+    assert all(torch.equal(a, b) for a, b in zip(params, agent.parameters()))
+    after = _optimizer_state(optimizer)
+    assert len(after) == len(state) and all(torch.equal(a, b) for a, b in zip(state, after))
+
+
+def test_a_checkpoint_with_non_finite_parameters_is_never_written(tmp_path):
+    server = learner.Learner(_config(tmp_path))
+    try:
+        server.save_checkpoint()
+        first = checkpoint.latest(tmp_path)
+        server.frames = 1000
+        with torch.no_grad():
+            next(server.agent.parameters())[0] = float("nan")
+        server.save_checkpoint()  # logs, does not raise
+        assert checkpoint.list_checkpoints(tmp_path) == [first]
+        assert all(torch.isfinite(t).all() for t in checkpoint.load(first)["model"].values())
+        with pytest.raises(checkpoint.NonFiniteError):
+            checkpoint.save(tmp_path, {"model": server.agent.state_dict()}, 2000)
+        assert checkpoint.list_checkpoints(tmp_path) == [first]
+    finally:
+        server.close(save=False)
+
+
+def test_non_finite_unrolls_are_skipped_then_stop_the_run(tmp_path):
+    """Real learner, real socket: unrolls whose rewards are NaN (the wire carries
+    any float) make every update non-finite; the parameters stay as they were and
+    after MAX_NONFINITE_IN_A_ROW the run stops with a one-line error."""
+    config = _config(tmp_path, batch_size=1, num_envs_per_actor=1, unroll_length=5, reward_clipping="none",
+                     log_interval_s=0.001)
+    server = learner.Learner(config)
+    peer = zmq.Context.instance().socket(zmq.DEALER)
+    peer.setsockopt(zmq.LINGER, 0)
+    peer.connect(server.unroll_address)
+    try:
+        before = [p.detach().clone() for p in server.agent.parameters()]
+        arrays = unroll.new_unroll(server.unroll_spec, 1)
+        arrays["reward"][3] = float("nan")
+        frames = wire.encode("unroll", arrays, task=0)
+        for _ in range(learner.MAX_NONFINITE_IN_A_ROW):
+            peer.send_multipart(frames)
+        with pytest.raises(learner.NonFiniteLossError, match="in a row") as error:
+            server.run()
+        assert "\n" not in str(error.value)
+        assert all(torch.equal(a, b) for a, b in zip(before, server.agent.parameters()))
+        assert server.param_version == 0
+        rows = read_jsonl(tmp_path / "metrics.jsonl")
+        assert sum(r["skipped_updates"] for r in rows) >= learner.MAX_NONFINITE_IN_A_ROW - 1
+    finally:
+        peer.close()
+        server.close(save=True)
+    saved = checkpoint.load(checkpoint.latest(tmp_path))
+    assert all(torch.isfinite(t).all() for t in saved["model"].values())
+
+
+def test_a_failing_server_thread_stops_the_run(tmp_path, monkeypatch):
+    """Any exception in a server thread (here injected where unrolls are booked,
+    with a real actor on real sockets) ends run() with a one-line error."""
+    config = _config(tmp_path, batch_size=2, num_envs_per_actor=2, unroll_length=5)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("injected failure")
+
+    monkeypatch.setattr(ActorBook, "record", broken)
+    server = learner.Learner(config)
+    stop = threading.Event()
+    actor = threading.Thread(target=run_actor, args=(config, 0, server.unroll_address, server.params_address),
+                             kwargs=dict(stop=stop), daemon=True)
+    actor.start()
+    try:
+        with pytest.raises(learner.ServerThreadError, match="unrolls thread failed: RuntimeError: injected") as e:
+            server.run()
+        assert "\n" not in str(e.value)
+    finally:
+        stop.set()
+        actor.join(timeout=10)
+        server.close(save=True)
+    assert checkpoint.latest(tmp_path) is not None
