@@ -156,7 +156,7 @@ def learn_step(agent: Agent, optimizer: torch.optim.Optimizer, batch: dict[str, 
     scalars = {"total_loss": loss.total, "pg_loss": loss.policy_gradient, "baseline_loss": loss.baseline,
                "entropy_loss": loss.entropy, "grad_norm": grad_norm, **loss.diagnostics}
     # One device sync for all of them, before the step: a non-finite update is not applied.
-    stats = dict(zip(scalars, torch.stack([s.detach().float() for s in scalars.values()]).tolist()))
+    stats = dict(zip(scalars, torch.stack([s.detach() for s in scalars.values()]).tolist()))
     finite = math.isfinite(stats["total_loss"]) and math.isfinite(stats["grad_norm"])
     if finite:
         optimizer.step()

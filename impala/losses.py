@@ -125,10 +125,12 @@ def vtrace_diagnostics(
         def clipped(threshold: Optional[float]) -> torch.Tensor:
             return (rhos > threshold).float().mean() if threshold is not None else torch.zeros((), device=rhos.device)
 
+        rho_clipped = clipped(clip_rho_threshold)
         return {
             "vtrace/mean_rho": rhos.mean(),
-            "vtrace/rho_clipped": clipped(clip_rho_threshold),
-            "vtrace/pg_rho_clipped": clipped(clip_pg_rho_threshold),
+            "vtrace/rho_clipped": rho_clipped,
+            "vtrace/pg_rho_clipped": (
+                rho_clipped if clip_pg_rho_threshold == clip_rho_threshold else clipped(clip_pg_rho_threshold)),
             "vtrace/mean_abs_vs_minus_value": (vtrace_returns.vs - values).abs().mean(),
         }
 
