@@ -43,6 +43,7 @@ def test_cartpole_learns_well_above_random(trained):
     assert checkpoint.latest(logdir) is not None
     assert any((logdir / "tensorboard").iterdir())
     assert "steps/s" in result.stdout and "return" in result.stdout
+    assert "frames/s" in result.stdout and "agent steps/s" in result.stdout  # both rates, each named
 
 
 def test_rows_hold_vtrace_diagnostics_and_episodes_in_frames(trained):
@@ -169,6 +170,7 @@ def test_a_killed_actor_is_replaced_and_the_run_finishes(tmp_path):
         out, _ = process.communicate(timeout=180)
         assert process.returncode == 0, out[-3000:]
         assert "restarting it" in out
+        assert "Actor 0 is back" in out or "Actor 1 is back" in out  # the learner saw it return
         assert read_jsonl(tmp_path / "metrics.jsonl")[-1]["frames"] >= 300000
         assert cli.wait_session_gone(process.pid) == []
     finally:
