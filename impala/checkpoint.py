@@ -3,24 +3,36 @@
 A checkpoint is one torch file `<logdir>/checkpoints/ckpt-<frames>.pt` holding the
 network, the optimizer, the frame count and a signature of the network. It is
 written to a temporary file and renamed into place, so a crash or a full disk
-never leaves a half-written checkpoint behind (the previous one stays).
+never leaves a half-written checkpoint behind (the previous one stays), and a
+network with a non-finite parameter is never written (the last good one stays).
+`load_agent` puts a checkpoint into an agent (the learner's, or evaluation's) after
+checking that it was made for the same network.
 """
 
 from __future__ import annotations
 
 import os
 import re
-import tempfile
 from pathlib import Path
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 import torch
+
+from impala.files import write_atomically
+
+if TYPE_CHECKING:
+    from impala.config import Config
+    from impala.nets import Agent
 
 _NAME = re.compile(r"^ckpt-(\d+)\.pt$")
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used; the message is one line for the user."""
+
+
+class NonFiniteError(ValueError):
+    """A network with NaN or infinite parameters, refused before it is written."""
 
 
 def directory(logdir: str | os.PathLike) -> Path:
@@ -44,20 +56,15 @@ def latest(logdir: str | os.PathLike) -> Path | None:
 def save(logdir: str | os.PathLike, state: Mapping[str, Any], frames: int, keep: int = 3) -> Path:
     """Writes `state` atomically and prunes all but the newest `keep` checkpoints.
 
-    Raises OSError (e.g. disk full) with no partial file left behind."""
+    Raises OSError (e.g. disk full) with no partial file left behind, and
+    NonFiniteError, writing nothing, if `state['model']` holds a NaN or an infinity."""
+    model = state.get("model", {})
+    bad = [name for name, t in model.items() if torch.is_tensor(t) and not bool(torch.isfinite(t).all())]
+    if bad:
+        raise NonFiniteError(f"non-finite values in {', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}")
     folder = directory(logdir)
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"ckpt-{frames:013d}.pt"
-    fd, tmp = tempfile.mkstemp(prefix=".ckpt-", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(dict(state), f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    path = write_atomically(folder / f"ckpt-{frames:013d}.pt", lambda f: torch.save(dict(state), f), binary=True)
     for old in list_checkpoints(logdir)[:-keep]:
         old.unlink(missing_ok=True)
     return path
@@ -79,3 +86,30 @@ def check_signature(saved: Mapping[str, Any], current: Mapping[str, Any], path: 
             f"checkpoint {path} is for a different network: {', '.join(diffs)}; "
             "use another --logdir or the original settings"
         )
+
+
+def network_signature(config: Config, agent: Agent) -> dict:
+    """What a checkpoint must match to be loaded into `agent`."""
+    return {
+        "observation_shape": list(agent.observation_shape),
+        "num_actions": agent.num_actions,
+        "network": agent.network,
+        "use_lstm": agent.core is not None,
+        "lstm_size": config.lstm_size if agent.core is not None else None,
+        "mlp_sizes": list(config.hidden_sizes) if agent.network == "mlp" else None,
+        # Only for agents that read instructions, so other checkpoints keep matching.
+        **({"instruction_length": agent.instruction_length} if agent.instruction_length else {}),
+    }
+
+
+def load_agent(state: Mapping[str, Any], path: str | os.PathLike, config: Config, agent: Agent,
+               optimizer: torch.optim.Optimizer | None = None) -> None:
+    """Loads checkpoint `state` (read from `path`) into `agent` (and `optimizer`),
+    after checking its signature; a one-line CheckpointError if it does not fit."""
+    check_signature(state.get("signature", {}), network_signature(config, agent), path)
+    try:
+        agent.load_state_dict(state["model"])
+        if optimizer is not None:
+            optimizer.load_state_dict(state["optimizer"])
+    except (KeyError, RuntimeError, ValueError) as e:
+        raise CheckpointError(f"checkpoint {path} does not fit this network: {str(e).splitlines()[0]}")

@@ -10,6 +10,7 @@ where it had them.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -139,8 +140,7 @@ class Config:
                               f"got {self.inference_minimum_batch_size}")
         if self.inference_maximum_batch_size < 0 or self.inference_timeout_ms < 0:
             raise ConfigError("--inference_maximum_batch_size and --inference_timeout_ms must not be negative")
-        if not 0.0 <= self.discounting <= 1.0:
-            raise ConfigError(f"--discounting must be in [0, 1], got {self.discounting}")
+        self._check_numbers()
         if self.total_environment_frames < 1:
             raise ConfigError("--total_environment_frames must be positive")
         try:
@@ -150,6 +150,26 @@ class Config:
         for name in ("width", "height", "test_num_episodes"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name} must be at least 1, got {getattr(self, name)}")
+
+    # Ranges of float flags (inclusive bounds; None: unbounded). Every float flag must
+    # also be finite: a NaN learning rate would train NaNs into the checkpoints.
+    _FLOAT_RANGES = {
+        "learning_rate": (0.0, None), "decay": (0.0, 1.0), "momentum": (0.0, 1.0), "epsilon": (0.0, None),
+        "entropy_cost": (0.0, None), "baseline_cost": (0.0, None), "discounting": (0.0, 1.0),
+        "max_grad_norm": (0.0, None), "sticky_actions": (0.0, 1.0), "log_interval_s": (1e-3, None),
+        "checkpoint_interval_s": (0.0, None),
+    }
+
+    def _check_numbers(self) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.type in ("float", float) and not math.isfinite(value):
+                raise ConfigError(f"--{f.name} must be a finite number, got {value}")
+        for name, (low, high) in self._FLOAT_RANGES.items():
+            value = getattr(self, name)
+            if (low is not None and value < low) or (high is not None and value > high):
+                bounds = f"[{low}, {high}]" if high is not None else f">= {low}"
+                raise ConfigError(f"--{name} must be {'in ' if high is not None else ''}{bounds}, got {value}")
 
     @property
     def hidden_sizes(self) -> tuple[int, ...]:

@@ -30,7 +30,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Callable
@@ -40,6 +39,7 @@ from absl import logging
 
 from impala import checkpoint, dmlab30, envs, scores
 from impala.config import Config
+from impala.files import write_atomically
 from impala.nets import Agent, make_agent, sample_actions
 from impala.policy import call_agent, inputs_at
 from impala.step import EnvSpec, fields, new_arrays, write
@@ -103,15 +103,8 @@ def evaluate(config: Config) -> dict:
 
 
 def _load_agent(config: Config, env: envs.Environment, state: dict, path: Path) -> Agent:
-    from impala.learner import network_signature
-
     agent = make_agent(config, env.observation_shape, env.num_actions, envs.instruction_length(env))
-    checkpoint.check_signature(state.get("signature", {}), network_signature(config, agent), path)
-    try:
-        agent.load_state_dict(state["model"])
-    except (KeyError, RuntimeError, ValueError) as e:
-        raise checkpoint.CheckpointError(
-            f"checkpoint {path} does not fit this network: {str(e).splitlines()[0]}")
+    checkpoint.load_agent(state, path, config, agent)
     agent.eval()
     return agent
 
@@ -143,17 +136,11 @@ def play(agent: Agent, env: envs.Environment, num_episodes: int,
 
 def write_results(logdir: str | os.PathLike, results: dict) -> Path:
     """Writes <logdir>/test_results.json atomically."""
-    path = Path(logdir) / RESULTS_FILE
-    fd, tmp = tempfile.mkstemp(prefix=".test_results-", suffix=".tmp", dir=logdir)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(results, f, indent=1)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    def write(f) -> None:
+        json.dump(results, f, indent=1)
+        f.write("\n")
+
+    return write_atomically(Path(logdir) / RESULTS_FILE, write)
 
 
 def format_table(results: dict) -> str:

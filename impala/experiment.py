@@ -4,7 +4,8 @@ With no --job_name, trains on this machine (learner + actor processes). With
 --job_name=learner or --job_name=actor --task=N, runs one job of a multi-host
 run. With --mode=test, plays the latest checkpoint of --logdir and reports its
 scores instead (evaluate.py). Every user error ends in one line on stderr and
-exit status 2.
+exit status 2; a learner that cannot go on (a failed server thread, non-finite
+updates) writes a checkpoint and ends in one line and exit status 1.
 
     python -m impala.experiment --flagfile=configs/cartpole.cfg --logdir=/tmp/impala/cartpole
 """
@@ -23,9 +24,9 @@ config_lib.define_flags()
 FLAGS = flags.FLAGS
 
 
-def _fail(message: str) -> None:
+def _fail(message: str, status: int = 2) -> None:
     print(f"impala: error: {message}", file=sys.stderr)
-    sys.exit(2)
+    sys.exit(status)
 
 
 _HELP, _HELPFULL = ("--help", "-help", "--helpshort", "-helpshort", "-?", "-h"), ("--helpfull", "-helpfull")
@@ -88,7 +89,7 @@ def main(argv: list[str]) -> None:
     signal.signal(signal.SIGTERM, _interrupt)
     signal.signal(signal.SIGINT, _interrupt)
     # Imported here so that --help stays fast and flag errors come first.
-    from impala import checkpoint, envs, learner, local, security
+    from impala import address, checkpoint, envs, learner, local, security
     from impala.actor import run_actor
 
     try:
@@ -109,17 +110,17 @@ def main(argv: list[str]) -> None:
             finally:
                 server.close()
         else:
-            host, port = learner.split_address(config.learner_address)
-            if port == 0:
-                raise config_lib.ConfigError("--job_name=actor needs the learner's real port in --learner_address")
+            unroll_address, params_address = address.learner_addresses(config.learner_address)
             if config.task < 0:
                 raise config_lib.ConfigError(f"--task must be >= 0, got {config.task}")
-            run_actor(config, config.task, f"{host}:{port}", f"{host}:{port + 1}")
+            run_actor(config, config.task, unroll_address, params_address)
     except KeyboardInterrupt:
         logging.info("Interrupted.")
     except (config_lib.ConfigError, envs.UnknownLevelError, checkpoint.CheckpointError,
             local.ActorCrashLoop, security.KeysError) as e:
         _fail(str(e))
+    except learner.LearnerFailure as e:  # not the user's doing: status 1 (a checkpoint was written)
+        _fail(str(e), status=1)
     finally:
         release_zmq()
 

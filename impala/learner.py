@@ -1,26 +1,39 @@
 """The learner: receives unrolls, applies V-trace, updates the network, serves
 parameters.
 
-Two ZeroMQ ROUTER sockets, each served by its own thread so that the training
-loop never waits on the network:
-  - unrolls (the learner address): decoded, validated and gathered into
-    batches of `batch_size` envs; a bounded queue of ready batches gives
-    back-pressure (a full queue stops reads, the actors' sends then block);
-  - parameters (the next port): an actor asks with the version it has and gets
-    the newest snapshot, or 'params_unchanged'. Snapshots are taken after each
-    update in the training thread and only read by the serving thread.
+Its rooms, each a unit built and tested alone:
+  - impala/receiver.py: the unroll socket's messages -> validated unrolls, the actor
+    book (counts, lags, episodes, liveness) and batches in a bounded queue;
+  - impala/param_server.py: parameter snapshots and the parameter socket's answers;
+  - impala/progress.py: the progress line, metrics rows and TensorBoard;
+  - impala/checkpoint.py: atomic checkpoints, refused when non-finite or foreign;
+  - this module: the update (`learn_step`: the whole of it, in one function), the
+    learning-rate schedule (`learning_rate_at`), and `Learner`, which builds the model
+    and optimizer, binds the two sockets, starts their server threads and runs the
+    training loop (frame counting, publishing, checkpoint cadence).
+
+Threads, and the state each owns:
+  - the training thread (the caller of `run`): the agent, the optimizer, `frames`,
+    `param_version`, the progress log and the non-finite count; it hands snapshots
+    to the ParamServer (`publish`) and reads the actor book through `take_report`;
+  - 'unrolls' (a ServerThread): the unroll socket and the UnrollReceiver with its
+    batch assembler; it writes the actor book (under the book's lock) and the queue;
+  - 'params' (a ServerThread): the parameter socket; it reads the ParamServer's
+    current snapshot, which `publish` replaces whole.
+A server thread that fails with anything but a bad message records its error and
+the training thread stops the run within a second (ServerThreadError); `close`
+then writes a checkpoint.
 """
 
 from __future__ import annotations
 
-import collections
-import json
+import math
 import os
-import queue
 import threading
 import time
+import traceback
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
@@ -29,18 +42,34 @@ import zmq
 from absl import logging
 
 from impala import checkpoint, envs, losses, security, unroll, wire
+from impala.address import params_port, split_address
 from impala.config import Config, ConfigError
 from impala.memory import reuse_freed_memory
-from impala.metrics import MetricsWriter, Stopwatch
+from impala.metrics import MetricsWriter, Stopwatch, drop_rows_after
 from impala.nets import Agent, make_agent
 from impala.optim import RMSPropTF
+from impala.param_server import ParamServer
+from impala.progress import ProgressLog
+from impala.receiver import ActorBook, UnrollReceiver
 
 # Per-peer ZeroMQ queue bounds: with the bounded batch queue they cap the memory
 # that unrolls in flight can take, whatever the actors do.
 UNROLL_RCVHWM = 4
-ACTOR_SILENT_S = 30.0  # an actor not heard from this long is reported gone
-# Parts of an actor's time it reports with its unrolls (meta 'seconds'); others are ignored.
-ACTOR_TIMES = ("env", "inference", "act", "send", "params")
+# Updates skipped in a row for a non-finite loss or gradient norm before the run stops:
+# one bad batch is skipped, a learner that keeps producing them is broken.
+MAX_NONFINITE_IN_A_ROW = 10
+
+
+class LearnerFailure(RuntimeError):
+    """The run cannot go on; the message is one line for the user."""
+
+
+class ServerThreadError(LearnerFailure):
+    """A server thread failed with an unexpected error."""
+
+
+class NonFiniteLossError(LearnerFailure):
+    """Too many updates in a row had a non-finite loss or gradient norm."""
 
 
 @dataclass
@@ -67,20 +96,6 @@ def env_spec(config: Config) -> EnvSpec:
         env.close()
 
 
-def network_signature(config: Config, agent: Agent) -> dict:
-    """What a checkpoint must match to be loaded into this learner."""
-    return {
-        "observation_shape": list(agent.observation_shape),
-        "num_actions": agent.num_actions,
-        "network": agent.network,
-        "use_lstm": agent.core is not None,
-        "lstm_size": config.lstm_size if agent.core is not None else None,
-        "mlp_sizes": list(config.hidden_sizes) if agent.network == "mlp" else None,
-        # Only for agents that read instructions, so other checkpoints keep matching.
-        **({"instruction_length": agent.instruction_length} if agent.instruction_length else {}),
-    }
-
-
 def state_sizes(agent: Agent) -> tuple[int, ...]:
     return tuple(s.shape[1] for s in agent.initial_state(1))
 
@@ -97,9 +112,24 @@ def check_logdir(logdir: str) -> None:
         raise ConfigError(f"--logdir={logdir} is not writable")
 
 
+def learning_rate_at(frames: int, config: Config) -> float:
+    """The original's schedule: --learning_rate decayed linearly to 0 at
+    --total_environment_frames (tf.train.polynomial_decay, power 1), by the frames
+    trained on before the update."""
+    return config.learning_rate * max(0.0, 1.0 - frames / config.total_environment_frames)
+
+
 def learn_step(agent: Agent, optimizer: torch.optim.Optimizer, batch: dict[str, torch.Tensor],
-               config: Config) -> dict[str, float]:
-    """One update on a batch of unrolls ([T+1, B, ...] tensors, see unroll.py)."""
+               config: Config, learning_rate: float | None = None) -> dict[str, float]:
+    """The whole update on a batch of unrolls ([T+1, B, ...] tensors, see unroll.py),
+    at `learning_rate` (None: the optimizer's as it is).
+
+    Returns the loss terms, the gradient norm, V-trace diagnostics and 'skipped':
+    1.0 when the loss or the gradient norm was not finite, and the update was
+    skipped (parameters and optimizer state untouched), else 0.0."""
+    if learning_rate is not None:
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate
     initial_state = tuple(batch[f"core_state_{k}"] for k in range(2) if f"core_state_{k}" in batch)
     output, _ = agent(batch["observation"], batch["action"], batch["reward"], batch["done"], initial_state,
                       instruction=batch.get("instruction"))
@@ -123,31 +153,54 @@ def learn_step(agent: Agent, optimizer: torch.optim.Optimizer, batch: dict[str, 
     loss.total.backward()
     max_norm = config.max_grad_norm if config.max_grad_norm > 0 else float("inf")
     grad_norm = torch.nn.utils.clip_grad_norm_(agent.parameters(), max_norm)
-    optimizer.step()
-    return {
-        "total_loss": loss.total.item(),
-        "pg_loss": loss.policy_gradient.item(),
-        "baseline_loss": loss.baseline.item(),
-        "entropy_loss": loss.entropy.item(),
-        "grad_norm": grad_norm.item(),
-    }
+    scalars = {"total_loss": loss.total, "pg_loss": loss.policy_gradient, "baseline_loss": loss.baseline,
+               "entropy_loss": loss.entropy, "grad_norm": grad_norm, **loss.diagnostics}
+    # One device sync for all of them, before the step: a non-finite update is not applied.
+    stats = dict(zip(scalars, torch.stack([s.detach() for s in scalars.values()]).tolist()))
+    finite = math.isfinite(stats["total_loss"]) and math.isfinite(stats["grad_norm"])
+    if finite:
+        optimizer.step()
+    else:
+        optimizer.zero_grad(set_to_none=True)
+    stats["skipped"] = 0.0 if finite else 1.0
+    return stats
 
 
-@dataclass
-class ActorStats:
-    unrolls: int = 0
-    envs: int = 0
-    last_seen: float = 0.0
-    unrolls_logged: int = 0  # unrolls at the previous progress line, for rates
-    silent: bool = False
+def _one_line(error: BaseException) -> str:
+    """'Type: message (at file:line)' for an unexpected error, without a traceback."""
+    where = traceback.extract_tb(error.__traceback__)[-1] if error.__traceback__ else None
+    at = f" (at {os.path.basename(where.filename)}:{where.lineno})" if where else ""
+    return f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}{at}"
 
 
-@dataclass
-class ServerStats:
-    bad_messages: int = 0
-    lags: list = field(default_factory=list)
-    episodes: list = field(default_factory=list)  # (level, return, length) as unrolls arrive
-    actors: dict = field(default_factory=dict)  # task -> ActorStats
+class ServerThread(threading.Thread):
+    """Calls `handle(socket)` for each message until `stop` is set. A bad message
+    (wire.WireError, unroll.UnrollError) is counted and dropped; any other error
+    ends the thread with `error` set, for the training thread to stop the run."""
+
+    def __init__(self, name: str, socket: zmq.Socket, handle: Callable[[zmq.Socket], None], book: ActorBook,
+                 stop: threading.Event):
+        super().__init__(name=name, daemon=True)
+        self.socket, self.handle, self.book, self.stop = socket, handle, book, stop
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            poller = zmq.Poller()
+            poller.register(self.socket, zmq.POLLIN)
+            while not self.stop.is_set():
+                if not poller.poll(100):
+                    continue
+                try:
+                    self.handle(self.socket)
+                except (wire.WireError, unroll.UnrollError) as e:
+                    count = self.book.bad_message()
+                    logging.log_every_n_seconds(logging.WARNING, "Dropped a bad message (%d so far): %s", 5,
+                                                count, str(e).splitlines()[0])
+        except BaseException as e:  # noqa: BLE001 -- every failure must end the run, loudly
+            if not self.stop.is_set():
+                self.error = e
+                logging.error("The learner's %s thread failed: %s", self.name, _one_line(e))
 
 
 class Learner:
@@ -163,11 +216,15 @@ class Learner:
         reuse_freed_memory()
         torch.manual_seed(config.seed)
 
-        self.agent = make_agent(config, self.spec.observation_shape, self.spec.num_actions,
-                                self.spec.instruction_length).to(self.device)
+        try:
+            agent = make_agent(config, self.spec.observation_shape, self.spec.num_actions,
+                               self.spec.instruction_length)
+        except ValueError as e:  # e.g. --network=mlp on image observations
+            raise ConfigError(f"--network={config.network} does not fit {config.level_name}: {e}")
+        self.agent = agent.to(self.device)
         self.optimizer = RMSPropTF(self.agent.parameters(), lr=config.learning_rate, decay=config.decay,
                                    momentum=config.momentum, epsilon=config.epsilon)
-        self.signature = network_signature(config, self.agent)
+        self.signature = checkpoint.network_signature(config, self.agent)
         self.frames = 0
         self.param_version = 0
         self._restore()
@@ -176,22 +233,23 @@ class Learner:
                                               self.spec.observation_dtype, self.spec.num_actions,
                                               state_sizes(self.agent),
                                               instruction_length=self.spec.instruction_length)
-        self.stats = ServerStats()
-        self._stats_lock = threading.Lock()
         # Seconds per part of the learner's threads and of the actors (from their
         # unrolls); each metrics row has them per second of wall time ('time/...').
         self.watch = Stopwatch()
-        self._batches: queue.Queue = queue.Queue(maxsize=config.max_queued_batches)
-        self._stop = threading.Event()
-        self._params_frames: tuple[int, list] = (0, [])
-        self.run_id = uuid.uuid4().hex  # tells actors that parameter versions restarted
-        self._publish()
+        self.params = ParamServer(run_id=uuid.uuid4().hex)
+        self.params.publish(self.agent.state_dict(), self.param_version)
+        self.book = ActorBook(self.spec.num_actions, config.num_action_repeats)
+        self.receiver = UnrollReceiver(
+            self.unroll_spec, config.batch_size, self.spec.num_actions, self.book, self.watch,
+            default_level=config.level_name, run_id=self.params.run_id, param_version=lambda: self.params.version,
+            max_queued_batches=config.max_queued_batches, pin_memory=self.device.type == "cuda")
+        self._stop = self.receiver.stop
 
         self._context = zmq.Context.instance()
         self.unroll_address, self.params_address = self._bind()
         self._threads = [
-            threading.Thread(target=self._serve_unrolls, name="unrolls", daemon=True),
-            threading.Thread(target=self._serve_params, name="params", daemon=True),
+            ServerThread("unrolls", self._unroll_socket, self.receiver.handle, self.book, self._stop),
+            ServerThread("params", self._params_socket, self.params.handle, self.book, self._stop),
         ]
         for t in self._threads:
             t.start()
@@ -205,15 +263,10 @@ class Learner:
         if path is None:
             return
         state = checkpoint.load(path)
-        checkpoint.check_signature(state.get("signature", {}), self.signature, path)
-        try:
-            self.agent.load_state_dict(state["model"])
-            self.optimizer.load_state_dict(state["optimizer"])
-        except (KeyError, RuntimeError, ValueError) as e:
-            raise checkpoint.CheckpointError(f"checkpoint {path} does not fit this network: {str(e).splitlines()[0]}")
+        checkpoint.load_agent(state, path, self.config, self.agent, self.optimizer)
         self.frames = int(state["frames"])
         self.param_version = int(state["param_version"])
-        _drop_rows_after(os.path.join(self.config.logdir, "metrics.jsonl"), self.frames)
+        drop_rows_after(os.path.join(self.config.logdir, "metrics.jsonl"), self.frames)
         logging.info("Resumed from %s at %d frames (parameter version %d).", path, self.frames, self.param_version)
 
     def save_checkpoint(self) -> None:
@@ -231,6 +284,8 @@ class Learner:
         except OSError as e:  # e.g. a full disk: keep training, the previous checkpoint stays
             logging.error("Checkpoint at %d frames not written (%s); the previous one is kept.",
                           self.frames, e.strerror or e)
+        except checkpoint.NonFiniteError as e:
+            logging.error("Checkpoint at %d frames not written: %s; the previous one is kept.", self.frames, e)
         self._last_checkpoint = time.monotonic()
 
     # -- sockets -----------------------------------------------------------------
@@ -261,148 +316,71 @@ class Learner:
         try:
             if port == 0:
                 unroll_port = self._unroll_socket.bind_to_random_port(host)
-                params_port = self._params_socket.bind_to_random_port(host)
+                parameter_port = self._params_socket.bind_to_random_port(host)
             else:
-                unroll_port, params_port = port, port + 1
+                unroll_port, parameter_port = port, params_port(port)
                 self._unroll_socket.bind(f"{host}:{unroll_port}")
-                self._params_socket.bind(f"{host}:{params_port}")
+                self._params_socket.bind(f"{host}:{parameter_port}")
         except zmq.ZMQError as e:
             raise ConfigError(f"cannot bind the learner at {config.learner_address}: {e}")
-        return f"{host}:{unroll_port}", f"{host}:{params_port}"
+        return f"{host}:{unroll_port}", f"{host}:{parameter_port}"
 
-    def _serve(self, socket: zmq.Socket, handle: Callable[[zmq.Socket], None]) -> None:
-        """Calls `handle` for each message until close(); errors never end the loop."""
-        poller = zmq.Poller()
-        poller.register(socket, zmq.POLLIN)
-        while not self._stop.is_set():
-            if not poller.poll(100):
-                continue
-            try:
-                handle(socket)
-            except (wire.WireError, unroll.UnrollError) as e:
-                with self._stats_lock:
-                    self.stats.bad_messages += 1
-                    count = self.stats.bad_messages
-                logging.log_every_n_seconds(logging.WARNING, "Dropped a bad message (%d so far): %s", 5, count,
-                                            str(e).splitlines()[0])
-
-    def _serve_unrolls(self) -> None:
-        batcher = unroll.Batcher(self.unroll_spec, self.config.batch_size)
-
-        def handle(socket: zmq.Socket) -> None:
-            with self.watch("learner_receive"):
-                _, message = wire.recv_routed(socket, allowed_kinds=("unroll",))
-                unroll.validate(message.arrays, self.unroll_spec)
-                self._record_unroll(message)
-            with self.watch("learner_assemble"):
-                batches = batcher.add(dict(message.arrays))
-            for batch in batches:
-                self._put(batch)
-
-        self._serve(self._unroll_socket, handle)
-
-    def _record_unroll(self, message: wire.Message) -> None:
-        level = message.meta.get("level")
-        level = level if isinstance(level, str) and len(level) <= 200 else self.config.level_name
-        arrays = message.arrays
-        done = arrays["done"][1:]  # step 0 repeats the previous unroll's last step
-        episodes = [(level, float(r), int(n)) for r, n in
-                    zip(arrays["episode_return"][1:][done], arrays["episode_step"][1:][done])]
-        with self._stats_lock:
-            actor = self.stats.actors.get(message.task)
-            if actor is None or actor.silent:
-                logging.info("Actor %d %s (level %s).", message.task,
-                             "connected" if actor is None else "is back", level)
-                actor = self.stats.actors.setdefault(message.task, ActorStats())
-                actor.silent = False
-            actor.unrolls += 1
-            actor.envs += arrays["reward"].shape[1]
-            actor.last_seen = time.monotonic()
-            if message.meta.get("run") == self.run_id:  # versions of an earlier run don't compare
-                self.stats.lags.append(self.param_version - message.param_version)
-            self.stats.episodes.extend(episodes)
-        seconds = message.meta.get("seconds")
-        if isinstance(seconds, dict):
-            for part in ACTOR_TIMES:
-                value = seconds.get(part)
-                if isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value < 1e6:
-                    self.watch.add(f"actor_{part}", float(value))
-
-    def _put(self, batch: unroll.Unroll) -> None:
-        tensors = {name: torch.from_numpy(array) for name, array in batch.items()}
-        if self.device.type == "cuda":
-            with self.watch("learner_assemble"):
-                tensors = {name: t.pin_memory() for name, t in tensors.items()}
-        with self.watch("learner_queue_full"):
-            self._put_waiting(tensors)
-
-    def _put_waiting(self, tensors: dict[str, torch.Tensor]) -> None:
-        while not self._stop.is_set():
-            try:
-                self._batches.put(tensors, timeout=0.1)
-                return
-            except queue.Full:
-                continue
-
-    def _serve_params(self) -> None:
-        def handle(socket: zmq.Socket) -> None:
-            identity, message = wire.recv_routed(socket, allowed_kinds=("get_params",))
-            have, run = message.meta.get("version"), message.meta.get("run")
-            if not isinstance(have, int) or isinstance(have, bool):
-                raise wire.WireError("get_params without an integer 'version'")
-            version, frames = self._params_frames
-            # A different run id means the asker's version belongs to an earlier learner
-            # (restarted from a checkpoint): it must take ours even if its number is higher.
-            if version > have or run != self.run_id:
-                socket.send_multipart([identity, *frames], copy=False)
-            else:
-                wire.send_routed(socket, identity, "params_unchanged", param_version=version,
-                                 meta={"run": self.run_id})
-
-        self._serve(self._params_socket, handle)
-
-    def _publish(self) -> None:
-        """Snapshots the parameters for the serving thread (a fresh copy per version,
-        so frames still being sent are never overwritten)."""
-        arrays = {name: t.detach().to("cpu", copy=True).numpy()
-                  for name, t in self.agent.state_dict().items()}
-        frames = wire.encode("params", arrays, param_version=self.param_version, meta={"run": self.run_id})
-        self._params_frames = (self.param_version, frames)
+    def refused_connections(self) -> int:
+        return self._auth.provider.refused if self._auth else 0
 
     # -- training ----------------------------------------------------------------
 
     def next_batch(self, timeout: float) -> dict[str, torch.Tensor] | None:
-        try:
-            batch = self._batches.get(timeout=timeout)
-        except queue.Empty:
+        """The next batch on the learner's device, or None after `timeout` seconds."""
+        batch = self.receiver.next_batch(timeout)
+        if batch is None:
             return None
         return {name: t.to(self.device, non_blocking=True) for name, t in batch.items()}
 
+    def check_threads(self) -> None:
+        """Raises ServerThreadError if a server thread has failed."""
+        for t in self._threads:
+            if t.error is not None:
+                raise ServerThreadError(f"the learner's {t.name} thread failed: {_one_line(t.error)}")
+
     def run(self, tick: Callable[[], None] | None = None) -> None:
         """Trains until --total_environment_frames; `tick` runs at least once a second
-        (the local launcher uses it to watch its actors)."""
+        (the local launcher uses it to watch its actors). Raises LearnerFailure when a
+        server thread fails or updates keep being non-finite."""
         config = self.config
-        log = _ProgressLog(self)
+        log = ProgressLog(config, self.metrics, self.book, self.watch, self.refused_connections, self.frames)
+        nonfinite_in_a_row = 0
         while self.frames < config.total_environment_frames:
+            self.check_threads()
             if tick is not None:
                 tick()
             with self.watch("learner_wait"):
                 batch = self.next_batch(timeout=1.0)
-            if batch is None:
-                log.maybe_write({})
-                continue
-            for group in self.optimizer.param_groups:
-                group["lr"] = config.learning_rate * max(0.0, 1.0 - self.frames / config.total_environment_frames)
-            with self.watch("learner_step"):
-                stats = learn_step(self.agent, self.optimizer, batch, config)
-            self.frames += config.frames_per_step
-            self.param_version += 1
-            with self.watch("learner_publish"):
-                self._publish()
-            log.maybe_write(stats)
-            if time.monotonic() - self._last_checkpoint > config.checkpoint_interval_s:
-                self.save_checkpoint()
-        log.maybe_write({}, force=True)
+            if batch is not None:
+                with self.watch("learner_step"):
+                    stats = learn_step(self.agent, self.optimizer, batch, config,
+                                       learning_rate_at(self.frames, config))
+                log.add_update(stats)
+                # The batch's frames count even when its update is skipped: they were consumed.
+                self.frames += config.frames_per_step
+                if stats["skipped"]:
+                    nonfinite_in_a_row += 1
+                    logging.warning("Update skipped: loss %g, gradient norm %g (%d in a row).",
+                                    stats["total_loss"], stats["grad_norm"], nonfinite_in_a_row)
+                    if nonfinite_in_a_row >= MAX_NONFINITE_IN_A_ROW:
+                        raise NonFiniteLossError(
+                            f"{nonfinite_in_a_row} updates in a row had a non-finite loss or gradient norm "
+                            f"(last: loss {stats['total_loss']:g}, gradient norm {stats['grad_norm']:g}); the "
+                            "last good checkpoint is kept. Try a lower --learning_rate or --max_grad_norm")
+                else:
+                    nonfinite_in_a_row = 0
+                    self.param_version += 1
+                    with self.watch("learner_publish"):
+                        self.params.publish(self.agent.state_dict(), self.param_version)
+                if time.monotonic() - self._last_checkpoint > config.checkpoint_interval_s:
+                    self.save_checkpoint()
+            log.maybe_write(self.frames, self.param_version, self.optimizer.param_groups[0]["lr"])
+        log.maybe_write(self.frames, self.param_version, self.optimizer.param_groups[0]["lr"], force=True)
 
     def close(self, save: bool = True) -> None:
         self._stop.set()
@@ -417,123 +395,9 @@ class Learner:
         self.metrics.close()
 
 
-class _ProgressLog:
-    """Progress line, metrics.jsonl row and TensorBoard scalars every log interval."""
-
-    def __init__(self, learner: Learner):
-        self.learner = learner
-        self.recent = collections.deque(maxlen=100)
-        self.last_time = time.monotonic()
-        self.last_frames = learner.frames
-        self.loss_sums: dict[str, float] = collections.defaultdict(float)
-        self.updates = 0
-
-    def maybe_write(self, stats: dict[str, float], force: bool = False) -> None:
-        for k, v in stats.items():
-            self.loss_sums[k] += v
-        self.updates += bool(stats)
-        now = time.monotonic()
-        if not force and now - self.last_time < self.learner.config.log_interval_s:
-            return
-        if force and self.learner.frames == self.last_frames:
-            return  # nothing new since the last row
-        learner, config = self.learner, self.learner.config
-        elapsed = max(now - self.last_time, 1e-9)
-        fps = (learner.frames - self.last_frames) / elapsed
-        with learner._stats_lock:
-            lags, learner.stats.lags = learner.stats.lags, []
-            episodes, learner.stats.episodes = learner.stats.episodes, []
-            rates = {}
-            for task, actor in learner.stats.actors.items():
-                if actor.silent:
-                    continue
-                if now - actor.last_seen > ACTOR_SILENT_S:
-                    actor.silent = True
-                    logging.warning("Actor %d silent for %.0fs; counted as gone.", task, now - actor.last_seen)
-                    continue
-                rates[task] = (actor.unrolls - actor.unrolls_logged) / elapsed
-                actor.unrolls_logged = actor.unrolls
-            bad = learner.stats.bad_messages
-        returns = [e[1] for e in episodes]
-        self.recent.extend(returns)
-        row = {
-            "frames": learner.frames,
-            "param_version": learner.param_version,
-            "fps": round(fps, 1),
-            "sps": round(fps / config.num_action_repeats, 1),
-            "mean_episode_return": float(np.mean(returns)) if episodes else None,
-            "mean_episode_length": float(np.mean([e[2] for e in episodes])) if episodes else None,
-            "episodes": len(episodes),
-            "policy_lag": float(np.mean(lags)) if lags else None,
-            "learning_rate": learner.optimizer.param_groups[0]["lr"],
-            "connected_actors": len(rates),
-            "refused_connections": learner._auth.provider.refused if learner._auth else 0,
-            "bad_messages": bad,
-            "wall_time": time.time(),
-        }
-        row.update({k: v / max(self.updates, 1) for k, v in self.loss_sums.items()})
-        row.update({f"actor_unrolls_per_s/{task}": round(rate, 2) for task, rate in sorted(rates.items())})
-        # Seconds spent per second of wall time, summed over threads and actors.
-        row.update({f"time/{part}": round(s / elapsed, 4) for part, s in sorted(learner.watch.take().items())})
-        levels = sorted({e[0] for e in episodes})
-        if len(levels) > 1 or (levels and levels[0] != config.level_name):  # multi-task runs
-            for level in levels:
-                row[f"mean_episode_return/{level}"] = float(np.mean([r for lv, r, _ in episodes if lv == level]))
-        learner.metrics.write(row)
-        ret = f"{row['mean_episode_return']:.1f}" if episodes else "-"
-        recent = f"{np.mean(self.recent):.1f}" if self.recent else "-"
-        logging.info(
-            "frames %s | %s steps/s | return %s (%d episodes; last 100: %s) | loss %.3g (pg %.3g, "
-            "baseline %.3g, entropy %.3g) | lag %s | actors %d (%s unrolls/s each)",
-            f"{learner.frames:,}", f"{row['sps']:,.0f}", ret, len(episodes), recent,
-            row.get("total_loss", float("nan")), row.get("pg_loss", float("nan")),
-            row.get("baseline_loss", float("nan")), row.get("entropy_loss", float("nan")),
-            f"{row['policy_lag']:.1f}" if lags else "-", len(rates),
-            f"{min(rates.values()):.1f}-{max(rates.values()):.1f}" if rates else "-")
-        self.loss_sums.clear()
-        self.updates = 0
-        self.last_time, self.last_frames = now, learner.frames
-
-
-def _drop_rows_after(path: str, frames: int) -> None:
-    """On resume, forgets metrics rows of training lost with the previous process
-    (logged after its last checkpoint), so `frames` stays monotonic in the file."""
-    if not os.path.exists(path):
-        return
-    with open(path) as f:
-        lines = f.readlines()
-    keep = []
-    for line in lines:
-        try:
-            if json.loads(line)["frames"] <= frames:
-                keep.append(line if line.endswith("\n") else line + "\n")
-        except (ValueError, KeyError, TypeError):
-            continue  # a torn last line
-    if len(keep) != len(lines):
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
-            f.writelines(keep)
-        os.replace(tmp, path)
-        logging.info("Dropped %d metrics rows logged after the checkpoint.", len(lines) - len(keep))
-
-
 def _device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"--device={name} but CUDA is not available here")
     return torch.device(name)
-
-
-def split_address(address: str) -> tuple[str, int]:
-    """'tcp://HOST:PORT' -> ('tcp://HOST', PORT)."""
-    if not address.startswith("tcp://") or ":" not in address[6:]:
-        raise ConfigError(f"--learner_address must look like tcp://HOST:PORT, got {address!r}")
-    host, _, port = address.rpartition(":")
-    try:
-        port_number = int(port)
-    except ValueError:
-        raise ConfigError(f"--learner_address has a bad port: {address!r}")
-    if not 0 <= port_number < 65535:
-        raise ConfigError(f"--learner_address port out of range: {address!r}")
-    return host, port_number

@@ -21,6 +21,7 @@ __all__ = [
     "entropy_loss",
     "impala_loss",
     "policy_gradient_loss",
+    "vtrace_diagnostics",
 ]
 
 REWARD_CLIPPING_MODES = ("abs_one", "soft_asymmetric", "none")
@@ -97,6 +98,41 @@ class LossOutput(NamedTuple):
     baseline: torch.Tensor  # scalar, before baseline_cost.
     entropy: torch.Tensor  # scalar, before entropy_cost.
     vtrace_returns: vtrace.VTraceFromLogitsReturns
+    diagnostics: Optional[dict] = None  # vtrace_diagnostics(...), scalars without gradient
+
+
+def vtrace_diagnostics(
+    vtrace_returns: vtrace.VTraceFromLogitsReturns,
+    values: torch.Tensor,
+    clip_rho_threshold: Optional[float],
+    clip_pg_rho_threshold: Optional[float],
+) -> dict[str, torch.Tensor]:
+    """How far off-policy a batch is (not in the original; for the metrics).
+
+    Args:
+      vtrace_returns: from vtrace, for [T, B] steps.
+      values: [T, B] the baseline the targets are compared with.
+      clip_rho_threshold, clip_pg_rho_threshold: as given to V-trace (None: no clipping).
+
+    Returns:
+      Scalars: the mean importance weight pi/mu of the taken actions, the fraction
+      of them clipped by rho-bar and by the policy gradient's rho-bar, and the mean
+      |vs - value|.
+    """
+    with torch.no_grad():
+        rhos = torch.exp(vtrace_returns.log_rhos)
+
+        def clipped(threshold: Optional[float]) -> torch.Tensor:
+            return (rhos > threshold).float().mean() if threshold is not None else torch.zeros((), device=rhos.device)
+
+        rho_clipped = clipped(clip_rho_threshold)
+        return {
+            "vtrace/mean_rho": rhos.mean(),
+            "vtrace/rho_clipped": rho_clipped,
+            "vtrace/pg_rho_clipped": (
+                rho_clipped if clip_pg_rho_threshold == clip_rho_threshold else clipped(clip_pg_rho_threshold)),
+            "vtrace/mean_abs_vs_minus_value": (vtrace_returns.vs - values).abs().mean(),
+        }
 
 
 def impala_loss(
@@ -146,5 +182,6 @@ def impala_loss(
     ent = entropy_loss(target_logits)
     total = pg + baseline_cost * bl + entropy_cost * ent
     return LossOutput(
-        total=total, policy_gradient=pg, baseline=bl, entropy=ent, vtrace_returns=vtrace_returns
+        total=total, policy_gradient=pg, baseline=bl, entropy=ent, vtrace_returns=vtrace_returns,
+        diagnostics=vtrace_diagnostics(vtrace_returns, baseline, clip_rho_threshold, clip_pg_rho_threshold),
     )

@@ -13,6 +13,11 @@ import time
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
+import numpy as np
+from absl import logging
+
+from impala.files import write_atomically
+
 
 class MetricsWriter:
     def __init__(self, logdir: str | os.PathLike, tensorboard: bool = True):
@@ -33,6 +38,23 @@ class MetricsWriter:
                 if key != "frames" and isinstance(value, (int, float)) and not isinstance(value, bool):
                     self._tb.add_scalar(key, value, global_step=int(row["frames"]))
 
+    def scalar(self, tag: str, value: float, frames: int) -> None:
+        """One TensorBoard scalar outside the rows (e.g. one per finished episode)."""
+        if self._tb is not None and math.isfinite(value):
+            self._tb.add_scalar(tag, value, global_step=frames)
+
+    def histogram_of_counts(self, tag: str, counts: np.ndarray, frames: int) -> None:
+        """A TensorBoard histogram of integer values 0..n-1 given their counts [n]."""
+        total = int(counts.sum())
+        if self._tb is None or total == 0:
+            return
+        values = np.arange(len(counts), dtype=np.float64)
+        used = np.flatnonzero(counts)
+        self._tb.add_histogram_raw(tag, min=float(used[0]), max=float(used[-1]), num=total,
+                                   sum=float(values @ counts), sum_squares=float((values**2) @ counts),
+                                   bucket_limits=(values + 0.5).tolist(), bucket_counts=counts.tolist(),
+                                   global_step=frames)
+
     def close(self) -> None:
         self._file.close()
         if self._tb is not None:
@@ -49,6 +71,25 @@ def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
             except json.JSONDecodeError:
                 continue
     return rows
+
+
+def drop_rows_after(path: str | os.PathLike, frames: int) -> None:
+    """On resume, forgets metrics rows of training lost with the previous process
+    (logged after its last checkpoint), so `frames` stays monotonic in the file."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        lines = f.readlines()
+    keep = []
+    for line in lines:
+        try:
+            if json.loads(line)["frames"] <= frames:
+                keep.append(line if line.endswith("\n") else line + "\n")
+        except (ValueError, KeyError, TypeError):
+            continue  # a torn last line
+    if len(keep) != len(lines):
+        write_atomically(path, lambda f: f.writelines(keep))
+        logging.info("Dropped %d metrics rows logged after the checkpoint.", len(lines) - len(keep))
 
 
 class Stopwatch:

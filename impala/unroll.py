@@ -55,10 +55,6 @@ def spec_of(unroll_length: int, env: step.EnvSpec, state_sizes: Sequence[int] = 
                        instruction_length=env.instruction_length)
 
 
-def _env_axis(time_major: bool) -> int:
-    return 1 if time_major else 0
-
-
 def new_unroll(spec: Mapping, num_envs: int) -> Unroll:
     """Zeroed arrays for `num_envs` environments."""
     out = {}
@@ -97,48 +93,3 @@ def validate(arrays: Mapping[str, np.ndarray], spec: Mapping) -> int:
                 f"unroll '{name}' is {array.dtype}{list(array.shape)}, expected {dtype}{list(expected)}"
             )
     return num_envs
-
-
-class Batcher:
-    """Gathers unrolls of any number of envs into batches of exactly `batch_size`
-    envs, time-major [T+1, B, ...] (states [B, ...]). Leftover envs wait for the
-    next batch, so nothing received is dropped."""
-
-    def __init__(self, spec: Mapping, batch_size: int):
-        self.spec = spec
-        self.batch_size = batch_size
-        self._pending: list[Unroll] = []
-        self._pending_envs = 0
-
-    def add(self, unroll: Unroll) -> list[Unroll]:
-        """Adds a validated unroll; returns the batches that are now complete."""
-        self._pending.append(unroll)
-        self._pending_envs += unroll["reward"].shape[1]
-        batches = []
-        while self._pending_envs >= self.batch_size:
-            batches.append(self._take(self.batch_size))
-        return batches
-
-    def _take(self, count: int) -> Unroll:
-        parts, taken = [], 0
-        while taken < count:
-            unroll = self._pending[0]
-            n = unroll["reward"].shape[1]
-            use = min(n, count - taken)
-            if use == n:
-                parts.append(self._pending.pop(0))
-            else:
-                parts.append(self._slice(unroll, 0, use))
-                self._pending[0] = self._slice(unroll, use, n)
-            taken += use
-        self._pending_envs -= count
-        return {
-            name: np.concatenate([p[name] for p in parts], axis=_env_axis(time_major))
-            for name, (_, _, time_major) in self.spec.items()
-        }
-
-    def _slice(self, unroll: Unroll, start: int, stop: int) -> Unroll:
-        return {
-            name: (unroll[name][:, start:stop] if time_major else unroll[name][start:stop])
-            for name, (_, _, time_major) in self.spec.items()
-        }

@@ -24,6 +24,7 @@ from impala.envs import dmlab
 from impala.learner import learn_step
 from impala.metrics import read_jsonl
 from impala.nets import Agent, InstructionEncoder
+from impala.receiver import BatchAssembler
 from tests import cli
 
 TESTS = Path(__file__).resolve().parent  # holds the deepmind_lab stand-in package
@@ -396,7 +397,7 @@ def test_actor_unrolls_carry_instructions_that_the_learner_trains_on(lab, tmp_pa
 
     config = Config(level_name=level, network="shallow", lstm_size=16, unroll_length=T, batch_size=2,
                     logdir=str(tmp_path), **SMALL)
-    batch = {k: torch.from_numpy(v) for k, v in unroll.Batcher(spec, 2).add(arrays)[0].items()}
+    batch = {k: torch.from_numpy(v) for k, v in BatchAssembler(spec, 2).add(arrays)[0].items()}
     before = agent.instruction.embedding.weight.detach().clone()
     stats = learn_step(agent, torch.optim.SGD(agent.parameters(), lr=0.1), batch, config)
     assert np.isfinite(stats["total_loss"])

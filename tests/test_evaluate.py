@@ -14,7 +14,7 @@ import torch
 
 from impala import checkpoint, dmlab30, envs, evaluate
 from impala.config import Config
-from impala.learner import network_signature
+from impala.checkpoint import network_signature
 from impala.nets import make_agent
 from tests import cli
 

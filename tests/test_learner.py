@@ -1,4 +1,5 @@
-"""The learner's update step, its sockets under bad input, and checkpoints."""
+"""The learner's update step and schedule, its sockets under bad input, non-finite
+updates, a failing server thread, and checkpoints."""
 
 from __future__ import annotations
 
@@ -13,7 +14,9 @@ import zmq
 from impala import checkpoint, learner, unroll, wire
 from impala.actor import run_actor
 from impala.config import Config
+from impala.metrics import read_jsonl
 from impala.nets import Agent
+from impala.receiver import ActorBook
 
 T, B, A, OBS = 4, 3, 2, 3
 
@@ -60,11 +63,13 @@ def test_learn_step_loss_matches_an_independent_computation(tmp_path):
     rewards = np.clip(batch["reward"].double().numpy(), -1, 1)
 
     expected = 0.0
+    rhos, abs_errors = [], []
     for b in range(B):
         # step t of the learning sequence is the transition env output t -> t+1
         lp_target = [_log_softmax(logits[t, b])[actions[t + 1, b]] for t in range(T)]
         lp_behaviour = [_log_softmax(behaviour[t + 1, b])[actions[t + 1, b]] for t in range(T)]
         rho = np.exp(np.array(lp_target) - np.array(lp_behaviour))
+        rhos += list(rho)
         c, rho_bar = np.minimum(rho, 1.0), np.minimum(rho, 1.0)
         gamma = [0.0 if done[t + 1, b] else 0.9 for t in range(T)]
         v = list(values[:T, b]) + [values[T, b]]
@@ -77,6 +82,7 @@ def test_learn_step_loss_matches_an_independent_computation(tmp_path):
                 weight *= gamma[t] * c[t]
             vs.append(total)
         vs_next = vs[1:] + [v[T]]
+        abs_errors += [abs(vs[t] - v[t]) for t in range(T)]
         for t in range(T):
             advantage = rho_bar[t] * (rewards[t + 1, b] + gamma[t] * vs_next[t] - v[t])
             probs = np.exp(_log_softmax(logits[t, b]))
@@ -87,6 +93,13 @@ def test_learn_step_loss_matches_an_independent_computation(tmp_path):
     optimizer = torch.optim.SGD(agent.parameters(), lr=0.0)
     stats = learner.learn_step(agent, optimizer, batch, config)
     assert stats["total_loss"] == pytest.approx(expected, rel=1e-4, abs=1e-4)
+    # The V-trace diagnostics, from the same independent computation.
+    assert stats["vtrace/mean_rho"] == pytest.approx(np.mean(rhos), rel=1e-4)
+    assert stats["vtrace/rho_clipped"] == pytest.approx(np.mean(np.array(rhos) > 1.0))
+    assert stats["vtrace/pg_rho_clipped"] == pytest.approx(np.mean(np.array(rhos) > 1.0))
+    assert 0 < stats["vtrace/rho_clipped"] < 1  # the check can tell clipped from not
+    assert stats["vtrace/mean_abs_vs_minus_value"] == pytest.approx(np.mean(abs_errors), rel=1e-4)
+    assert stats["skipped"] == 0.0
 
 
 def test_learn_step_with_lstm_runs_and_changes_parameters(tmp_path):
@@ -137,8 +150,8 @@ def test_learner_drops_bad_messages_and_keeps_serving(tmp_path):
         batch = server.next_batch(timeout=30)
         assert batch is not None, "no batch from the good actor"
         assert batch["observation"].shape == (6, 2, 4)
-        assert server.stats.bad_messages == len(bad)
-        assert 7 in server.stats.actors
+        assert server.book.take_report().bad_messages == len(bad)
+        assert server.book.known(7)
     finally:
         stop.set()
         actor.join(timeout=10)
@@ -179,17 +192,118 @@ def test_checkpoints_are_pruned_and_corrupt_ones_refused(tmp_path):
     assert "\n" not in str(error.value)
 
 
-def test_actor_time_reports_are_summed_and_foreign_values_ignored(tmp_path):
-    """The 'seconds' an actor sends with an unroll feed the learner's time/actor_*
-    metrics; unknown parts and values that are not plausible seconds are dropped."""
-    config = _config(tmp_path, batch_size=2, num_envs_per_actor=2, unroll_length=5)
-    server = learner.Learner(config)
+def test_learning_rate_schedule_decays_linearly_to_zero_by_frames(tmp_path):
+    config = _config(tmp_path, learning_rate=0.01, total_environment_frames=1000)
+    assert learner.learning_rate_at(0, config) == pytest.approx(0.01)
+    assert learner.learning_rate_at(250, config) == pytest.approx(0.0075)
+    assert learner.learning_rate_at(999, config) == pytest.approx(0.00001)
+    assert learner.learning_rate_at(1000, config) == 0.0
+    assert learner.learning_rate_at(5000, config) == 0.0  # a resumed run past its budget
+
+
+def test_learn_step_applies_the_given_learning_rate(tmp_path):
+    agent = Agent((OBS,), A, network="mlp", use_lstm=False, hidden_sizes=(8,))
+    optimizer = torch.optim.SGD(agent.parameters(), lr=0.5)
+    learner.learn_step(agent, optimizer, _random_batch(np.random.default_rng(3)), _config(tmp_path), 0.125)
+    assert optimizer.param_groups[0]["lr"] == 0.125
+
+
+def _optimizer_state(optimizer) -> list[torch.Tensor]:
+    return [t.clone() for state in optimizer.state.values() for t in state.values() if torch.is_tensor(t)]
+
+
+@pytest.mark.parametrize("poison", ["reward", "logits"])
+def test_a_non_finite_update_is_skipped_and_leaves_parameters_and_optimizer_alone(tmp_path, poison):
+    from impala.optim import RMSPropTF
+
+    config = _config(tmp_path, reward_clipping="none")
+    agent = Agent((OBS,), A, network="mlp", use_lstm=False, hidden_sizes=(8,))
+    optimizer = RMSPropTF(agent.parameters(), lr=0.01, decay=0.99, momentum=0.0, epsilon=0.1)
+    rng = np.random.default_rng(4)
+    assert learner.learn_step(agent, optimizer, _random_batch(rng), config)["skipped"] == 0.0
+    params, state = [p.detach().clone() for p in agent.parameters()], _optimizer_state(optimizer)
+    batch = _random_batch(rng)
+    if poison == "reward":
+        batch["reward"][2, 1] = float("nan")
+    else:
+        batch["policy_logits"][1, 0, 0] = float("inf")
+    stats = learner.learn_step(agent, optimizer, batch, config)
+    assert stats["skipped"] == 1.0
+    assert not np.isfinite(stats["total_loss"]) or not np.isfinite(stats["grad_norm"])
+    assert all(torch.equal(a, b) for a, b in zip(params, agent.parameters()))
+    after = _optimizer_state(optimizer)
+    assert len(after) == len(state) and all(torch.equal(a, b) for a, b in zip(state, after))
+
+
+def test_a_checkpoint_with_non_finite_parameters_is_never_written(tmp_path):
+    server = learner.Learner(_config(tmp_path))
     try:
-        arrays = unroll.new_unroll(server.unroll_spec, 2)
-        for seconds in ({"env": 0.25, "inference": 0.5}, {"env": 0.25, "send": "slow", "params": -1.0},
-                        {"inference": float("nan"), "act": float("inf"), "evil": 3.0}, "not a map"):
-            frames = wire.encode("unroll", arrays, task=1, meta={"level": "CartPole-v1", "seconds": seconds})
-            server._record_unroll(wire.decode(frames))
-        assert server.watch.take() == {"actor_env": 0.5, "actor_inference": 0.5}
+        server.save_checkpoint()
+        first = checkpoint.latest(tmp_path)
+        server.frames = 1000
+        with torch.no_grad():
+            next(server.agent.parameters())[0] = float("nan")
+        server.save_checkpoint()  # logs, does not raise
+        assert checkpoint.list_checkpoints(tmp_path) == [first]
+        assert all(torch.isfinite(t).all() for t in checkpoint.load(first)["model"].values())
+        with pytest.raises(checkpoint.NonFiniteError):
+            checkpoint.save(tmp_path, {"model": server.agent.state_dict()}, 2000)
+        assert checkpoint.list_checkpoints(tmp_path) == [first]
     finally:
         server.close(save=False)
+
+
+def test_non_finite_unrolls_are_skipped_then_stop_the_run(tmp_path):
+    """Real learner, real socket: unrolls whose rewards are NaN (the wire carries
+    any float) make every update non-finite; the parameters stay as they were and
+    after MAX_NONFINITE_IN_A_ROW the run stops with a one-line error."""
+    config = _config(tmp_path, batch_size=1, num_envs_per_actor=1, unroll_length=5, reward_clipping="none",
+                     log_interval_s=0.001)
+    server = learner.Learner(config)
+    peer = zmq.Context.instance().socket(zmq.DEALER)
+    peer.setsockopt(zmq.LINGER, 0)
+    peer.connect(server.unroll_address)
+    try:
+        before = [p.detach().clone() for p in server.agent.parameters()]
+        arrays = unroll.new_unroll(server.unroll_spec, 1)
+        arrays["reward"][3] = float("nan")
+        frames = wire.encode("unroll", arrays, task=0)
+        for _ in range(learner.MAX_NONFINITE_IN_A_ROW):
+            peer.send_multipart(frames)
+        with pytest.raises(learner.NonFiniteLossError, match="in a row") as error:
+            server.run()
+        assert "\n" not in str(error.value)
+        assert all(torch.equal(a, b) for a, b in zip(before, server.agent.parameters()))
+        assert server.param_version == 0
+        rows = read_jsonl(tmp_path / "metrics.jsonl")
+        assert sum(r["skipped_updates"] for r in rows) >= learner.MAX_NONFINITE_IN_A_ROW - 1
+    finally:
+        peer.close()
+        server.close(save=True)
+    saved = checkpoint.load(checkpoint.latest(tmp_path))
+    assert all(torch.isfinite(t).all() for t in saved["model"].values())
+
+
+def test_a_failing_server_thread_stops_the_run(tmp_path, monkeypatch):
+    """Any exception in a server thread (here injected where unrolls are booked,
+    with a real actor on real sockets) ends run() with a one-line error."""
+    config = _config(tmp_path, batch_size=2, num_envs_per_actor=2, unroll_length=5)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("injected failure")
+
+    monkeypatch.setattr(ActorBook, "record", broken)
+    server = learner.Learner(config)
+    stop = threading.Event()
+    actor = threading.Thread(target=run_actor, args=(config, 0, server.unroll_address, server.params_address),
+                             kwargs=dict(stop=stop), daemon=True)
+    actor.start()
+    try:
+        with pytest.raises(learner.ServerThreadError, match="unrolls thread failed: RuntimeError: injected") as e:
+            server.run()
+        assert "\n" not in str(e.value)
+    finally:
+        stop.set()
+        actor.join(timeout=10)
+        server.close(save=True)
+    assert checkpoint.latest(tmp_path) is not None

@@ -7,6 +7,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -42,6 +43,36 @@ def test_cartpole_learns_well_above_random(trained):
     assert checkpoint.latest(logdir) is not None
     assert any((logdir / "tensorboard").iterdir())
     assert "steps/s" in result.stdout and "return" in result.stdout
+    assert "frames/s" in result.stdout and "agent steps/s" in result.stdout  # both rates, each named
+
+
+def test_rows_hold_vtrace_diagnostics_and_episodes_in_frames(trained):
+    """Issue 16's V-trace diagnostics in every row with updates, issue 17's episode
+    lengths in frames, and in TensorBoard every episode and the actions taken."""
+    logdir, _ = trained
+    rows = [r for r in read_jsonl(logdir / "metrics.jsonl") if "total_loss" in r]
+    assert rows
+    for r in rows:
+        assert 0 < r["vtrace/mean_rho"] < 10, r
+        for key in ("vtrace/rho_clipped", "vtrace/pg_rho_clipped"):
+            assert 0 <= r[key] <= 1, (key, r)
+        assert r["vtrace/mean_abs_vs_minus_value"] >= 0
+        assert r["skipped_updates"] == 0
+    assert any(0 < r["vtrace/rho_clipped"] < 1 for r in rows)
+    with_episodes = [r for r in rows if r["episodes"]]
+    assert with_episodes
+    for r in with_episodes:  # cartpole.cfg has --num_action_repeats=1: a frame per agent step
+        assert r["mean_episode_frames"] == pytest.approx(r["mean_episode_length"]) and r["mean_episode_frames"] >= 8
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(logdir / "tensorboard"), size_guidance={"scalars": 0, "histograms": 0}).Reload()
+    tags = events.Tags()
+    assert "CartPole-v1/episode_return" in tags["scalars"] and "CartPole-v1/episode_frames" in tags["scalars"]
+    episodes = events.Scalars("CartPole-v1/episode_return")
+    assert len(episodes) == sum(r["episodes"] for r in read_jsonl(logdir / "metrics.jsonl"))
+    assert "actions" in tags["histograms"]
+    histogram = events.Histograms("actions")[-1].histogram_value
+    assert histogram.num > 0 and histogram.min >= 0 and histogram.max <= 1  # CartPole's two actions
 
 
 def test_metrics_say_where_the_time_goes(trained):
@@ -139,6 +170,7 @@ def test_a_killed_actor_is_replaced_and_the_run_finishes(tmp_path):
         out, _ = process.communicate(timeout=180)
         assert process.returncode == 0, out[-3000:]
         assert "restarting it" in out
+        assert "Actor 0 is back" in out or "Actor 1 is back" in out  # the learner saw it return
         assert read_jsonl(tmp_path / "metrics.jsonl")[-1]["frames"] >= 300000
         assert cli.wait_session_gone(process.pid) == []
     finally:
@@ -176,6 +208,8 @@ def _alive(pid: int) -> bool:
     (["--level_name=Pendulum-v1"], "Discrete"),
     (["--batch_size=0"], "batch_size"),
     (["--reward_clipping=sometimes"], "reward_clipping"),
+    (["--learning_rate=nan"], "--learning_rate must be a finite number"),
+    (["--decay=1.5"], "--decay"),
     # 16 envs: batches of at most 16 rows unless a maximum is given.
     (["--num_envs_per_actor=16", "--env_workers_per_actor=2", "--inference_minimum_batch_size=17"],
      "inference_minimum_batch_size"),
@@ -188,6 +222,16 @@ def test_bad_flags_are_one_line_errors(flags, expected, tmp_path):
     assert expected in result.stderr
 
 
+def test_a_network_that_does_not_fit_the_level_is_a_one_line_error(tmp_path):
+    result = subprocess.run(cli.command(f"--logdir={tmp_path}", "--level_name=ALE/Pong-v5", "--network=mlp"),
+                            cwd=cli.ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr
+    # ale-py prints its banner before (issue 19); the error itself is the one last line.
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith(
+        "impala: error: --network=mlp does not fit ALE/Pong-v5: the mlp torso needs vector observations"), result.stderr
+
+
 def test_bad_logdirs_are_one_line_errors(tmp_path):
     a_file = tmp_path / "file"
     a_file.write_text("not a directory")
@@ -198,3 +242,25 @@ def test_bad_logdirs_are_one_line_errors(tmp_path):
         assert result.stderr.strip().count("\n") == 0, result.stderr
         assert "--logdir" in result.stderr
     assert a_file.read_text() == "not a directory"
+
+
+def test_a_failing_learner_thread_ends_the_run_with_one_line_and_a_checkpoint(tmp_path):
+    """The real program, its actor processes and sockets, with a failure injected
+    into the learner's unroll thread (the actors are spawned fresh, unpatched)."""
+    inject = ("import sys; from impala import receiver\n"
+              "def broken(*args, **kwargs):\n    raise RuntimeError('injected failure')\n"
+              "receiver.ActorBook.record = broken\n"
+              "from impala import experiment; sys.argv[0] = 'impala'; experiment.run_main()")
+    process = subprocess.Popen([sys.executable, "-c", inject, *CARTPOLE, f"--logdir={tmp_path}",
+                                "--total_environment_frames=100000000"], cwd=cli.ROOT, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        _, err = process.communicate(timeout=120)
+        assert process.returncode == 1, err[-3000:]
+        last = err.strip().splitlines()[-1]
+        assert last.startswith("impala: error: the learner's unrolls thread failed: RuntimeError: injected"), last
+        assert "Traceback" not in err
+        assert checkpoint.latest(tmp_path) is not None
+        assert cli.wait_session_gone(process.pid) == []
+    finally:
+        cli.kill_session(process.pid)

@@ -1,4 +1,4 @@
-"""Tests for impala.unroll (layout, overlap, validation, batching) and for how an
+"""Tests for impala.unroll (layout, overlap, validation) and for how an
 actor cuts a real environment's trajectory into overlapping unrolls."""
 
 import numpy as np
@@ -9,7 +9,7 @@ from impala import envs, unroll
 from impala.actor import LockStep
 from impala.envs.gym import GymEnvironment
 from impala.nets import Agent
-from impala.unroll import Batcher, UnrollError, new_unroll, next_unroll, unroll_spec, validate
+from impala.unroll import UnrollError, new_unroll, next_unroll, unroll_spec, validate
 
 T = 5
 OBS = (4, 84, 84)
@@ -167,88 +167,6 @@ def test_validate_bad_reward_array():
     _one_line_error(u, spec, "reward")
     u["reward"] = np.zeros((T + 1, 0), np.float32)
     _one_line_error(u, spec, "reward")
-
-
-# ---------------------------------------------------------------------------
-# Batching.
-
-
-def _marked(spec, num_envs, first_id):
-    """An unroll whose env column j carries the id first_id + j in every array
-    (plus 1000 * t at step t where the dtype allows, to catch time/env mix-ups)."""
-    u = new_unroll(spec, num_envs)
-    for name in spec:
-        a = u[name]
-        for j in range(num_envs):
-            _column(a, spec[name][2], j)[...] = _mark(a.dtype, first_id + j, a.shape[0], spec[name][2], a.ndim)
-    return u
-
-
-def _column(a, time_major, j):
-    return a[:, j] if time_major else a[j]
-
-
-def _mark(dtype, env_id, steps, time_major, ndim):
-    if dtype == np.bool_:
-        return np.bool_(env_id % 2 == 1)
-    if dtype == np.uint8:
-        return np.uint8(env_id % 256)
-    if not time_major:
-        return env_id
-    return (env_id + 1000 * np.arange(steps)).reshape((-1,) + (1,) * (ndim - 2))
-
-
-def _env_ids(batch, spec):
-    """The env ids of a batch's columns, checked to agree across all arrays."""
-    ids = batch["reward"][0].astype(int).tolist()
-    for name, (_, _, time_major) in spec.items():
-        a = batch[name]
-        for j, env_id in enumerate(ids):
-            expected = _mark(a.dtype, env_id, a.shape[0], time_major, a.ndim)
-            assert (_column(a, time_major, j) == expected).all(), (name, j)
-    return ids
-
-
-def test_batcher_splits_unrolls_into_exact_batches_in_order():
-    spec = _spec(T=2)
-    batcher = Batcher(spec, batch_size=4)
-    batches, next_id = [], 0
-    counts = []
-    for _ in range(4):  # 4 unrolls of 3 envs: 12 envs -> 3 batches of 4
-        out = batcher.add(_marked(spec, 3, next_id))
-        counts.append(len(out))
-        batches += out
-        next_id += 3
-    assert counts == [0, 1, 1, 1]
-    assert len(batches) == 3
-    seen = []
-    for batch in batches:
-        assert validate(batch, spec) == 4
-        seen += _env_ids(batch, spec)
-    assert seen == list(range(12))  # each env exactly once, in arrival order
-    assert batcher._pending_envs == 0 and batcher._pending == []  # nothing left, nothing dropped
-
-
-def test_batcher_keeps_leftovers_and_handles_big_unrolls():
-    spec = _spec(T=1)
-    batcher = Batcher(spec, batch_size=4)
-    assert batcher.add(_marked(spec, 3, 0)) == []
-    big = batcher.add(_marked(spec, 10, 3))  # 13 envs waiting -> 3 batches, 1 left
-    assert len(big) == 3
-    assert [_env_ids(b, spec) for b in big] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11]]
-    assert batcher._pending_envs == 1
-    last = batcher.add(_marked(spec, 3, 13))
-    assert [_env_ids(b, spec) for b in last] == [[12, 13, 14, 15]]
-    assert batcher._pending_envs == 0
-
-
-def test_batches_do_not_alias_the_received_unrolls():
-    spec = _spec(T=1)
-    batcher = Batcher(spec, batch_size=2)
-    first = _marked(spec, 1, 0)
-    batch, = batcher.add(first) + batcher.add(_marked(spec, 1, 1))
-    first["reward"][...] = -1.0  # the receive buffer may be reused afterwards
-    assert _env_ids(batch, spec) == [0, 1]
 
 
 # ---------------------------------------------------------------------------

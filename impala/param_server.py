@@ -1,0 +1,51 @@
+"""Serving parameters: an actor asks with the version it has and gets the newest
+snapshot, or 'params_unchanged'.
+
+Threads: the training thread calls `publish` after each update; the 'params'
+server thread calls `handle`. They share one attribute, `_snapshot`, a tuple that
+`publish` replaces whole (a single assignment under the GIL), so the serving
+thread always reads a complete version, and a snapshot's frames are never changed
+after they are made (frames still being sent stay valid).
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+import zmq
+
+from impala import wire
+
+
+class ParamServer:
+    def __init__(self, run_id: str):
+        self.run_id = run_id  # tells actors that parameter versions restarted
+        self._snapshot: tuple[int, list] = (0, [])
+
+    @property
+    def version(self) -> int:
+        return self._snapshot[0]
+
+    def publish(self, state_dict: Mapping[str, torch.Tensor], version: int) -> None:
+        """Snapshots `state_dict` as `version` (a fresh copy on the CPU)."""
+        arrays = {name: t.detach().to("cpu", copy=True).numpy() for name, t in state_dict.items()}
+        frames = wire.encode("params", arrays, param_version=version, meta={"run": self.run_id})
+        self._snapshot = (version, frames)
+
+    def reply(self, message: wire.Message) -> list:
+        """The frames answering a 'get_params' message; wire.WireError if it is malformed."""
+        have, run = message.meta.get("version"), message.meta.get("run")
+        if not isinstance(have, int) or isinstance(have, bool):
+            raise wire.WireError("get_params without an integer 'version'")
+        version, frames = self._snapshot
+        # A different run id means the asker's version belongs to an earlier learner
+        # (restarted from a checkpoint): it must take ours even if its number is higher.
+        if version > have or run != self.run_id:
+            return frames
+        return wire.encode("params_unchanged", param_version=version, meta={"run": self.run_id})
+
+    def handle(self, socket: zmq.Socket) -> None:
+        """Answers one request on the parameter socket."""
+        identity, message = wire.recv_routed(socket, allowed_kinds=("get_params",))
+        socket.send_multipart([identity, *self.reply(message)], copy=False)

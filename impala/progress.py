@@ -1,0 +1,147 @@
+"""The progress log: every --log_interval_s, one progress line, one metrics.jsonl
+row and TensorBoard scalars, from the training thread's updates and the actor
+book's report (impala/receiver.py).
+
+What a row holds, beyond the losses and rates:
+  - V-trace diagnostics averaged over the row's updates (`vtrace/...`, see
+    losses.vtrace_diagnostics) and the updates skipped for a non-finite loss or
+    gradient (`skipped_updates`);
+  - finished episodes: their mean return and length in frames, per level for
+    multi-level runs (only the configured levels get keys, so a row stays bounded);
+    TensorBoard also gets every episode, as the original logged them
+    (`<level>/episode_return` and `<level>/episode_frames` at the current frames);
+  - for DMLab-30 runs the training human-normalised score, uncapped and capped at
+    100 per level (`dmlab30/training_no_cap`, `dmlab30/training_cap_100`, the
+    original's names), whenever every level has finished an episode since the last
+    one (the original's rule);
+  - TensorBoard: a histogram of the actions taken (`actions`).
+
+Owned by the training thread; it reads the actor book only through take_report().
+"""
+
+from __future__ import annotations
+
+import collections
+import time
+from typing import Callable
+
+import numpy as np
+from absl import logging
+
+from impala import dmlab30, envs
+from impala.config import Config
+from impala.metrics import MetricsWriter, Stopwatch
+from impala.receiver import ActorBook, Report
+
+
+def configured_levels(level_name: str) -> tuple[str, ...]:
+    """The levels a run's actors play (one, or the suite's for dmlab30)."""
+    return tuple(dict.fromkeys(envs.level_for_task(level_name, t) for t in range(len(dmlab30.TRAIN_LEVELS))))
+
+
+class ProgressLog:
+    def __init__(self, config: Config, metrics: MetricsWriter, book: ActorBook, watch: Stopwatch,
+                 refused_connections: Callable[[], int], frames: int, clock: Callable[[], float] = time.monotonic):
+        self.config, self.metrics, self.book, self.watch = config, metrics, book, watch
+        self.refused_connections = refused_connections
+        self.clock = clock
+        self.levels = configured_levels(config.level_name)
+        self.dmlab30 = config.level_name == dmlab30.SUITE_NAME
+        self.level_returns: dict[str, list[float]] = {level: [] for level in self.levels}
+        self.recent: collections.deque = collections.deque(maxlen=100)
+        self.last_time, self.last_frames = clock(), frames
+        self.sums: dict[str, float] = collections.defaultdict(float)
+        self.updates = 0
+        self.skipped = 0
+
+    def add_update(self, stats: dict[str, float]) -> None:
+        """Adds one learn_step's stats; a skipped update is only counted."""
+        if stats.get("skipped"):
+            self.skipped += 1
+            return
+        for key, value in stats.items():
+            if key != "skipped":
+                self.sums[key] += value
+        self.updates += 1
+
+    def maybe_write(self, frames: int, param_version: int, learning_rate: float, force: bool = False) -> dict | None:
+        """Writes a row if the log interval has passed (or `force` and there is
+        something new); returns it."""
+        now = self.clock()
+        if not force and now - self.last_time < self.config.log_interval_s:
+            return None
+        if force and frames == self.last_frames:
+            return None  # nothing new since the last row
+        report = self.book.take_report()
+        row = self._row(report, frames, param_version, learning_rate, max(now - self.last_time, 1e-9))
+        self.metrics.write(row)
+        self._tensorboard(report, frames)
+        self._print(row, report)
+        self.sums.clear()
+        self.updates = self.skipped = 0
+        self.last_time, self.last_frames = now, frames
+        return row
+
+    def _row(self, report: Report, frames: int, param_version: int, learning_rate: float, elapsed: float) -> dict:
+        config, episodes = self.config, report.episodes
+        fps = (frames - self.last_frames) / elapsed
+        returns = [e.episode_return for e in episodes]
+        self.recent.extend(returns)
+        row = {
+            "frames": frames,
+            "param_version": param_version,
+            "fps": round(fps, 1),
+            "sps": round(fps / config.num_action_repeats, 1),
+            "mean_episode_return": float(np.mean(returns)) if episodes else None,
+            "mean_episode_length": float(np.mean([e.frames for e in episodes])) / config.num_action_repeats
+            if episodes else None,
+            "mean_episode_frames": float(np.mean([e.frames for e in episodes])) if episodes else None,
+            "episodes": len(episodes),
+            "policy_lag": float(np.mean(report.lags)) if report.lags else None,
+            "learning_rate": learning_rate,
+            "connected_actors": len(report.unroll_rates),
+            "refused_connections": self.refused_connections(),
+            "bad_messages": report.bad_messages,
+            "skipped_updates": self.skipped,
+            "wall_time": time.time(),
+        }
+        row.update({k: v / max(self.updates, 1) for k, v in self.sums.items()})
+        row.update({f"actor_unrolls_per_s/{task}": round(rate, 2) for task, rate in report.unroll_rates.items()})
+        # Seconds spent per second of wall time, summed over threads and actors.
+        row.update({f"time/{part}": round(s / elapsed, 4) for part, s in sorted(self.watch.take().items())})
+        by_level: dict[str, list] = {}
+        for e in episodes:
+            if e.level in self.level_returns:
+                by_level.setdefault(e.level, []).append(e)
+                self.level_returns[e.level].append(e.episode_return)
+        if len(self.levels) > 1:  # multi-level runs
+            for level, done in sorted(by_level.items()):
+                row[f"mean_episode_return/{level}"] = float(np.mean([e.episode_return for e in done]))
+                row[f"mean_episode_frames/{level}"] = float(np.mean([e.frames for e in done]))
+                row[f"episodes/{level}"] = len(done)
+        if self.dmlab30 and all(self.level_returns.values()):
+            row["dmlab30/training_no_cap"] = dmlab30.compute_human_normalized_score(self.level_returns, None)
+            row["dmlab30/training_cap_100"] = dmlab30.compute_human_normalized_score(self.level_returns, 100)
+            self.level_returns = {level: [] for level in self.levels}
+        return row
+
+    def _tensorboard(self, report: Report, frames: int) -> None:
+        for e in report.episodes:
+            if e.level in self.level_returns:
+                self.metrics.scalar(f"{e.level}/episode_return", e.episode_return, frames)
+                self.metrics.scalar(f"{e.level}/episode_frames", e.frames, frames)
+        self.metrics.histogram_of_counts("actions", report.action_counts, frames)
+
+    def _print(self, row: dict, report: Report) -> None:
+        rates, episodes = report.unroll_rates, report.episodes
+        skipped = f" | {row['skipped_updates']} updates skipped (non-finite)" if row["skipped_updates"] else ""
+        logging.info(
+            "frames %s | %s frames/s (%s agent steps/s) | return %s (%d episodes; last 100: %s) | loss %.3g "
+            "(pg %.3g, baseline %.3g, entropy %.3g) | lag %s | actors %d (%s unrolls/s each)%s",
+            f"{row['frames']:,}", f"{row['fps']:,.0f}", f"{row['sps']:,.0f}",
+            f"{row['mean_episode_return']:.1f}" if episodes else "-", len(episodes),
+            f"{np.mean(self.recent):.1f}" if self.recent else "-",
+            row.get("total_loss", float("nan")), row.get("pg_loss", float("nan")),
+            row.get("baseline_loss", float("nan")), row.get("entropy_loss", float("nan")),
+            f"{row['policy_lag']:.1f}" if report.lags else "-", len(rates),
+            f"{min(rates.values()):.1f}-{max(rates.values()):.1f}" if rates else "-", skipped)

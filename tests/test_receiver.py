@@ -1,0 +1,239 @@
+"""The learner's receiving room without sockets: batch assembly, the actor book
+(counts, episodes, liveness) and the receiver's checks; and the parameter server's
+answers."""
+
+from __future__ import annotations
+
+import logging as std_logging
+
+import numpy as np
+import pytest
+import torch
+
+from impala import unroll, wire
+from impala.metrics import Stopwatch
+from impala.param_server import ParamServer
+from impala.receiver import ACTOR_SILENT_S, ActorBook, BatchAssembler, Episode, UnrollReceiver
+from impala.unroll import new_unroll, unroll_spec, validate
+
+T = 5
+OBS = (4, 84, 84)
+A = 6
+H = 8
+
+
+def _spec(T=T, state_sizes=(H, H)):
+    return unroll_spec(T, OBS, np.uint8, A, state_sizes)
+
+
+# ---------------------------------------------------------------------------
+# Batch assembly (moved here from unroll.Batcher).
+
+
+def _marked(spec, num_envs, first_id):
+    """An unroll whose env column j carries the id first_id + j in every array
+    (plus 1000 * t at step t where the dtype allows, to catch time/env mix-ups)."""
+    u = new_unroll(spec, num_envs)
+    for name in spec:
+        a = u[name]
+        for j in range(num_envs):
+            _column(a, spec[name][2], j)[...] = _mark(a.dtype, first_id + j, a.shape[0], spec[name][2], a.ndim)
+    return u
+
+
+def _column(a, time_major, j):
+    return a[:, j] if time_major else a[j]
+
+
+def _mark(dtype, env_id, steps, time_major, ndim):
+    if dtype == np.bool_:
+        return np.bool_(env_id % 2 == 1)
+    if dtype == np.uint8:
+        return np.uint8(env_id % 256)
+    if not time_major:
+        return env_id
+    return (env_id + 1000 * np.arange(steps)).reshape((-1,) + (1,) * (ndim - 2))
+
+
+def _env_ids(batch, spec):
+    """The env ids of a batch's columns, checked to agree across all arrays."""
+    ids = batch["reward"][0].astype(int).tolist()
+    for name, (_, _, time_major) in spec.items():
+        a = batch[name]
+        for j, env_id in enumerate(ids):
+            expected = _mark(a.dtype, env_id, a.shape[0], time_major, a.ndim)
+            assert (_column(a, time_major, j) == expected).all(), (name, j)
+    return ids
+
+
+def test_batcher_splits_unrolls_into_exact_batches_in_order():
+    spec = _spec(T=2)
+    batcher = BatchAssembler(spec, batch_size=4)
+    batches, next_id = [], 0
+    counts = []
+    for _ in range(4):  # 4 unrolls of 3 envs: 12 envs -> 3 batches of 4
+        out = batcher.add(_marked(spec, 3, next_id))
+        counts.append(len(out))
+        batches += out
+        next_id += 3
+    assert counts == [0, 1, 1, 1]
+    assert len(batches) == 3
+    seen = []
+    for batch in batches:
+        assert validate(batch, spec) == 4
+        seen += _env_ids(batch, spec)
+    assert seen == list(range(12))  # each env exactly once, in arrival order
+    assert batcher._pending_envs == 0 and batcher._pending == []  # nothing left, nothing dropped
+
+
+def test_batcher_keeps_leftovers_and_handles_big_unrolls():
+    spec = _spec(T=1)
+    batcher = BatchAssembler(spec, batch_size=4)
+    assert batcher.add(_marked(spec, 3, 0)) == []
+    big = batcher.add(_marked(spec, 10, 3))  # 13 envs waiting -> 3 batches, 1 left
+    assert len(big) == 3
+    assert [_env_ids(b, spec) for b in big] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11]]
+    assert batcher._pending_envs == 1
+    last = batcher.add(_marked(spec, 3, 13))
+    assert [_env_ids(b, spec) for b in last] == [[12, 13, 14, 15]]
+    assert batcher._pending_envs == 0
+
+
+def test_batches_do_not_alias_the_received_unrolls():
+    spec = _spec(T=1)
+    batcher = BatchAssembler(spec, batch_size=2)
+    first = _marked(spec, 1, 0)
+    batch, = batcher.add(first) + batcher.add(_marked(spec, 1, 1))
+    first["reward"][...] = -1.0  # the receive buffer may be reused afterwards
+    assert _env_ids(batch, spec) == [0, 1]
+# ---------------------------------------------------------------------------
+# The actor book.
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _episodes_unroll(spec, ends: dict[tuple[int, int], tuple[float, int]]) -> dict:
+    """An unroll of 2 envs whose episodes end at (t, env) with (return, agent steps)."""
+    u = new_unroll(spec, 2)
+    for (t, env), (ret, steps) in ends.items():
+        u["done"][t, env] = True
+        u["episode_return"][t, env] = ret
+        u["episode_step"][t, env] = steps
+    return u
+
+
+def test_book_counts_episodes_in_frames_actions_and_lags():
+    spec = _spec(T=3, state_sizes=())
+    book = ActorBook(num_actions=A, num_action_repeats=4, clock=Clock())
+    u = _episodes_unroll(spec, {(0, 0): (9.0, 9), (2, 1): (5.0, 7), (3, 0): (-1.0, 2)})
+    u["action"][:, 0] = [5, 1, 1, 2]  # step 0 repeats the previous unroll's last step
+    u["action"][:, 1] = [5, 3, 3, 3]
+    book.record(0, b"peer", "lvl", u, lag=2)
+    book.record(1, b"other", "lvl", new_unroll(spec, 2), lag=None)
+    report = book.take_report()
+    # Step 0's episode end belongs to the previous unroll, so it is not counted twice.
+    assert sorted(report.episodes) == [Episode("lvl", -1.0, 8), Episode("lvl", 5.0, 28)]
+    assert report.lags == [2]
+    assert report.action_counts.tolist() == [6, 2, 1, 3, 0, 0]  # six 0s: the second unroll
+    empty = book.take_report()
+    assert empty.episodes == [] and empty.lags == [] and empty.action_counts.sum() == 0
+
+
+def test_book_decides_liveness_where_unrolls_arrive(caplog):
+    spec = _spec(T=1, state_sizes=())
+    clock = Clock()
+    book = ActorBook(num_actions=A, num_action_repeats=1, clock=clock)
+    arrays = new_unroll(spec, 1)
+    caplog.set_level(std_logging.INFO)
+    book.record(3, b"first", "lvl", arrays, None)
+    clock.now += 10.0
+    assert book.take_report().unroll_rates == {3: pytest.approx(0.1)}
+    clock.now += ACTOR_SILENT_S + 1
+    assert book.take_report().unroll_rates == {}  # gone
+    assert "Actor 3 silent" in caplog.text
+    book.record(3, b"first", "lvl", arrays, None)
+    assert "Actor 3 is back" in caplog.text
+    caplog.clear()
+    book.record(3, b"restarted", "lvl", arrays, None)  # a new connection: a restarted actor
+    assert "Actor 3 is back" in caplog.text and "restarted" in caplog.text
+    caplog.clear()
+    book.record(3, b"restarted", "lvl", arrays, None)
+    assert "Actor 3" not in caplog.text  # nothing new to say
+    clock.now += 1.0
+    assert set(book.take_report().unroll_rates) == {3}
+
+
+# ---------------------------------------------------------------------------
+# The receiver.
+
+
+def _receiver(spec, batch_size=2, version=7):
+    book = ActorBook(num_actions=A, num_action_repeats=1)
+    watch = Stopwatch()
+    receiver = UnrollReceiver(spec, batch_size, A, book, watch, default_level="default", run_id="run",
+                              param_version=lambda: version, max_queued_batches=4)
+    return receiver, book, watch
+
+
+def _message(arrays, **meta) -> wire.Message:
+    return wire.decode(wire.encode("unroll", arrays, task=1, param_version=5, meta=meta))
+
+
+def test_actor_time_reports_are_summed_and_foreign_values_ignored():
+    """The 'seconds' an actor sends with an unroll feed the learner's time/actor_*
+    metrics; unknown parts and values that are not plausible seconds are dropped."""
+    spec = _spec(T=2, state_sizes=())
+    receiver, _, watch = _receiver(spec)
+    arrays = new_unroll(spec, 2)
+    for seconds in ({"env": 0.25, "inference": 0.5}, {"env": 0.25, "send": "slow", "params": -1.0},
+                    {"inference": float("nan"), "act": float("inf"), "evil": 3.0}, "not a map"):
+        receiver.receive(b"peer", _message(arrays, level="CartPole-v1", seconds=seconds))
+    times = watch.take()
+    assert {k: v for k, v in times.items() if k.startswith("actor_")} == {"actor_env": 0.5, "actor_inference": 0.5}
+
+
+def test_receiver_queues_batches_and_books_lags_of_this_run_only():
+    spec = _spec(T=2, state_sizes=())
+    receiver, book, _ = _receiver(spec, batch_size=3)
+    receiver.receive(b"p", _message(new_unroll(spec, 2), run="run", level="x" * 500))
+    assert receiver.next_batch(timeout=0) is None
+    receiver.receive(b"p", _message(new_unroll(spec, 2), run="an earlier learner"))
+    batch = receiver.next_batch(timeout=0)
+    assert batch["reward"].shape == (3, 3)
+    assert book.take_report().lags == [7 - 5]
+
+
+@pytest.mark.parametrize("action", [-1, A])
+def test_receiver_refuses_actions_out_of_range(action):
+    spec = _spec(T=2, state_sizes=())
+    receiver, book, _ = _receiver(spec)
+    arrays = new_unroll(spec, 2)
+    arrays["action"][1, 1] = action
+    with pytest.raises(unroll.UnrollError, match="actions outside"):
+        receiver.receive(b"p", _message(arrays))
+    assert not book.known(1) and receiver.next_batch(timeout=0) is None
+
+
+# ---------------------------------------------------------------------------
+# The parameter server.
+
+
+def test_param_server_answers_by_version_and_run():
+    server = ParamServer(run_id="now")
+    server.publish({"w": torch.ones(3)}, 4)
+
+    def ask(version, run="now"):
+        return wire.decode(server.reply(wire.decode(wire.encode("get_params", meta={"version": version, "run": run}))))
+
+    fresh = ask(3)
+    assert fresh.kind == "params" and fresh.param_version == 4 and fresh.arrays["w"].tolist() == [1, 1, 1]
+    assert ask(4).kind == "params_unchanged"
+    assert ask(9, run="before a restart").kind == "params"  # versions of another run do not compare
+    with pytest.raises(wire.WireError):
+        server.reply(wire.decode(wire.encode("get_params", meta={"version": "4"})))
