@@ -29,18 +29,18 @@ v_s - V(x_s) = delta_s + gamma_s c_s (v_{s+1} - V(x_{s+1})).
 from __future__ import annotations
 
 import collections
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 __all__ = [
-    "VTraceReturns",
     "VTraceFromLogitsReturns",
-    "log_probs_from_logits_and_actions",
-    "from_logits",
+    "VTraceReturns",
     "from_importance_weights",
+    "from_logits",
+    "log_probs_from_logits_and_actions",
 ]
 
 # The original's namedtuples, field for field: vs and pg_advantages [T, B] carry no
@@ -54,11 +54,11 @@ VTraceReturns = collections.namedtuple("VTraceReturns", "vs pg_advantages")
 ArrayLike = Any  # a torch.Tensor, a NumPy array, a (nested) list or a Python number
 
 
-def _device_of(*xs: ArrayLike) -> Optional[torch.device]:
+def _device_of(*xs: ArrayLike) -> torch.device | None:
     return next((x.device for x in xs if isinstance(x, torch.Tensor)), None)
 
 
-def _as_float(x: ArrayLike, device: Optional[torch.device] = None) -> torch.Tensor:
+def _as_float(x: ArrayLike, device: torch.device | None = None) -> torch.Tensor:
     """A torch tensor stays as it is; anything else becomes float32, as the original's
     tf.convert_to_tensor(x, dtype=tf.float32)."""
     if isinstance(x, torch.Tensor):
@@ -66,7 +66,7 @@ def _as_float(x: ArrayLike, device: Optional[torch.device] = None) -> torch.Tens
     return torch.as_tensor(np.asarray(x, dtype=np.float32), device=device)
 
 
-def _as_actions(x: ArrayLike, device: Optional[torch.device] = None) -> torch.Tensor:
+def _as_actions(x: ArrayLike, device: torch.device | None = None) -> torch.Tensor:
     """Integer actions (the original converts to int32; torch indexes with int64)."""
     t = x if isinstance(x, torch.Tensor) else torch.as_tensor(np.asarray(x), device=device)
     if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
@@ -111,8 +111,8 @@ def from_logits(
     rewards: ArrayLike,
     values: ArrayLike,
     bootstrap_value: ArrayLike,
-    clip_rho_threshold: Optional[float] = 1.0,
-    clip_pg_rho_threshold: Optional[float] = 1.0,
+    clip_rho_threshold: float | None = 1.0,
+    clip_pg_rho_threshold: float | None = 1.0,
     name: str = "vtrace_from_logits",
 ) -> VTraceFromLogitsReturns:
     """V-trace for softmax policies given as logits.
@@ -166,7 +166,7 @@ def from_logits(
     )
 
 
-def _threshold(name: str, threshold: Any) -> Optional[torch.Tensor | float]:
+def _threshold(name: str, threshold: Any) -> torch.Tensor | float | None:
     """None, a Python number, or a rank-0 tensor (the original asserts rank 0)."""
     if threshold is None or isinstance(threshold, (int, float)):
         return threshold
@@ -175,7 +175,7 @@ def _threshold(name: str, threshold: Any) -> Optional[torch.Tensor | float]:
     return t
 
 
-def _clip(rhos: torch.Tensor, threshold: Optional[torch.Tensor | float]) -> torch.Tensor:
+def _clip(rhos: torch.Tensor, threshold: torch.Tensor | float | None) -> torch.Tensor:
     if threshold is None:
         return rhos
     if isinstance(threshold, torch.Tensor):
@@ -189,8 +189,8 @@ def from_importance_weights(
     rewards: ArrayLike,
     values: ArrayLike,
     bootstrap_value: ArrayLike,
-    clip_rho_threshold: Optional[float] = 1.0,
-    clip_pg_rho_threshold: Optional[float] = 1.0,
+    clip_rho_threshold: float | None = 1.0,
+    clip_pg_rho_threshold: float | None = 1.0,
     name: str = "vtrace_from_importance_weights",
 ) -> VTraceReturns:
     """V-trace targets from log importance weights log(pi(a_t|x_t) / mu(a_t|x_t)).
