@@ -41,7 +41,10 @@ class Config:
     insecure: bool = _f(False, "Let the learner bind beyond loopback without keys (unauthenticated, unencrypted).")
     max_message_mb: int = _f(64, "Largest message the learner accepts from one peer; bigger ones are cut off.")
     logdir: str = _f("/tmp/impala", "Checkpoints, metrics.jsonl and TensorBoard events go here.")
-    seed: int = _f(1, "Random seed; actor i uses seed + 1000 * i.")
+    seed: int = _f(
+        1, "Random seed: the learner's initialisation (as the original's tf.set_random_seed); actor i samples "
+        "with seed + 1000 * i and seeds its env j with seed + 1000 * i + j (the original seeded actor i's "
+        "one env with i + 1 whatever --seed; why: docs/design.md, Seeds).")
 
     # Environment.
     level_name: str = _f(
