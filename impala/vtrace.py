@@ -67,7 +67,11 @@ def _as_float(x: ArrayLike, device: torch.device | None = None) -> torch.Tensor:
 
 
 def _as_actions(x: ArrayLike, device: torch.device | None = None) -> torch.Tensor:
-    """Integer actions (the original converts to int32; torch indexes with int64)."""
+    """Integer actions, as the original's tf.convert_to_tensor(x, dtype=tf.int32): a NumPy
+    array is cast (astype, as TensorFlow does), a list must hold integers, a tensor must
+    be of an integer dtype."""
+    if isinstance(x, (np.ndarray, np.generic)):
+        return torch.as_tensor(np.asarray(x).astype(np.int32), device=device)
     t = x if isinstance(x, torch.Tensor) else torch.as_tensor(np.asarray(x), device=device)
     if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
         raise ValueError(f"actions must be integers, got {t.dtype}")

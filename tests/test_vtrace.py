@@ -443,3 +443,17 @@ def test_shapes_the_original_would_reject():
                                        np.zeros((4, 3, 1)), np.zeros((3, 1)))
     with pytest.raises(ValueError, match="rank 0"):
         vtrace.from_importance_weights(z, z, z, z, b, clip_rho_threshold=[1.0])
+
+
+def test_actions_convert_as_the_original_converts_them():
+    logits = _shaped_arange(2, 3, 4)
+    want = vtrace.log_probs_from_logits_and_actions(logits, np.array([[0, 1, 2], [3, 0, 1]], np.int64))
+    # NumPy arrays are cast to int32 as tf.convert_to_tensor casts them (float ones included) ...
+    torch.testing.assert_close(vtrace.log_probs_from_logits_and_actions(logits, np.array([[0, 1, 2], [3, 0, 1]],
+                                                                                      np.float64)), want)
+    torch.testing.assert_close(vtrace.log_probs_from_logits_and_actions(logits, [[0, 1, 2], [3, 0, 1]]), want)
+    # ... while a list of floats and a float tensor are errors there too.
+    with pytest.raises(ValueError, match="integer"):
+        vtrace.log_probs_from_logits_and_actions(logits, [[0.0, 1.0, 2.0], [3.0, 0.0, 1.0]])
+    with pytest.raises(ValueError, match="integer"):
+        vtrace.log_probs_from_logits_and_actions(torch.as_tensor(logits), torch.zeros(2, 3))
