@@ -49,7 +49,10 @@ class Config:
     insecure: bool = _f(False, "Let the learner bind beyond loopback without keys (unauthenticated, unencrypted).")
     max_message_mb: int = _f(64, "Largest message the learner accepts from one peer; bigger ones are cut off.")
     logdir: str = _f("/tmp/impala", "Checkpoints, metrics.jsonl and TensorBoard events go here.")
-    seed: int = _f(1, "Random seed; actor i uses seed + 1000 * i.")
+    seed: int = _f(
+        1, "Random seed: the learner's initialisation (as the original's tf.set_random_seed); actor i samples "
+        "with seed + 1000 * i and seeds its env j with seed + 1000 * i + j (the original seeded actor i's "
+        "one env with i + 1 whatever --seed; why: docs/design.md, Seeds).")
 
     # Environment.
     level_name: str = _f(
@@ -69,11 +72,17 @@ class Config:
     env_workers_per_actor: int = _f(
         0, "Environment worker processes per actor, sharing its --num_envs_per_actor; their policy "
         "calls are batched dynamically in the actor. 0 steps the envs in the actor in lock-step.")
-    inference_minimum_batch_size: int = _f(1, "Actor host: fewest env rows a timed-out batch may have.")
+    inference_fill_batches: bool = _f(
+        True, "Actor host: batches wait to fill up: one fires at the maximum, or once at least the minimum "
+        "wait and the oldest has waited --inference_timeout_ms (docs/dynamic_batching.md). "
+        "false: the original batcher.cc's rules (fire as soon as the minimum waits; after the timeout, below it).")
+    inference_minimum_batch_size: int = _f(
+        1, "Actor host: filling, the fewest env rows a timed-out batch may have; else a batch fires at this many.")
     inference_maximum_batch_size: int = _f(
-        0, "Actor host: a batch fires as soon as it has this many env rows; 0 means all the actor's envs.")
+        0, "Actor host: the most env rows in a batch (filling: it fires at this many); 0 means all the actor's envs.")
     inference_timeout_ms: float = _f(
-        10.0, "Actor host: a batch of at least the minimum fires once its oldest row has waited this long.")
+        10.0, "Actor host: filling, a batch of at least the minimum fires once its oldest row has waited this "
+        "long; else what waits fires after this long, below the minimum too.")
     inference_dtype: str = _f(
         "float32", "Number format of the actors' forward passes. bfloat16 is faster on CPUs with AVX512-BF16 "
         "or AMX, slower elsewhere; V-trace corrects for its rounding (docs/dynamic_batching.md).",

@@ -40,7 +40,7 @@ def policy_gradient_loss(
     Returns:
       Scalar loss.
     """
-    cross_entropy = -vtrace.action_log_probs(logits, actions)
+    cross_entropy = -vtrace.log_probs_from_logits_and_actions(logits, actions)
     return torch.sum(cross_entropy * advantages.detach())
 
 

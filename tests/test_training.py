@@ -161,7 +161,7 @@ def _actor_pids(sid: int) -> list[int]:
 
 
 def test_a_killed_actor_is_replaced_and_the_run_finishes(tmp_path):
-    process = cli.start(*CARTPOLE, f"--logdir={tmp_path}", "--total_environment_frames=300000")
+    process = cli.start(*CARTPOLE, "--num_actors=2", f"--logdir={tmp_path}", "--total_environment_frames=300000")
     try:
         _wait_for_metrics(tmp_path, process)
         actors = _actor_pids(process.pid)
