@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from impala import vtrace
+from impala.config import REWARD_CLIPPING_MODES
 
 __all__ = [
     "REWARD_CLIPPING_MODES",
@@ -24,7 +25,6 @@ __all__ = [
     "vtrace_diagnostics",
 ]
 
-REWARD_CLIPPING_MODES = ("abs_one", "soft_asymmetric", "none")
 
 
 def policy_gradient_loss(

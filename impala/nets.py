@@ -25,6 +25,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from impala.config import NETWORKS
+
 CoreState = tuple[torch.Tensor, ...]
 
 
@@ -33,7 +35,6 @@ class AgentOutput(NamedTuple):
     baseline: torch.Tensor  # [T, B]
 
 
-NETWORKS = ("auto", "mlp", "shallow", "deep")
 
 
 def resolve_network(network: str, observation_shape: Sequence[int]) -> str:

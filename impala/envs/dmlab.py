@@ -24,12 +24,11 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
-import tempfile
 from typing import Any
 
 import numpy as np
 
-from impala import dmlab30
+from impala import dmlab30, files
 from impala.envs import EngineMissingError, EpisodicEnvironment, UnknownLevelError
 
 # The original's action set (environments.py, DEFAULT_ACTION_SET). Each row is one
@@ -120,15 +119,8 @@ class LevelCache:
         path = self._path(key)
         if path is None or os.path.isfile(path):
             return
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=self.cache_dir)
-        try:
-            with os.fdopen(fd, "wb") as out, open(pk3_path, "rb") as src:
-                shutil.copyfileobj(src, out)
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        with open(pk3_path, "rb") as src:
+            files.write_atomically(path, lambda out: shutil.copyfileobj(src, out), binary=True)
 
 
 class DmLabEnvironment(EpisodicEnvironment):
