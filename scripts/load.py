@@ -305,6 +305,11 @@ class Ledger:
             with self._lock:
                 self.checked_columns += size
 
+    def sequences(self) -> int:
+        """The unrolls of all connections up to the latest received of each."""
+        with self._lock:
+            return sum(self.next_sequence.values())
+
     def counts(self) -> tuple[int, int]:
         with self._lock:
             return self.unrolls, self.envs
@@ -440,7 +445,7 @@ def measure(config: config_lib.Config, args: argparse.Namespace, env: Any, train
     def all_sent() -> bool:
         while len(sent) < connections and not results.empty():
             sent.update(results.get())
-        return len(sent) == connections and ledger.counts()[0] >= sum(sent.values())
+        return len(sent) == connections and ledger.sequences() >= sum(sent.values())
 
     try:
         try:
