@@ -53,8 +53,9 @@ import tempfile
 import threading
 import time
 import zlib
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 import zmq
@@ -64,8 +65,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 # Light imports only: the sender processes import this module, and need no torch.
-from impala import config as config_lib  # noqa: E402
-from impala import security, step, unroll, wire  # noqa: E402
+from impala import config as config_lib
+from impala import security, step, unroll, wire
 
 OBS_WINDOWS = 4  # precomputed observation windows per sender process
 MEAN_EPISODE_STEPS = 400  # agent steps; episodes end at random with this mean
@@ -383,6 +384,23 @@ class MemoryWatch(threading.Thread):
                 self.stop.set()
 
 
+def receive_cpu_s() -> float:
+    """CPU seconds so far of the receive path's threads, from /proc: the learner's
+    'unrolls' thread and ZeroMQ's I/O threads (which name themselves 'ZMQbg/IO/n')."""
+    unrolls = {t.native_id for t in threading.enumerate() if t.name == "unrolls"}
+    total = 0
+    for task in Path("/proc/self/task").iterdir():
+        try:
+            stat = (task / "stat").read_text()
+        except OSError:  # the thread ended
+            continue
+        name = stat[stat.index("(") + 1:stat.rindex(")")]
+        if int(task.name) in unrolls or name.startswith("ZMQbg/IO"):
+            fields = stat[stat.rindex(")") + 2:].split()
+            total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / os.sysconf("SC_CLK_TCK")
+
+
 def raise_fd_limit(needed: int) -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft >= needed:
@@ -418,11 +436,12 @@ def measure(config: config_lib.Config, args: argparse.Namespace, env: Any, train
         s.start()
     watch = MemoryWatch([s.pid for s in senders], args.max_rss_mb, stop)
     watch.start()
-    marks: dict[str, tuple[float, int, int, int]] = {}  # name -> (time, unrolls, envs, frames trained)
+    # name -> (time, unrolls, envs, frames trained, receive CPU seconds)
+    marks: dict[str, tuple[float, int, int, int, float]] = {}
     start = time.monotonic()
 
     def mark(name: str) -> None:
-        marks[name] = (time.monotonic(), *ledger.counts(), learner.frames)
+        marks[name] = (time.monotonic(), *ledger.counts(), learner.frames, receive_cpu_s())
 
     def tick() -> None:  # at least once a second, and after every batch when training
         if "connected" not in marks:
@@ -502,9 +521,10 @@ def measure(config: config_lib.Config, args: argparse.Namespace, env: Any, train
         problems.append(f"learner RSS peaked at {watch.peak:,.0f} MB, over its bound of {bound:,.0f} MB")
     problems = ledger.finish(sent, config.batch_size) + problems
     count = ledger.problem_count + len(problems) - min(ledger.problem_count, 10)
-    (t0, u0, e0, f0), (t1, u1, e1, f1) = marks.get("warm", marks["end"]), marks["end"]
+    (t0, u0, e0, f0, c0), (t1, u1, e1, f1, c1) = marks.get("warm", marks["end"]), marks["end"]
     elapsed = max(t1 - t0, 1e-9)
     return {
+        "cpu_per_unroll": (c1 - c0) / max(u1 - u0, 1),
         "elapsed": elapsed, "unrolls_per_s": (u1 - u0) / elapsed,
         "steps_per_s": (e1 - e0) * config.unroll_length / elapsed,
         "trained_steps_per_s": (f1 - f0) / config.num_action_repeats / elapsed,
@@ -544,9 +564,9 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, config_lib.Config]:
     parser.add_argument("--max_rss_mb", type=float, default=8192.0,
                         help="stop (and fail) when the learner's and the senders' RSS together pass this "
                              "(default 8192): the machine is shared")
-    parser.add_argument("--rss_allowance_mb", type=float, default=256.0,
+    parser.add_argument("--rss_allowance_mb", type=float, default=1024.0,
                         help="learner RSS allowed beyond its queues' bound: allocator slack and training "
-                             "activations (default 256)")
+                             "activations (default 1024; Pong's shallow network at batch 32 takes about 500)")
     parser.add_argument("--logdir", default="",
                         help="the learner's logdir (metrics.jsonl); default: a fresh temporary folder, removed after")
     parser.add_argument("--inject", choices=("", "duplicate", "drop", "corrupt"), default="",
@@ -577,6 +597,11 @@ def report(name: str, result: dict) -> None:
     print(f"{name}: {result['unrolls_per_s']:,.0f} unrolls/s, {result['steps_per_s']:,.0f} agent steps/s received"
           + (f"; {result['trained_steps_per_s']:,.0f} agent steps/s trained on" if name == "learner" else "")
           + f" ({result['elapsed']:.1f} s measured)")
+    if name == "receive" and result["cpu_per_unroll"] > 0:
+        per_core = 1 / result["cpu_per_unroll"]
+        print(f"  receive path CPU (the 'unrolls' thread and ZeroMQ's I/O thread): "
+              f"{result['cpu_per_unroll'] * 1e6:,.0f} us per unroll, so one core of them takes {per_core:,.0f} "
+              f"unrolls/s, {per_core * result['steps_per_s'] / max(result['unrolls_per_s'], 1e-9):,.0f} agent steps/s")
     print(f"  {result['sent']:,} unrolls sent, {result['unrolls']:,} received; {result['taken_columns']:,} env "
           f"columns taken from the queue, {result['checked_columns']:,} checksummed"
           + (f"; {result['trained_frames']:,} frames trained" if name == "learner" else ""))

@@ -23,7 +23,7 @@ SMALL = ["--level_name=CartPole-v1", "--num_envs_per_actor=3", "--unroll_length=
 
 
 def _load(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(SCRIPT), *args], cwd=cli.ROOT, capture_output=True, text=True,
+    return subprocess.run([sys.executable, str(SCRIPT), *args], cwd=cli.ROOT, capture_output=True, text=True, check=False,
                           timeout=300)
 
 
