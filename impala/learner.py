@@ -27,6 +27,7 @@ then writes a checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import threading
@@ -126,20 +127,30 @@ def learn_step(agent: Agent, optimizer: torch.optim.Optimizer, batch: dict[str, 
 
     Returns the loss terms, the gradient norm, V-trace diagnostics and 'skipped':
     1.0 when the loss or the gradient norm was not finite, and the update was
-    skipped (parameters and optimizer state untouched), else 0.0."""
+    skipped (parameters and optimizer state untouched), else 0.0.
+
+    With --learner_dtype=bfloat16 only the network's forward pass (and so its
+    backward) runs under autocast; parameters, gradients and RMSProp stay float32
+    (bfloat16 has float32's exponent range: no loss scaling), and V-trace and the
+    losses run in float32 on the outputs: exp(log pi - log mu) turns a logit's
+    rounding (8 bits of mantissa) into a relative error of the importance weight,
+    and the losses sum T x B terms, which bfloat16 would round away; they are a
+    tiny part of the work. With float32 nothing is autocast."""
     if learning_rate is not None:
         for group in optimizer.param_groups:
             group["lr"] = learning_rate
     initial_state = tuple(batch[f"core_state_{k}"] for k in range(2) if f"core_state_{k}" in batch)
-    output, _ = agent(batch["observation"], batch["action"], batch["reward"], batch["done"], initial_state,
-                      instruction=batch.get("instruction"))
+    with _forward_precision(config.learner_dtype, batch["observation"].device):
+        output, _ = agent(batch["observation"], batch["action"], batch["reward"], batch["done"], initial_state,
+                          instruction=batch.get("instruction"))
+    logits, baseline = output.policy_logits.float(), output.baseline.float()  # no-ops in float32
 
     # Env output t led the network to pick action t+1: learn from transitions
     # 0..T-1 and bootstrap from the value of the last env output.
     loss = losses.impala_loss(
-        target_logits=output.policy_logits[:-1],
-        baseline=output.baseline[:-1],
-        bootstrap_value=output.baseline[-1],
+        target_logits=logits[:-1],
+        baseline=baseline[:-1],
+        bootstrap_value=baseline[-1],
         behaviour_logits=batch["policy_logits"][1:],
         actions=batch["action"][1:],
         rewards=losses.clip_rewards(batch["reward"][1:], config.reward_clipping),
@@ -164,6 +175,13 @@ def learn_step(agent: Agent, optimizer: torch.optim.Optimizer, batch: dict[str, 
         optimizer.zero_grad(set_to_none=True)
     stats["skipped"] = 0.0 if finite else 1.0
     return stats
+
+
+def _forward_precision(dtype: str, device: torch.device) -> contextlib.AbstractContextManager:
+    """Autocast to `dtype` on `device` for the forward pass; nothing for float32."""
+    if dtype == "float32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=getattr(torch, dtype))
 
 
 def _one_line(error: BaseException) -> str:
