@@ -14,8 +14,13 @@ Its rooms, each a unit built and tested alone:
 
 Threads, and the state each owns:
   - the training thread (the caller of `run`): the agent, the optimizer, `frames`,
-    `param_version`, the progress log and the non-finite count; it hands snapshots
-    to the ParamServer (`publish`) and reads the actor book through `take_report`;
+    `param_version`, the progress log, the non-finite count and the BatchFeed
+    (impala/transfer.py: batches on the device, on a GPU one copied ahead); it
+    copies the parameters for the publisher (`offer`) and reads the actor book
+    through `take_report`;
+  - 'publisher' (a SnapshotPublisher): waits for that copy to reach the host,
+    encodes it and hands it to the ParamServer (`publish`), off the training
+    thread's critical path;
   - 'unrolls' (a ServerThread): the unroll socket and the UnrollReceiver with its
     batch assembler; it writes the actor book (under the book's lock) and the queue;
   - 'params' (a ServerThread): the parameter socket; it reads the ParamServer's
@@ -52,6 +57,7 @@ from impala.optim import RMSPropTF
 from impala.param_server import ParamServer
 from impala.progress import ProgressLog
 from impala.receiver import ActorBook, UnrollReceiver
+from impala.transfer import BatchFeed, SnapshotPublisher
 
 # Per-peer ZeroMQ queue bounds: with the bounded batch queue they cap the memory
 # that unrolls in flight can take, whatever the actors do.
@@ -256,18 +262,23 @@ class Learner:
         self.watch = Stopwatch()
         self.params = ParamServer(run_id=uuid.uuid4().hex)
         self.params.publish(self.agent.state_dict(), self.param_version)
+        self._offered = self.param_version  # the newest version handed to the publisher
         self.book = ActorBook(self.spec.num_actions, config.num_action_repeats)
+        # Policy lags count the learner's updates, published or not yet.
         self.receiver = UnrollReceiver(
             self.unroll_spec, config.batch_size, self.spec.num_actions, self.book, self.watch,
-            default_level=config.level_name, run_id=self.params.run_id, param_version=lambda: self.params.version,
+            default_level=config.level_name, run_id=self.params.run_id, param_version=lambda: self.param_version,
             max_queued_batches=config.max_queued_batches, pin_memory=self.device.type == "cuda")
+        self.feed = BatchFeed(self.receiver.next_batch, self.receiver.release, self.device)
         self._stop = self.receiver.stop
+        self.publisher = SnapshotPublisher(self.agent.state_dict(), self.params.publish, self._stop, self.device)
 
         self._context = zmq.Context.instance()
         self.unroll_address, self.params_address = self._bind()
         self._threads = [
             ServerThread("unrolls", self._unroll_socket, self.receiver.handle, self.book, self._stop),
             ServerThread("params", self._params_socket, self.params.handle, self.book, self._stop),
+            self.publisher,
         ]
         for t in self._threads:
             t.start()
@@ -349,11 +360,15 @@ class Learner:
     # -- training ----------------------------------------------------------------
 
     def next_batch(self, timeout: float) -> dict[str, torch.Tensor] | None:
-        """The next batch on the learner's device, or None after `timeout` seconds."""
-        batch = self.receiver.next_batch(timeout)
-        if batch is None:
-            return None
-        return {name: t.to(self.device, non_blocking=True) for name, t in batch.items()}
+        """The next batch on the learner's device, or None after `timeout` seconds;
+        the batch returned before must no longer be used (its memory is reused)."""
+        return self.feed.next(timeout)
+
+    def offer_snapshot(self) -> None:
+        """Hands the parameters to the publisher if they are newer than the last
+        snapshot it took and it is free; otherwise a later pass of the loop does."""
+        if self._offered < self.param_version and self.publisher.offer(self.param_version):
+            self._offered = self.param_version
 
     def check_threads(self) -> None:
         """Raises ServerThreadError if a server thread has failed."""
@@ -393,10 +408,10 @@ class Learner:
                 else:
                     nonfinite_in_a_row = 0
                     self.param_version += 1
-                    with self.watch("learner_publish"):
-                        self.params.publish(self.agent.state_dict(), self.param_version)
                 if time.monotonic() - self._last_checkpoint > config.checkpoint_interval_s:
                     self.save_checkpoint()
+            with self.watch("learner_publish"):
+                self.offer_snapshot()
             log.maybe_write(self.frames, self.param_version, self.optimizer.param_groups[0]["lr"])
         log.maybe_write(self.frames, self.param_version, self.optimizer.param_groups[0]["lr"], force=True)
 
