@@ -37,7 +37,7 @@ can do, and how fast the actor side is on its own.
   torch thread, on --device) in each --learner_dtypes number format (float32 and
   bfloat16 by default), in --learner_rounds rounds of --part_seconds each that
   alternate the formats; samples/s per round, the medians and each format's ratio
-  to the first's.
+  to the first's (the ratio of the medians, and the median of the rounds' ratios).
 Absolute numbers drift between machines and runs; the ratios within one run are
 what this measures. A benchmark, not a test.
 """
@@ -199,7 +199,11 @@ def learner_dtypes(config: config_lib.Config, dtypes: list[str], seconds: float,
         print(f"{r:5d} " + " ".join(f"{rates[d][-1]:12,.0f}" for d in dtypes), flush=True)
     medians = {d: float(np.median(v)) for d, v in rates.items()}
     print(f"{'median':>5s} " + " ".join(f"{medians[d]:12,.0f}" for d in dtypes))
-    print(f"{'ratio':>5s} " + " ".join(f"{medians[d] / medians[dtypes[0]]:11.2f}x" for d in dtypes))
+    print(f"{'ratio':>5s} " + " ".join(f"{medians[d] / medians[dtypes[0]]:11.2f}x" for d in dtypes)
+          + "  (of the medians)")
+    paired = {d: float(np.median(np.array(rates[d]) / np.array(rates[dtypes[0]]))) for d in dtypes}
+    print(f"{'ratio':>5s} " + " ".join(f"{paired[d]:11.2f}x" for d in dtypes)
+          + "  (median of each round's ratio: load that drifts hits both formats of a round)")
 
 
 def training_run(impala_flags: list[str], config: config_lib.Config, warmup: float,
