@@ -112,6 +112,10 @@ class Config:
     device: str = _f("auto", "Learner device: cpu, cuda, or auto (cuda when available).")
     learner_threads: int = _f(1, "Torch threads of the learner process.")
     max_queued_batches: int = _f(2, "Learner batches prepared ahead; bounds memory (back-pressure).")
+    learner_dtype: str = _f(
+        "float32", "Number format of the learner's forward pass (autocast; parameters, optimizer, V-trace and "
+        "losses stay float32). bfloat16 is faster on GPUs and on CPUs with AVX512-BF16 or AMX (docs/design.md).",
+        ("float32", "bfloat16"))
 
     # Bookkeeping.
     log_interval_s: float = _f(5.0, "Seconds between progress lines and metrics rows.")

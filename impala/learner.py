@@ -14,8 +14,13 @@ Its rooms, each a unit built and tested alone:
 
 Threads, and the state each owns:
   - the training thread (the caller of `run`): the agent, the optimizer, `frames`,
-    `param_version`, the progress log and the non-finite count; it hands snapshots
-    to the ParamServer (`publish`) and reads the actor book through `take_report`;
+    `param_version`, the progress log, the non-finite count and the BatchFeed
+    (impala/transfer.py: batches on the device, on a GPU one copied ahead); it
+    copies the parameters for the publisher (`offer`) and reads the actor book
+    through `take_report`;
+  - 'publisher' (a SnapshotPublisher): waits for that copy to reach the host,
+    encodes it and hands it to the ParamServer (`publish`), off the training
+    thread's critical path;
   - 'unrolls' (a ServerThread): the unroll socket and the UnrollReceiver with its
     batch assembler; it writes the actor book (under the book's lock) and the queue;
   - 'params' (a ServerThread): the parameter socket; it reads the ParamServer's
@@ -27,6 +32,7 @@ then writes a checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import threading
@@ -51,6 +57,7 @@ from impala.optim import RMSPropTF
 from impala.param_server import ParamServer
 from impala.progress import ProgressLog
 from impala.receiver import ActorBook, UnrollReceiver
+from impala.transfer import BatchFeed, SnapshotPublisher
 
 # Per-peer ZeroMQ queue bounds: with the bounded batch queue they cap the memory
 # that unrolls in flight can take, whatever the actors do.
@@ -126,20 +133,30 @@ def learn_step(agent: Agent, optimizer: torch.optim.Optimizer, batch: dict[str, 
 
     Returns the loss terms, the gradient norm, V-trace diagnostics and 'skipped':
     1.0 when the loss or the gradient norm was not finite, and the update was
-    skipped (parameters and optimizer state untouched), else 0.0."""
+    skipped (parameters and optimizer state untouched), else 0.0.
+
+    With --learner_dtype=bfloat16 only the network's forward pass (and so its
+    backward) runs under autocast; parameters, gradients and RMSProp stay float32
+    (bfloat16 has float32's exponent range: no loss scaling), and V-trace and the
+    losses run in float32 on the outputs: exp(log pi - log mu) turns a logit's
+    rounding (8 bits of mantissa) into a relative error of the importance weight,
+    and the losses sum T x B terms, which bfloat16 would round away; they are a
+    tiny part of the work. With float32 nothing is autocast."""
     if learning_rate is not None:
         for group in optimizer.param_groups:
             group["lr"] = learning_rate
     initial_state = tuple(batch[f"core_state_{k}"] for k in range(2) if f"core_state_{k}" in batch)
-    output, _ = agent(batch["observation"], batch["action"], batch["reward"], batch["done"], initial_state,
-                      instruction=batch.get("instruction"))
+    with _forward_precision(config.learner_dtype, batch["observation"].device):
+        output, _ = agent(batch["observation"], batch["action"], batch["reward"], batch["done"], initial_state,
+                          instruction=batch.get("instruction"))
+    logits, baseline = output.policy_logits.float(), output.baseline.float()  # no-ops in float32
 
     # Env output t led the network to pick action t+1: learn from transitions
     # 0..T-1 and bootstrap from the value of the last env output.
     loss = losses.impala_loss(
-        target_logits=output.policy_logits[:-1],
-        baseline=output.baseline[:-1],
-        bootstrap_value=output.baseline[-1],
+        target_logits=logits[:-1],
+        baseline=baseline[:-1],
+        bootstrap_value=baseline[-1],
         behaviour_logits=batch["policy_logits"][1:],
         actions=batch["action"][1:],
         rewards=losses.clip_rewards(batch["reward"][1:], config.reward_clipping),
@@ -164,6 +181,13 @@ def learn_step(agent: Agent, optimizer: torch.optim.Optimizer, batch: dict[str, 
         optimizer.zero_grad(set_to_none=True)
     stats["skipped"] = 0.0 if finite else 1.0
     return stats
+
+
+def _forward_precision(dtype: str, device: torch.device) -> contextlib.AbstractContextManager:
+    """Autocast to `dtype` on `device` for the forward pass; nothing for float32."""
+    if dtype == "float32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=getattr(torch, dtype))
 
 
 def _one_line(error: BaseException) -> str:
@@ -238,18 +262,23 @@ class Learner:
         self.watch = Stopwatch()
         self.params = ParamServer(run_id=uuid.uuid4().hex)
         self.params.publish(self.agent.state_dict(), self.param_version)
+        self._offered = self.param_version  # the newest version handed to the publisher
         self.book = ActorBook(self.spec.num_actions, config.num_action_repeats)
+        # Policy lags count the learner's updates, published or not yet.
         self.receiver = UnrollReceiver(
             self.unroll_spec, config.batch_size, self.spec.num_actions, self.book, self.watch,
-            default_level=config.level_name, run_id=self.params.run_id, param_version=lambda: self.params.version,
+            default_level=config.level_name, run_id=self.params.run_id, param_version=lambda: self.param_version,
             max_queued_batches=config.max_queued_batches, pin_memory=self.device.type == "cuda")
+        self.feed = BatchFeed(self.receiver.next_batch, self.receiver.release, self.device)
         self._stop = self.receiver.stop
+        self.publisher = SnapshotPublisher(self.agent.state_dict(), self.params.publish, self._stop, self.device)
 
         self._context = zmq.Context.instance()
         self.unroll_address, self.params_address = self._bind()
         self._threads = [
             ServerThread("unrolls", self._unroll_socket, self.receiver.handle, self.book, self._stop),
             ServerThread("params", self._params_socket, self.params.handle, self.book, self._stop),
+            self.publisher,
         ]
         for t in self._threads:
             t.start()
@@ -331,11 +360,15 @@ class Learner:
     # -- training ----------------------------------------------------------------
 
     def next_batch(self, timeout: float) -> dict[str, torch.Tensor] | None:
-        """The next batch on the learner's device, or None after `timeout` seconds."""
-        batch = self.receiver.next_batch(timeout)
-        if batch is None:
-            return None
-        return {name: t.to(self.device, non_blocking=True) for name, t in batch.items()}
+        """The next batch on the learner's device, or None after `timeout` seconds;
+        the batch returned before must no longer be used (its memory is reused)."""
+        return self.feed.next(timeout)
+
+    def offer_snapshot(self) -> None:
+        """Hands the parameters to the publisher if they are newer than the last
+        snapshot it took and it is free; otherwise a later pass of the loop does."""
+        if self._offered < self.param_version and self.publisher.offer(self.param_version):
+            self._offered = self.param_version
 
     def check_threads(self) -> None:
         """Raises ServerThreadError if a server thread has failed."""
@@ -375,10 +408,10 @@ class Learner:
                 else:
                     nonfinite_in_a_row = 0
                     self.param_version += 1
-                    with self.watch("learner_publish"):
-                        self.params.publish(self.agent.state_dict(), self.param_version)
                 if time.monotonic() - self._last_checkpoint > config.checkpoint_interval_s:
                     self.save_checkpoint()
+            with self.watch("learner_publish"):
+                self.offer_snapshot()
             log.maybe_write(self.frames, self.param_version, self.optimizer.param_groups[0]["lr"])
         log.maybe_write(self.frames, self.param_version, self.optimizer.param_groups[0]["lr"], force=True)
 

@@ -1,7 +1,8 @@
 """Serving parameters: an actor asks with the version it has and gets the newest
 snapshot, or 'params_unchanged'.
 
-Threads: the training thread calls `publish` after each update; the 'params'
+Threads: the learner's 'publisher' thread (impala/transfer.py) calls `publish`
+with each new snapshot, the training thread once at the start; the 'params'
 server thread calls `handle`. They share one attribute, `_snapshot`, a tuple that
 `publish` replaces whole (a single assignment under the GIL), so the serving
 thread always reads a complete version, and a snapshot's frames are never changed
@@ -28,8 +29,10 @@ class ParamServer:
         return self._snapshot[0]
 
     def publish(self, state_dict: Mapping[str, torch.Tensor], version: int) -> None:
-        """Snapshots `state_dict` as `version` (a fresh copy on the CPU)."""
-        arrays = {name: t.detach().to("cpu", copy=True).numpy() for name, t in state_dict.items()}
+        """Snapshots `state_dict` as `version`. The values are copied once, into the
+        message (wire.encode): CPU tensors are read in place, so they may change
+        afterwards but not during the call; others are first brought to the CPU."""
+        arrays = {name: t.detach().cpu().numpy() for name, t in state_dict.items()}
         frames = wire.encode("params", arrays, param_version=version, meta={"run": self.run_id})
         self._snapshot = (version, frames)
 

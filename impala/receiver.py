@@ -40,18 +40,64 @@ ACTOR_TIMES = ("env", "inference", "act", "send", "params")
 MAX_LEVEL_NAME = 200  # longer level names from an actor are replaced by the configured one
 
 
+class BatchBuffers:
+    """Reused memory for batches: sets of tensors of one batch's shapes, pinned when
+    the learner copies to a GPU (so that copies can be non_blocking). A set goes out
+    with a batch (`take`, the 'unrolls' thread) and comes back through `give_back`
+    (the training thread) once its batch has been used. When none is free a new set
+    is made, so a consumer that never gives sets back only loses the reuse; at most
+    `keep` free sets are kept."""
+
+    def __init__(self, spec: Mapping, batch_size: int, pin_memory: bool = False, keep: int = 4):
+        self.shapes = {name: ((shape[0], batch_size, *shape[1:]) if time_major else (batch_size, *shape), dtype)
+                       for name, (dtype, shape, time_major) in spec.items()}
+        self.pin_memory, self.keep = pin_memory, keep
+        self._free: queue.Queue = queue.Queue(maxsize=keep)
+        self.made = 0  # sets allocated so far
+
+    def take(self) -> dict[str, torch.Tensor]:
+        try:
+            return self._free.get_nowait()
+        except queue.Empty:
+            self.made += 1
+            return {name: torch.empty(shape, dtype=_torch_dtype(dtype), pin_memory=self.pin_memory)
+                    for name, (shape, dtype) in self.shapes.items()}
+
+    def give_back(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Returns a set taken earlier; its batch must not be used afterwards."""
+        try:
+            self._free.put_nowait(tensors)
+        except queue.Full:
+            pass
+
+
+def _torch_dtype(dtype) -> torch.dtype:
+    return torch.from_numpy(np.empty(0, dtype)).dtype
+
+
+class Batch(dict):
+    """An assembled batch: its arrays by name (numpy views of `tensors`), and the
+    tensors that hold them (from BatchBuffers, pinned when asked)."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor]):
+        super().__init__((name, t.numpy()) for name, t in tensors.items())
+        self.tensors = tensors
+
+
 class BatchAssembler:
     """Gathers unrolls of any number of envs into batches of exactly `batch_size`
     envs, time-major [T+1, B, ...] (states [B, ...]). Leftover envs wait for the
-    next batch, so nothing received is dropped."""
+    next batch, so nothing received is dropped. Each batch is written once, straight
+    into a set of `buffers` (by default a pool of its own, unpinned)."""
 
-    def __init__(self, spec: Mapping, batch_size: int):
+    def __init__(self, spec: Mapping, batch_size: int, buffers: BatchBuffers | None = None):
         self.spec = spec
         self.batch_size = batch_size
+        self.buffers = buffers or BatchBuffers(spec, batch_size)
         self._pending: list[unroll.Unroll] = []
         self._pending_envs = 0
 
-    def add(self, arrays: unroll.Unroll) -> list[unroll.Unroll]:
+    def add(self, arrays: unroll.Unroll) -> list[Batch]:
         """Adds a validated unroll; returns the batches that are now complete."""
         self._pending.append(arrays)
         self._pending_envs += arrays["reward"].shape[1]
@@ -60,7 +106,7 @@ class BatchAssembler:
             batches.append(self._take(self.batch_size))
         return batches
 
-    def _take(self, count: int) -> unroll.Unroll:
+    def _take(self, count: int) -> Batch:
         parts, taken = [], 0
         while taken < count:
             arrays = self._pending[0]
@@ -73,10 +119,10 @@ class BatchAssembler:
                 self._pending[0] = self._slice(arrays, use, n)
             taken += use
         self._pending_envs -= count
-        return {
-            name: np.concatenate([p[name] for p in parts], axis=1 if time_major else 0)
-            for name, (_, _, time_major) in self.spec.items()
-        }
+        batch = Batch(self.buffers.take())
+        for name, (_, _, time_major) in self.spec.items():
+            np.concatenate([p[name] for p in parts], axis=1 if time_major else 0, out=batch[name])
+        return batch
 
     def _slice(self, arrays: unroll.Unroll, start: int, stop: int) -> unroll.Unroll:
         return {
@@ -208,8 +254,10 @@ class UnrollReceiver:
                  pin_memory: bool = False):
         self.spec, self.num_actions, self.book, self.watch = spec, num_actions, book, watch
         self.default_level, self.run_id, self.param_version = default_level, run_id, param_version
-        self.pin_memory = pin_memory
-        self.assembler = BatchAssembler(spec, batch_size)
+        # Free sets: one per queue slot, one being assembled, the training thread's
+        # current batch and the one it copies ahead to the device.
+        self.buffers = BatchBuffers(spec, batch_size, pin_memory=pin_memory, keep=max_queued_batches + 3)
+        self.assembler = BatchAssembler(spec, batch_size, self.buffers)
         self.batches: queue.Queue = queue.Queue(maxsize=max_queued_batches)
         self.stop = threading.Event()
 
@@ -237,22 +285,23 @@ class UnrollReceiver:
         for batch in batches:
             self._put(batch)
 
-    def _put(self, batch: unroll.Unroll) -> None:
-        tensors = {name: torch.from_numpy(array) for name, array in batch.items()}
-        if self.pin_memory:
-            with self.watch("learner_assemble"):
-                tensors = {name: t.pin_memory() for name, t in tensors.items()}
+    def _put(self, batch: Batch) -> None:
         with self.watch("learner_queue_full"):
             while not self.stop.is_set():
                 try:
-                    self.batches.put(tensors, timeout=0.1)
+                    self.batches.put(batch.tensors, timeout=0.1)
                     return
                 except queue.Full:
                     continue
 
     def next_batch(self, timeout: float) -> dict[str, torch.Tensor] | None:
-        """The next batch on the CPU (training thread), or None after `timeout` seconds."""
+        """The next batch on the CPU (training thread), or None after `timeout` seconds.
+        Give it back (`release`) once it has been used, so that its memory is reused."""
         try:
             return self.batches.get(timeout=timeout)
         except queue.Empty:
             return None
+
+    def release(self, batch: dict[str, torch.Tensor]) -> None:
+        """Takes back a batch of `next_batch` whose contents are no longer needed."""
+        self.buffers.give_back(batch)

@@ -46,6 +46,19 @@ def test_cartpole_learns_well_above_random(trained):
     assert "frames/s" in result.stdout and "agent steps/s" in result.stdout  # both rates, each named
 
 
+def test_cartpole_learns_with_a_bfloat16_learner(tmp_path):
+    """--learner_dtype=bfloat16 (issue 13): the forward pass in bfloat16, V-trace and
+    the update in float32; the same run still learns, and publishes as it goes."""
+    result = cli.run(*CARTPOLE, f"--logdir={tmp_path}", "--total_environment_frames=200000",
+                     "--learner_dtype=bfloat16")
+    assert result.returncode == 0, result.stdout[-3000:]
+    rows = read_jsonl(tmp_path / "metrics.jsonl")
+    returns = [r["mean_episode_return"] for r in rows if r["mean_episode_return"] is not None]
+    assert max(returns[-3:]) > 4 * RANDOM_CARTPOLE_RETURN, returns
+    assert sum(r.get("skipped_updates") or 0 for r in rows) == 0
+    assert any(r.get("policy_lag") is not None for r in rows)  # unrolls from this run's published parameters
+
+
 def test_rows_hold_vtrace_diagnostics_and_episodes_in_frames(trained):
     """Issue 16's V-trace diagnostics in every row with updates, issue 17's episode
     lengths in frames, and in TensorBoard every episode and the actions taken."""
