@@ -12,19 +12,32 @@ import os
 import re
 import subprocess
 
+import pytest
+
 from impala import checkpoint
 from tests import cli
-from tests.test_distributed import CARTPOLE, BIG_BUDGET, _frames_after, _free_port_pair, _make_keys, _wait, jobs  # noqa: F401
+from tests.test_distributed import (
+    BIG_BUDGET,
+    CARTPOLE,
+    Jobs,
+    _frames_after,
+    _free_port_pair,
+    _make_keys,
+    _wait,
+)
 
 SMALL_BUDGET = "--total_environment_frames=20000"
 
 
-def _exited(process: subprocess.Popen) -> bool:
-    return process.poll() is not None
+@pytest.fixture
+def jobs(tmp_path):
+    j = Jobs(tmp_path)
+    yield j
+    j.close()
 
 
-def _wait_exit(jobs, process: subprocess.Popen, what: str) -> int:
-    _wait(lambda: _exited(process), what, timeout=180)
+def _wait_exit(process: subprocess.Popen, what: str) -> int:
+    _wait(lambda: process.poll() is not None, what, timeout=180)
     return process.returncode
 
 
@@ -36,10 +49,10 @@ def test_a_learner_that_finishes_ends_its_actors(jobs, tmp_path):
     learner = jobs.start("learner", *CARTPOLE, "--job_name=learner", address, f"--logdir={tmp_path / 'run'}",
                          SMALL_BUDGET)
     late = jobs.start("actor1", *CARTPOLE, "--job_name=actor", "--task=1", address)
-    assert _wait_exit(jobs, learner, "the learner to finish") == 0, jobs.log(learner)[-3000:]
+    assert _wait_exit(learner, "the learner to finish") == 0, jobs.log(learner)[-3000:]
     assert "Run finished" in jobs.log(learner)
     for actor in (early, late):
-        status = _wait_exit(jobs, actor, "the actors to exit")
+        status = _wait_exit(actor, "the actors to exit")
         assert status == 0, jobs.log(actor)[-3000:]
         assert "the run is finished" in jobs.log(actor)
 
@@ -62,10 +75,10 @@ def test_actors_outlive_a_killed_learner_and_end_with_the_one_started_again(jobs
           alive=actors, jobs=jobs)
     again = jobs.start("learner-again", *CARTPOLE, "--job_name=learner", address, f"--logdir={logdir}",
                        f"--total_environment_frames={saved + 20000}")
-    assert _wait_exit(jobs, again, "the learner started again to finish") == 0, jobs.log(again)[-3000:]
+    assert _wait_exit(again, "the learner started again to finish") == 0, jobs.log(again)[-3000:]
     assert "Resumed from" in jobs.log(again)
     for actor in actors:
-        assert _wait_exit(jobs, actor, "the actors to exit") == 0, jobs.log(actor)[-3000:]
+        assert _wait_exit(actor, "the actors to exit") == 0, jobs.log(actor)[-3000:]
         log = jobs.log(actor)
         assert "learner restarted" in log and "the run is finished" in log
 
@@ -93,7 +106,7 @@ def _shell_launch() -> tuple[str, str]:
     """The learner and actor commands of docs/distributed.md, section 2 ("Plain shell")."""
     text = (cli.ROOT / "docs" / "distributed.md").read_text()
     section = text.split("## 2. Plain shell", 1)[1].split("\n## ", 1)[0]
-    learner, actors = re.findall(r"```sh\n(.*?)```", section, re.S)
+    learner, actors = re.findall(r"```sh\n(.*?)```", section, re.DOTALL)
     return learner, actors
 
 
