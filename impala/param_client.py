@@ -55,8 +55,13 @@ class BadParams(ValueError):
 
 
 def expected_params(agent: Agent) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
-    """name -> (shape, dtype) of every entry of the agent's state_dict."""
-    return {k: (tuple(v.shape), v.detach().cpu().numpy().dtype) for k, v in agent.state_dict().items()}
+    """name -> (shape, dtype) of every entry of the agent's state_dict, as the learner
+    sends it: floating-point entries as float32 (the learner trains in float32; an
+    acting agent in --inference_dtype=bfloat16 casts them when loading), others as they are."""
+    def wire_dtype(t: torch.Tensor) -> np.dtype:
+        return np.dtype(np.float32) if t.is_floating_point() else torch.empty(0, dtype=t.dtype).numpy().dtype
+
+    return {k: (tuple(v.shape), wire_dtype(v)) for k, v in agent.state_dict().items()}
 
 
 def reply_limit(expected: dict[str, tuple[tuple[int, ...], np.dtype]]) -> int:
