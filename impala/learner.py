@@ -65,6 +65,10 @@ UNROLL_RCVHWM = 4
 # Updates skipped in a row for a non-finite loss or gradient norm before the run stops:
 # one bad batch is skipped, a learner that keeps producing them is broken.
 MAX_NONFINITE_IN_A_ROW = 10
+# How long a finished learner keeps answering parameter requests with 'finished'. Actors
+# ask at every unroll boundary, about every second while their unrolls wait, and every
+# 3 s while they wait for a learner (param_client.PARAMS_RETRY_S): twice the longest.
+FINISH_GRACE_S = 6.0
 
 
 class LearnerFailure(RuntimeError):
@@ -377,7 +381,8 @@ class Learner:
                 raise ServerThreadError(f"the learner's {t.name} thread failed: {_one_line(t.error)}")
 
     def run(self, tick: Callable[[], None] | None = None) -> None:
-        """Trains until --total_environment_frames; `tick` runs at least once a second
+        """Trains until --total_environment_frames, then tells the actors the run is
+        finished (for up to FINISH_GRACE_S); `tick` runs at least once a second
         (the local launcher uses it to watch its actors). Raises LearnerFailure when a
         server thread fails or updates keep being non-finite."""
         config = self.config
@@ -414,6 +419,20 @@ class Learner:
                 self.offer_snapshot()
             log.maybe_write(self.frames, self.param_version, self.optimizer.param_groups[0]["lr"])
         log.maybe_write(self.frames, self.param_version, self.optimizer.param_groups[0]["lr"], force=True)
+        self._tell_finished()
+
+    def _tell_finished(self) -> None:
+        """Answers every parameter request 'finished' for up to FINISH_GRACE_S, so that
+        actors exit instead of waiting for a learner that is gone; ends sooner once
+        every actor that sent unrolls lately has been told."""
+        self.params.finish()
+        live = set(self.book.take_report().unroll_rates)
+        deadline = time.monotonic() + FINISH_GRACE_S
+        while time.monotonic() < deadline and not (live and self.params.has_told(live)):
+            self.check_threads()
+            time.sleep(0.1)
+        logging.info("Run finished at %d frames; told the actors (%d of %d live ones asked).", self.frames,
+                     sum(self.params.has_told({task}) for task in live), len(live))
 
     def close(self, save: bool = True) -> None:
         self._stop.set()
