@@ -176,7 +176,7 @@ def test_book_decides_liveness_where_unrolls_arrive(caplog):
 def _receiver(spec, batch_size=2, version=7):
     book = ActorBook(num_actions=A, num_action_repeats=1)
     watch = Stopwatch()
-    receiver = UnrollReceiver(spec, batch_size, A, book, watch, default_level="default", run_id="run",
+    receiver = UnrollReceiver(spec, batch_size, A, book, watch, default_level="CartPole-v1", run_id="run",
                               param_version=lambda: version, max_queued_batches=4)
     return receiver, book, watch
 
@@ -201,7 +201,7 @@ def test_actor_time_reports_are_summed_and_foreign_values_ignored():
 def test_receiver_queues_batches_and_books_lags_of_this_run_only():
     spec = _spec(T=2, state_sizes=())
     receiver, book, _ = _receiver(spec, batch_size=3)
-    receiver.receive(b"p", _message(new_unroll(spec, 2), run="run", level="x" * 500))
+    receiver.receive(b"p", _message(new_unroll(spec, 2), run="run", level="CartPole-v1"))
     assert receiver.next_batch(timeout=0) is None
     receiver.receive(b"p", _message(new_unroll(spec, 2), run="an earlier learner"))
     batch = receiver.next_batch(timeout=0)
