@@ -26,7 +26,6 @@ import zmq
 
 from impala import wire
 
-
 MAX_PEERS_REMEMBERED = 4096  # connections whose last full reply time is kept (oldest forgotten first)
 
 

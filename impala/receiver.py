@@ -31,7 +31,6 @@ from typing import Callable, Mapping, NamedTuple
 
 import numpy as np
 import torch
-import zmq
 from absl import logging
 
 from impala import unroll, wire
