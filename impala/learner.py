@@ -20,9 +20,10 @@ Threads, and the state each owns:
     batch assembler; it writes the actor book (under the book's lock) and the queue;
   - 'params' (a ServerThread): the parameter socket; it reads the ParamServer's
     current snapshot, which `publish` replaces whole.
-A server thread that fails with anything but a bad message records its error and
-the training thread stops the run within a second (ServerThreadError); `close`
-then writes a checkpoint.
+A failure while one message is handled, of any kind, drops that message only
+(counted, one log line); a server thread that fails outside one message (its
+socket) records its error and the training thread stops the run within a second
+(ServerThreadError); `close` then writes a checkpoint. See ServerThread.
 """
 
 from __future__ import annotations
