@@ -116,6 +116,13 @@ class Config:
         "float32", "Number format of the learner's forward pass (autocast; parameters, optimizer, V-trace and "
         "losses stay float32). bfloat16 is faster on GPUs and on CPUs with AVX512-BF16 or AMX (docs/design.md).",
         ("float32", "bfloat16"))
+    # What the learner accepts from peers (docs/protocol.md): bounds on what one actor may claim.
+    max_actors: int = _f(1024, "Learner: actor task numbers accepted are 0 .. max_actors-1; others' unrolls "
+                               "are dropped (bounds the per-actor bookkeeping).")
+    max_envs_per_unroll: int = _f(0, "Learner: most environments one unroll may hold; wider ones are dropped. "
+                                     "0 means max(--num_envs_per_actor, --batch_size).")
+    params_min_interval_s: float = _f(0.05, "Learner: a peer asking again sooner than this after it was sent "
+                                            "parameters is answered 'params_unchanged' (fair service).")
 
     # Bookkeeping.
     log_interval_s: float = _f(5.0, "Seconds between progress lines and metrics rows.")
@@ -140,7 +147,7 @@ class Config:
                 raise ConfigError(f"--{f.name}={getattr(self, f.name)!r} is not one of {choices}")
         for name in ("num_actors", "num_envs_per_actor", "unroll_length", "batch_size",
                      "num_action_repeats", "lstm_size", "learner_threads", "max_queued_batches", "max_message_mb",
-                     "keep_checkpoints"):
+                     "keep_checkpoints", "max_actors"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name} must be at least 1, got {getattr(self, name)}")
         if not 0 <= self.env_workers_per_actor <= self.num_envs_per_actor:
@@ -154,6 +161,8 @@ class Config:
         if self.inference_maximum_batch_size < 0 or self.inference_timeout_ms < 0:
             raise ConfigError("--inference_maximum_batch_size and --inference_timeout_ms must not be negative")
         self._check_numbers()
+        if self.max_envs_per_unroll < 0:
+            raise ConfigError(f"--max_envs_per_unroll must not be negative, got {self.max_envs_per_unroll}")
         if self.total_environment_frames < 1:
             raise ConfigError("--total_environment_frames must be positive")
         try:
@@ -170,7 +179,7 @@ class Config:
         "learning_rate": (0.0, None), "decay": (0.0, 1.0), "momentum": (0.0, 1.0), "epsilon": (0.0, None),
         "entropy_cost": (0.0, None), "baseline_cost": (0.0, None), "discounting": (0.0, 1.0),
         "max_grad_norm": (0.0, None), "sticky_actions": (0.0, 1.0), "log_interval_s": (1e-3, None),
-        "checkpoint_interval_s": (0.0, None),
+        "checkpoint_interval_s": (0.0, None), "params_min_interval_s": (0.0, 60.0),
     }
 
     def _check_numbers(self) -> None:
@@ -187,6 +196,11 @@ class Config:
     @property
     def hidden_sizes(self) -> tuple[int, ...]:
         return tuple(int(s) for s in self.mlp_sizes.split(",") if s.strip())
+
+    @property
+    def envs_per_unroll_limit(self) -> int:
+        """--max_envs_per_unroll, with 0 resolved."""
+        return self.max_envs_per_unroll or max(self.num_envs_per_actor, self.batch_size)
 
     @property
     def frames_per_step(self) -> int:

@@ -25,16 +25,20 @@ Threads, and the state each owns:
     batch assembler; it writes the actor book (under the book's lock) and the queue;
   - 'params' (a ServerThread): the parameter socket; it reads the ParamServer's
     current snapshot, which `publish` replaces whole.
-A server thread that fails with anything but a bad message records its error and
-the training thread stops the run within a second (ServerThreadError); `close`
-then writes a checkpoint.
+A failure while one message is handled, of any kind, drops that message only
+(counted, one log line); a server thread that fails outside one message (its
+socket) records its error and the training thread stops the run within a second
+(ServerThreadError); `close` then writes a checkpoint. See ServerThread.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
+import shutil
+import tempfile
 import threading
 import time
 import traceback
@@ -55,13 +59,16 @@ from impala.metrics import MetricsWriter, Stopwatch, drop_rows_after
 from impala.nets import Agent, make_agent
 from impala.optim import RMSPropTF
 from impala.param_server import ParamServer
-from impala.progress import ProgressLog
-from impala.receiver import ActorBook, UnrollReceiver
+from impala.progress import ProgressLog, configured_levels
+from impala.receiver import ActorBook, Limits, UnrollReceiver
 from impala.transfer import BatchFeed, SnapshotPublisher
 
 # Per-peer ZeroMQ queue bounds: with the bounded batch queue they cap the memory
-# that unrolls in flight can take, whatever the actors do.
+# that unrolls in flight can take, whatever the actors do; an actor keeps at most one
+# parameter request in flight, so two replies queued for a peer that does not read are
+# one more than it needs (ZeroMQ drops further ones for that peer, not for others).
 UNROLL_RCVHWM = 4
+PARAMS_SNDHWM = 2
 # Updates skipped in a row for a non-finite loss or gradient norm before the run stops:
 # one bad batch is skipped, a learner that keeps producing them is broken.
 MAX_NONFINITE_IN_A_ROW = 10
@@ -202,14 +209,23 @@ def _one_line(error: BaseException) -> str:
 
 
 class ServerThread(threading.Thread):
-    """Calls `handle(socket)` for each message until `stop` is set. A bad message
-    (wire.WireError, unroll.UnrollError) is counted and dropped; any other error
-    ends the thread with `error` set, for the training thread to stop the run."""
+    """Serves one ROUTER socket: reads each message (wire.recv_routed, `kinds`) and
+    calls `handle(identity, message)`, until `stop` is set.
 
-    def __init__(self, name: str, socket: zmq.Socket, handle: Callable[[zmq.Socket], None], book: ActorBook,
-                 stop: threading.Event):
+    Two kinds of failure, two policies (docs/protocol.md, "Faults"):
+      - one message: any exception while decoding or handling it -- a WireError, an
+        UnrollError, or anything else (a check that was missed, a value that reaches a
+        bug) -- drops that message only. It is counted (`bad_messages`) and logged in
+        one rate-limited line naming the sender's task (or its connection when the
+        header could not be read); the thread goes on serving the others.
+      - the thread: an error outside one message's handling -- the socket failing
+        (zmq.ZMQError from a read) or the loop itself -- ends the thread with `error`
+        set, and the training thread stops the run loudly (ServerThreadError)."""
+
+    def __init__(self, name: str, socket: zmq.Socket, kinds: tuple[str, ...],
+                 handle: Callable[[bytes, wire.Message], None], book: ActorBook, stop: threading.Event):
         super().__init__(name=name, daemon=True)
-        self.socket, self.handle, self.book, self.stop = socket, handle, book, stop
+        self.socket, self.kinds, self.handle, self.book, self.stop = socket, kinds, handle, book, stop
         self.error: BaseException | None = None
 
     def run(self) -> None:
@@ -219,16 +235,26 @@ class ServerThread(threading.Thread):
             while not self.stop.is_set():
                 if not poller.poll(100):
                     continue
+                try:  # a zmq.ZMQError from the socket's read is not one message's: it ends the thread
+                    identity, message = wire.recv_routed(self.socket, allowed_kinds=self.kinds)
+                except wire.RoutedWireError as e:
+                    self._dropped(e, f"connection {e.identity.hex()[:16]}")
+                    continue
                 try:
-                    self.handle(self.socket)
-                except (wire.WireError, unroll.UnrollError) as e:
-                    count = self.book.bad_message()
-                    logging.log_every_n_seconds(logging.WARNING, "Dropped a bad message (%d so far): %s", 5,
-                                                count, str(e).splitlines()[0])
-        except BaseException as e:  # noqa: BLE001 -- every failure must end the run, loudly
+                    self.handle(identity, message)
+                except Exception as e:  # noqa: BLE001 -- one message's failure drops that message only
+                    self._dropped(e, f"task {message.task}")
+        except BaseException as e:  # noqa: BLE001 -- every other failure must end the run, loudly
             if not self.stop.is_set():
                 self.error = e
                 logging.error("The learner's %s thread failed: %s", self.name, _one_line(e))
+
+    def _dropped(self, error: Exception, sender: str) -> None:
+        count = self.book.bad_message()
+        why = str(error).splitlines()[0] if isinstance(error, (wire.WireError, unroll.UnrollError)) else \
+            _one_line(error)
+        logging.log_every_n_seconds(logging.WARNING, "Dropped a bad message from %s on the %s socket (%d so far): "
+                                    "%s", 5, sender, self.name, count, why)
 
 
 class Learner:
@@ -264,15 +290,19 @@ class Learner:
         # Seconds per part of the learner's threads and of the actors (from their
         # unrolls); each metrics row has them per second of wall time ('time/...').
         self.watch = Stopwatch()
-        self.params = ParamServer(run_id=uuid.uuid4().hex)
+        self.params = ParamServer(run_id=uuid.uuid4().hex, min_interval_s=config.params_min_interval_s)
         self.params.publish(self.agent.state_dict(), self.param_version)
         self._offered = self.param_version  # the newest version handed to the publisher
         self.book = ActorBook(self.spec.num_actions, config.num_action_repeats)
+        encoder = getattr(self.agent, "instruction", None)
+        limits = Limits(self.spec.num_actions, configured_levels(config.level_name),
+                        max_envs=config.envs_per_unroll_limit, max_actors=config.max_actors,
+                        vocabulary=encoder.embedding.num_embeddings if encoder is not None else 0)
         # Policy lags count the learner's updates, published or not yet.
         self.receiver = UnrollReceiver(
             self.unroll_spec, config.batch_size, self.spec.num_actions, self.book, self.watch,
             default_level=config.level_name, run_id=self.params.run_id, param_version=lambda: self.param_version,
-            max_queued_batches=config.max_queued_batches, pin_memory=self.device.type == "cuda")
+            max_queued_batches=config.max_queued_batches, pin_memory=self.device.type == "cuda", limits=limits)
         self.feed = BatchFeed(self.receiver.next_batch, self.receiver.release, self.device)
         self._stop = self.receiver.stop
         self.publisher = SnapshotPublisher(self.agent.state_dict(), self.params.publish, self._stop, self.device)
@@ -280,8 +310,10 @@ class Learner:
         self._context = zmq.Context.instance()
         self.unroll_address, self.params_address = self._bind()
         self._threads = [
-            ServerThread("unrolls", self._unroll_socket, self.receiver.handle, self.book, self._stop),
-            ServerThread("params", self._params_socket, self.params.handle, self.book, self._stop),
+            ServerThread("unrolls", self._unroll_socket, ("unroll",), self.receiver.handle, self.book, self._stop),
+            ServerThread("params", self._params_socket, ("get_params",),
+                         functools.partial(self.params.handle, self._params_socket), self.book,
+                         self._stop),
             self.publisher,
         ]
         for t in self._threads:
@@ -324,6 +356,11 @@ class Learner:
     # -- sockets -----------------------------------------------------------------
 
     def _bind(self) -> tuple[str, str]:
+        """Binds the two sockets by the trust model (docs/protocol.md, "Who can connect"):
+        a one-machine run (no --job_name, --learner_address on loopback port 0, no keys)
+        binds ipc:// sockets in a fresh directory only this user can enter; otherwise
+        TCP, with CurveZMQ when --keys_dir is given (experiment.py gives a loopback job
+        the automatic keys of its --logdir), or without it on loopback or with --insecure."""
         config = self.config
         host, port = split_address(config.learner_address)
         self._unroll_socket = self._context.socket(zmq.ROUTER)
@@ -333,19 +370,32 @@ class Learner:
             s.setsockopt(zmq.LINGER, 0)
             s.setsockopt(zmq.MAXMSGSIZE, config.max_message_mb * 2**20)
         self._unroll_socket.setsockopt(zmq.RCVHWM, UNROLL_RCVHWM)
+        self._params_socket.setsockopt(zmq.SNDHWM, PARAMS_SNDHWM)
         self._auth = None
+        self._private_dir = None
+        loopback = security.is_loopback(host[len("tcp://"):])
+        if config.job_name == "" and port == 0 and loopback and not config.keys_dir:
+            # mkdtemp makes the directory mode 0700: other users cannot reach the sockets in it.
+            self._private_dir = tempfile.mkdtemp(prefix="impala-")
+            addresses = (f"ipc://{self._private_dir}/unrolls", f"ipc://{self._private_dir}/params")
+            for s, address in zip(sockets, addresses):
+                s.bind(address)
+            return addresses
         if config.keys_dir:
             try:
                 self._auth = security.serve_securely(self._context, sockets, config.keys_dir)
             except security.KeysError as e:
                 raise ConfigError(str(e))
-        elif not security.is_loopback(host[len("tcp://"):]):
+        elif not loopback:
             if not config.insecure:
                 raise ConfigError(
                     f"--learner_address={config.learner_address} is reachable from other hosts: give "
                     "--keys_dir (python -m impala.security --keys_dir=DIR) or --insecure")
             logging.warning("Learner bound to %s WITHOUT authentication or encryption (--insecure): "
                             "anyone who can reach it can send unrolls.", host)
+        else:
+            logging.warning("Learner bound to %s without keys: any process on this machine can connect and "
+                            "send unrolls.", host)
         try:
             if port == 0:
                 unroll_port = self._unroll_socket.bind_to_random_port(host)
@@ -444,6 +494,8 @@ class Learner:
         self._params_socket.close(linger=0)
         if self._auth is not None:
             self._auth.stop()
+        if self._private_dir is not None:
+            shutil.rmtree(self._private_dir, ignore_errors=True)
         self.metrics.close()
 
 

@@ -259,10 +259,16 @@ def test_bad_logdirs_are_one_line_errors(tmp_path):
 
 def test_a_failing_learner_thread_ends_the_run_with_one_line_and_a_checkpoint(tmp_path):
     """The real program, its actor processes and sockets, with a failure injected
-    into the learner's unroll thread (the actors are spawned fresh, unpatched)."""
-    inject = ("import sys; from impala import receiver\n"
-              "def broken(*args, **kwargs):\n    raise RuntimeError('injected failure')\n"
-              "receiver.ActorBook.record = broken\n"
+    into the learner's unroll socket (the actors are spawned fresh, unpatched). A
+    failure outside one message's handling ends the run (one that handles a message
+    only drops it: test_learner.py)."""
+    inject = ("import sys, zmq; from impala import wire\n"
+              "real = wire.recv_routed\n"
+              "def broken(socket, **kwargs):\n"
+              "    if kwargs.get('allowed_kinds') == ('unroll',):\n"
+              "        raise zmq.ZMQError(zmq.ENOTSOCK, 'injected failure')\n"
+              "    return real(socket, **kwargs)\n"
+              "wire.recv_routed = broken\n"
               "from impala import experiment; sys.argv[0] = 'impala'; experiment.run_main()")
     process = subprocess.Popen([sys.executable, "-c", inject, *CARTPOLE, f"--logdir={tmp_path}",
                                 "--total_environment_frames=100000000"], cwd=cli.ROOT, stdout=subprocess.PIPE,
@@ -271,7 +277,7 @@ def test_a_failing_learner_thread_ends_the_run_with_one_line_and_a_checkpoint(tm
         _, err = process.communicate(timeout=120)
         assert process.returncode == 1, err[-3000:]
         last = err.strip().splitlines()[-1]
-        assert last.startswith("impala: error: the learner's unrolls thread failed: RuntimeError: injected"), last
+        assert last.startswith("impala: error: the learner's unrolls thread failed: ZMQError: injected"), last
         assert "Traceback" not in err
         assert checkpoint.latest(tmp_path) is not None
         assert cli.wait_session_gone(process.pid) == []
