@@ -45,6 +45,10 @@ class ParamServer:
     def version(self) -> int:
         return self._snapshot[0]
 
+    def snapshot(self) -> tuple[int, list]:
+        """The newest (version, message frames) published."""
+        return self._snapshot
+
     def publish(self, state_dict: Mapping[str, torch.Tensor], version: int) -> None:
         """Snapshots `state_dict` as `version`. The values are copied once, into the
         message (wire.encode): CPU tensors are read in place, so they may change

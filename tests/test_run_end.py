@@ -44,11 +44,11 @@ def _wait_exit(process: subprocess.Popen, what: str) -> int:
 def test_a_learner_that_finishes_ends_its_actors(jobs, tmp_path):
     port = _free_port_pair()
     address = f"--learner_address=tcp://127.0.0.1:{port}"
+    logdir = f"--logdir={tmp_path / 'run'}"  # loopback jobs share the keys made there (docs/protocol.md)
     # One actor waits for the learner from before it starts, one joins it running.
-    early = jobs.start("actor0", *CARTPOLE, "--job_name=actor", "--task=0", address)
-    learner = jobs.start("learner", *CARTPOLE, "--job_name=learner", address, f"--logdir={tmp_path / 'run'}",
-                         SMALL_BUDGET)
-    late = jobs.start("actor1", *CARTPOLE, "--job_name=actor", "--task=1", address)
+    early = jobs.start("actor0", *CARTPOLE, "--job_name=actor", "--task=0", address, logdir)
+    learner = jobs.start("learner", *CARTPOLE, "--job_name=learner", address, logdir, SMALL_BUDGET)
+    late = jobs.start("actor1", *CARTPOLE, "--job_name=actor", "--task=1", address, logdir)
     assert _wait_exit(learner, "the learner to finish") == 0, jobs.log(learner)[-3000:]
     assert "Run finished" in jobs.log(learner)
     for actor in (early, late):
@@ -63,7 +63,8 @@ def test_actors_outlive_a_killed_learner_and_end_with_the_one_started_again(jobs
     logdir = tmp_path / "run"
     learner = jobs.start("learner", *CARTPOLE, "--job_name=learner", address, f"--logdir={logdir}", BIG_BUDGET,
                          "--checkpoint_interval_s=1")
-    actors = [jobs.start(f"actor{t}", *CARTPOLE, "--job_name=actor", f"--task={t}", address) for t in (0, 1)]
+    actors = [jobs.start(f"actor{t}", *CARTPOLE, "--job_name=actor", f"--task={t}", address, f"--logdir={logdir}")
+              for t in (0, 1)]
     _wait(lambda: _frames_after(logdir, 0, actors=2), "two actors training", alive=[learner, *actors], jobs=jobs)
     _wait(lambda: checkpoint.latest(logdir), "a checkpoint")
     learner.kill()  # no 'finished': the learner merely died
