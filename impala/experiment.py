@@ -104,8 +104,10 @@ def main(argv: list[str]) -> None:
         elif config.job_name == "learner":
             # Under torchrun (--learner_ranks=N) this is one of N ranks (impala/distributed.py).
             server = learner.Learner(config)
-            logging.info("Learner rank %d of %d listening at %s (parameters at %s).", server.ranks.rank,
-                         server.ranks.world_size, server.unroll_address, server.params_address)
+            ranks = server.ranks
+            logging.info("Learner%s listening at %s (parameters at %s).",
+                         f" rank {ranks.rank} of {ranks.world_size}" if ranks.world_size > 1 else "",
+                         server.unroll_address, server.params_address)
             try:
                 server.run()
             finally:
