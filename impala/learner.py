@@ -427,11 +427,13 @@ class Learner:
                 if batch is None:
                     with self.watch("learner_wait"):
                         batch = self.next_batch(timeout=1.0)
-                train = batch is not None
+                train, write_row = batch is not None, True
                 if self.ranks.world_size > 1:
-                    train = self._agree(batch is not None, stop_requested.is_set(), log)
-                    if train is None:
+                    agreed = self._agree(batch is not None, stop_requested.is_set(), log)
+                    if agreed.stop:
                         break
+                    # Rows only after the others' reports came in (rank 0's own clock decided).
+                    train, write_row = agreed.train, agreed.log
                 if train:
                     with self.watch("learner_step"):
                         stats = learn_step(self.agent, self.optimizer, batch, config,
@@ -439,7 +441,7 @@ class Learner:
                                            all_reduce=self._all_reduce if self.ranks.world_size > 1 else None)
                     batch = None
                     nonfinite_in_a_row = self._after_update(stats, log, nonfinite_in_a_row)
-                if log is not None:
+                if log is not None and write_row:
                     log.maybe_write(self.frames, self.param_version, self.optimizer.param_groups[0]["lr"])
         if log is not None:
             log.maybe_write(self.frames, self.param_version, self.optimizer.param_groups[0]["lr"], force=True)
@@ -450,9 +452,9 @@ class Learner:
         except distributed.RankLostError as e:
             raise RankLostError(str(e))
 
-    def _agree(self, have_batch: bool, stop: bool, log: ProgressLog | None) -> bool | None:
-        """Whether all ranks train now; None when they stop. Gathers the ranks' actor
-        reports for rank 0 when it is about to write a progress row."""
+    def _agree(self, have_batch: bool, stop: bool, log: ProgressLog | None) -> distributed.Agreement:
+        """What all ranks do now (train, stop, log); gathers the ranks' actor reports for
+        rank 0 when it is to write a progress row."""
         log_due = log is not None and log.clock() - log.last_time >= self.config.log_interval_s
         try:
             agreed = self.ranks.agree(have_batch, stop, log_due)
@@ -464,8 +466,7 @@ class Learner:
             raise RankLostError(str(e))
         if agreed.stop:
             logging.info("Learner rank %d: stopping with the other ranks.", self.ranks.rank)
-            return None
-        return agreed.train
+        return agreed
 
     def _after_update(self, stats: dict[str, float], log: ProgressLog | None, nonfinite_in_a_row: int) -> int:
         """Counts the update's frames, publishes and checkpoints; returns the non-finite

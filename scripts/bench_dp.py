@@ -151,7 +151,12 @@ def measure(ranks: int, impala_flags: list[str], config: config_lib.Config, arra
         rows[-1]["wall_time"] - rows[0]["wall_time"])
 
 
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt  # so that measure() stops its learner ranks
+
+
 def main() -> None:
+    signal.signal(signal.SIGTERM, _interrupt)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ranks", default="1,2", help="Rank counts to compare, comma separated.")
     parser.add_argument("--rounds", type=int, default=2, help="Interleaved rounds of all rank counts.")

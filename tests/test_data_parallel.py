@@ -224,9 +224,10 @@ def test_two_ranks_equal_one_learner_on_the_whole_batch_across_a_sigterm_and_tor
     ms_expected = [s["ms"] for s in reference[1].state_dict()["state"].values()]
     for got, want in zip(ms, ms_expected, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
-    # Rank 0's rows count the frames of both ranks.
+    # Rank 0's rows count the frames of both ranks, and the actors of both.
     rows = read_jsonl(logdir / "metrics.jsonl")
     assert rows[-1]["frames"] == UPDATES * config.frames_per_step
+    assert max(r["connected_actors"] for r in rows) == BATCH, rows
 
 
 def test_a_killed_rank_stops_the_run_with_a_checkpoint(tmp_path):
