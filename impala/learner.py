@@ -443,6 +443,8 @@ class Learner:
                     nonfinite_in_a_row = self._after_update(stats, log, nonfinite_in_a_row)
                 if log is not None and write_row:
                     log.maybe_write(self.frames, self.param_version, self.optimizer.param_groups[0]["lr"])
+        if self.ranks.world_size > 1:  # every rank left the loop at the same agreement or frame count
+            self._gather_reports(log)
         if log is not None:
             log.maybe_write(self.frames, self.param_version, self.optimizer.param_groups[0]["lr"], force=True)
 
@@ -458,15 +460,22 @@ class Learner:
         log_due = log is not None and log.clock() - log.last_time >= self.config.log_interval_s
         try:
             agreed = self.ranks.agree(have_batch, stop, log_due)
-            if agreed.log:
-                reports = self.ranks.gather_reports(self.book.take_report() if not self.is_main else None)
-                if log is not None:
-                    log.book.others = reports[1:]
         except distributed.RankLostError as e:
             raise RankLostError(str(e))
+        if agreed.log:
+            self._gather_reports(log)
         if agreed.stop:
             logging.info("Learner rank %d: stopping with the other ranks.", self.ranks.rank)
         return agreed
+
+    def _gather_reports(self, log: ProgressLog | None) -> None:
+        """The other ranks' actor reports, for rank 0's next progress row."""
+        try:
+            reports = self.ranks.gather_reports(None if self.is_main else self.book.take_report())
+        except distributed.RankLostError as e:
+            raise RankLostError(str(e))
+        if log is not None:
+            log.book.others = reports[1:]
 
     def _after_update(self, stats: dict[str, float], log: ProgressLog | None, nonfinite_in_a_row: int) -> int:
         """Counts the update's frames, publishes and checkpoints; returns the non-finite
