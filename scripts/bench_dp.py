@@ -1,5 +1,6 @@
-"""The data-parallel learner's throughput: samples/s (agent steps trained per second) of
-N learner ranks against 1 on the same machine, in one run.
+"""Samples/s of N data-parallel learner ranks against 1 rank, on one machine in one run.
+
+Samples/s are agent steps trained per second.
 
     nice -n 19 python scripts/bench_dp.py --flagfile=configs/pong.cfg [--ranks 1,2] \
         [--rounds 2] [--duration 40] [--warmup 15] [impala flags]

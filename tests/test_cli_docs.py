@@ -231,7 +231,8 @@ def test_every_flag_named_in_the_docs_prose_exists(monkeypatch):
     known = {f"--{name}" for name in _experiment_flags()[1]} | {"--name", "--keys_dir"}
     for script in SCRIPTS:
         known |= _options(script, monkeypatch)
-    other_tools = {"--build", "--target", "--rm", "--gres", "--ntasks", "--time"}
+    other_tools = {"--build", "--target", "--rm", "--gres", "--ntasks", "--time",
+                   "--nproc_per_node", "--standalone"}  # torchrun
     problems = []
     for doc in DOCS:
         prose = FENCE.sub("", doc.read_text()).replace("\n", " ")
