@@ -17,7 +17,7 @@ import pytest
 import torch
 import zmq
 
-from impala import address, checkpoint, unroll, wire
+from impala import address, checkpoint, distributed, unroll, wire
 from impala.config import Config, ConfigError
 from impala.learner import learn_step, learning_rate_at, state_sizes
 from impala.metrics import read_jsonl
@@ -253,6 +253,49 @@ def test_a_killed_rank_stops_the_run_with_a_checkpoint(tmp_path):
     assert "Traceback" not in log
     saved = checkpoint.load(checkpoint.latest(logdir))
     assert saved["frames"] == config.frames_per_step
+
+
+def _agreement_rank(rank: int, master_port: int, out: str) -> None:
+    """One rank of test_ranks_decide_together (a spawned process)."""
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(RANKS), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(master_port))
+    config = Config(**{**FLAGS, "use_lstm": False})
+    ranks = distributed.Ranks.from_environment(config)
+    ranks.start(torch.device("cpu"))
+    torch.manual_seed(0)
+    agent = make_agent(config, OBS, A)
+    optimizer = RMSPropTF(agent.parameters(), lr=config.learning_rate)
+    spec = unroll.unroll_spec(T, OBS, np.float32, A)
+    results = {}
+    for step, poison in (("clean", False), ("poisoned", rank == 1)):
+        batch = _combined(_unrolls(spec, BATCH, np.random.default_rng([rank, len(results)])), 0)
+        if poison:  # one rank's batch has a NaN reward: its loss is NaN, the others' are not
+            batch["reward"][1, 0] = float("nan")
+        stats = learn_step(agent, optimizer, batch, config, all_reduce=ranks.all_reduce)
+        results[step] = (stats["skipped"], stats["total_loss"], [p.detach().clone() for p in agent.parameters()])
+    results["agree"] = [ranks.agree(have_batch=rank == 0, stop=False, log=False),
+                        ranks.agree(have_batch=True, stop=rank == 1, log=rank == 0)]
+    ranks.close()
+    torch.save(results, out.format(rank))
+
+
+def test_ranks_decide_together(tmp_path):
+    """Real processes and gloo: after a clean update the ranks' parameters are identical;
+    a non-finite loss on one rank skips the update on all (parameters untouched); a rank
+    without a batch holds all back, a stop or a log on one rank is everyone's."""
+    master = _free_ports(1)
+    torch.multiprocessing.spawn(_agreement_rank, args=(master, str(tmp_path / "rank{}.pt")), nprocs=RANKS)
+    results = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(RANKS)]
+    for r in results:
+        assert r["clean"][0] == 0.0 and r["poisoned"][0] == 1.0
+        assert np.isnan(r["poisoned"][1])  # the summed loss: NaN on the rank whose own loss was finite too
+        for before, after in zip(r["clean"][2], r["poisoned"][2], strict=True):
+            assert torch.equal(before, after)
+        assert r["agree"] == [distributed.Agreement(train=False, stop=False, log=False),
+                              distributed.Agreement(train=True, stop=True, log=True)]
+    assert results[0]["clean"][1] == results[1]["clean"][1]  # the whole batch's loss on both
+    for a, b in zip(results[0]["clean"][2], results[1]["clean"][2], strict=True):
+        assert torch.equal(a, b)
 
 
 def test_rank_settings_that_cannot_work_are_one_line_errors(tmp_path):
