@@ -13,8 +13,8 @@ tasks spread over the ranks by the address rule, as fast as the learners take th
 the sends block on back-pressure), and reads rank 0's metrics.jsonl: samples/s is
 the frames trained between the first row after --warmup seconds (counted from the
 first update) and the last row --duration seconds later, divided by
---num_action_repeats and by the time between those rows. No environment runs, so this is the learner's own rate. A benchmark,
-not a test.
+--num_action_repeats and by the time between those rows. No environment runs, so
+this is the learner's own rate. A benchmark, not a test.
 """
 
 from __future__ import annotations
