@@ -34,6 +34,7 @@ from impala.param_client import ParameterClient
 from impala.policy import call_agent, inputs_at
 
 UNROLL_SNDHWM = 2  # unrolls queued towards the learner before send blocks (back-pressure)
+UNROLL_SOCKET_MAX_IN = 64 * 2**10  # largest message taken in on the unroll socket (the handshake's are < 1 KiB)
 
 
 class Stepper(Protocol):
@@ -104,7 +105,8 @@ def make_stepper(config: Config, level: str, seed: int) -> Stepper:
 
 def run_actor(config: Config, task: int, unroll_address: str, params_address: str,
               stop: threading.Event | None = None, max_unrolls: int | None = None) -> None:
-    """Acts until `stop` is set, `max_unrolls` were sent, or the process is killed."""
+    """Acts until `stop` is set, `max_unrolls` were sent, the learner says the run
+    is finished, or the process is killed."""
     torch.set_num_threads(1)
     reuse_freed_memory()
     seed = config.seed + 1000 * task
@@ -114,6 +116,7 @@ def run_actor(config: Config, task: int, unroll_address: str, params_address: st
     context = zmq.Context.instance()
     unroll_socket = context.socket(zmq.DEALER)
     params_socket = context.socket(zmq.DEALER)
+    params = None
     try:
         spec = stepper.spec
         agent = make_agent(config, spec.observation_shape, spec.num_actions, spec.instruction_length, acting=True)
@@ -123,19 +126,26 @@ def run_actor(config: Config, task: int, unroll_address: str, params_address: st
             if config.keys_dir:
                 security.connect_securely(s, config.keys_dir)
         unroll_socket.setsockopt(zmq.SNDHWM, UNROLL_SNDHWM)
-        params_socket.setsockopt(zmq.IMMEDIATE, 1)
+        # The learner sends nothing on this socket: what a peer sends here anyway is
+        # bounded, never read, and costs at most a message or two of this size.
+        unroll_socket.setsockopt(zmq.MAXMSGSIZE, UNROLL_SOCKET_MAX_IN)
+        unroll_socket.setsockopt(zmq.RCVHWM, 1)
+        params = ParameterClient(params_socket, agent, task)  # sets its socket's limits: before connecting
         unroll_socket.connect(unroll_address)
         params_socket.connect(params_address)
-        params = ParameterClient(params_socket, agent, task)
         watch = stepper.stopwatch  # where this actor's time goes, sent with each unroll (the learner logs the sums)
         params.wait_first(params_address, stop)
+        if params.finished:
+            logging.info("Actor %d: the learner at %s says the run is finished; exiting.", task, params_address)
+            return
         logging.info("Actor %d: acting on %s with %d env(s), parameters v%d.", task, level,
                      config.num_envs_per_actor, params.version)
         buffer = unroll.new_unroll(layout, config.num_envs_per_actor)
         stepper.initial(buffer)
         state = agent.initial_state(config.num_envs_per_actor)
         sent = 0
-        while not (stop is not None and stop.is_set()) and (max_unrolls is None or sent < max_unrolls):
+        while (not (stop is not None and stop.is_set()) and not params.finished
+               and (max_unrolls is None or sent < max_unrolls)):
             initial_state = [s.numpy().copy() for s in state]
             acted_with = params.version
             state = stepper.act(agent, buffer, state, config.unroll_length)
@@ -143,25 +153,31 @@ def run_actor(config: Config, task: int, unroll_address: str, params_address: st
             arrays.update({f"core_state_{k}": s for k, s in enumerate(initial_state)})
             meta = {"level": level, "run": params.run, "seconds": watch.take()}
             with watch("send"):
-                _send_unroll(unroll_socket, arrays, task, acted_with, meta, unroll_address, stop)
+                _send_unroll(unroll_socket, arrays, task, acted_with, meta, unroll_address, stop, params)
             sent += 1
             buffer = unroll.next_unroll(layout, buffer)
             with watch("params"):
                 params.refresh()
+        if params.finished:
+            logging.info("Actor %d: the learner says the run is finished; exiting after %d unrolls.", task, sent)
     finally:
+        if params is not None:
+            params.close()
         stepper.close()
         unroll_socket.close(linger=0)
         params_socket.close(linger=0)
 
 
 def _send_unroll(socket: zmq.Socket, arrays: unroll.Unroll, task: int, param_version: int, meta: dict,
-                 address: str, stop: threading.Event | None) -> None:
+                 address: str, stop: threading.Event | None, params: ParameterClient) -> None:
     """Sends one unroll, waiting (and saying so) while the learner takes none:
-    its queues are full (back-pressure) or it is down (ZeroMQ reconnects by itself)."""
+    its queues are full (back-pressure) or it is down (ZeroMQ reconnects by itself).
+    While waiting it keeps asking for parameters, so that it learns when the learner
+    has finished the run (a learner that has stopped training takes no more unrolls)."""
     frames = wire.encode("unroll", arrays, task=task, param_version=param_version, meta=meta)
     start = time.monotonic()
     next_warning = start + 10.0
-    while not (stop is not None and stop.is_set()):
+    while not (stop is not None and stop.is_set()) and not params.finished:
         try:
             socket.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
             if next_warning > start + 10.0:
@@ -169,6 +185,7 @@ def _send_unroll(socket: zmq.Socket, arrays: unroll.Unroll, task: int, param_ver
             return
         except zmq.Again:
             socket.poll(1000, zmq.POLLOUT)
+            params.refresh()
             if time.monotonic() >= next_warning:
                 logging.warning("Actor %d: the learner at %s has taken no unroll for %.0fs; waiting.",
                                 task, address, time.monotonic() - start)

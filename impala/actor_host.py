@@ -70,7 +70,7 @@ class ActorHost:
 
     def __init__(self, make_env: Callable[..., envs.Environment], seeds: Sequence[int], num_workers: int,
                  minimum_batch_size: int = 1, maximum_batch_size: int = 0, timeout_ms: float = 10.0,
-                 low_priority_workers: bool = True):
+                 low_priority_workers: bool = True, fill_batches: bool = True):
         if not 1 <= num_workers <= len(seeds):
             raise ValueError(f"need 1 <= num_workers ({num_workers}) <= environments ({len(seeds)})")
         self.num_envs = len(seeds)
@@ -100,7 +100,8 @@ class ActorHost:
                 elif spec != self.spec:
                     raise EnvWorkerError(f"{worker.name}'s environments differ from the first worker's")
             self._env_fields = environment_fields(self.spec)
-            self._batcher = Batcher(self._policy, minimum_batch_size, maximum, timeout_ms)
+            # fill_batches: wait for full batches (impala's rule, docs/dynamic_batching.md).
+            self._batcher = Batcher(self._policy, minimum_batch_size, maximum, timeout_ms, fill=fill_batches)
         except BaseException:
             self.close()
             raise
@@ -133,7 +134,8 @@ class ActorHost:
                                      **envs.options(config))
         return cls(make_env, [seed + i for i in range(config.num_envs_per_actor)],
                    config.env_workers_per_actor, config.inference_minimum_batch_size,
-                   config.inference_maximum_batch_size, config.inference_timeout_ms)
+                   config.inference_maximum_batch_size, config.inference_timeout_ms,
+                   fill_batches=config.inference_fill_batches)
 
     @property
     def observation_shape(self) -> tuple[int, ...]:

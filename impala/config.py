@@ -49,7 +49,10 @@ class Config:
     insecure: bool = _f(False, "Let the learner bind beyond loopback without keys (unauthenticated, unencrypted).")
     max_message_mb: int = _f(64, "Largest message the learner accepts from one peer; bigger ones are cut off.")
     logdir: str = _f("/tmp/impala", "Checkpoints, metrics.jsonl and TensorBoard events go here.")
-    seed: int = _f(1, "Random seed; actor i uses seed + 1000 * i.")
+    seed: int = _f(
+        1, "Random seed: the learner's initialisation (as the original's tf.set_random_seed); actor i samples "
+        "with seed + 1000 * i and seeds its env j with seed + 1000 * i + j (the original seeded actor i's "
+        "one env with i + 1 whatever --seed; why: docs/design.md, Seeds).")
 
     # Environment.
     level_name: str = _f(
@@ -69,11 +72,17 @@ class Config:
     env_workers_per_actor: int = _f(
         0, "Environment worker processes per actor, sharing its --num_envs_per_actor; their policy "
         "calls are batched dynamically in the actor. 0 steps the envs in the actor in lock-step.")
-    inference_minimum_batch_size: int = _f(1, "Actor host: fewest env rows a timed-out batch may have.")
+    inference_fill_batches: bool = _f(
+        True, "Actor host: batches wait to fill up: one fires at the maximum, or once at least the minimum "
+        "wait and the oldest has waited --inference_timeout_ms (docs/dynamic_batching.md). "
+        "false: the original batcher.cc's rules (fire as soon as the minimum waits; after the timeout, below it).")
+    inference_minimum_batch_size: int = _f(
+        1, "Actor host: filling, the fewest env rows a timed-out batch may have; else a batch fires at this many.")
     inference_maximum_batch_size: int = _f(
-        0, "Actor host: a batch fires as soon as it has this many env rows; 0 means all the actor's envs.")
+        0, "Actor host: the most env rows in a batch (filling: it fires at this many); 0 means all the actor's envs.")
     inference_timeout_ms: float = _f(
-        10.0, "Actor host: a batch of at least the minimum fires once its oldest row has waited this long.")
+        10.0, "Actor host: filling, a batch of at least the minimum fires once its oldest row has waited this "
+        "long; else what waits fires after this long, below the minimum too.")
     inference_dtype: str = _f(
         "float32", "Number format of the actors' forward passes. bfloat16 is faster on CPUs with AVX512-BF16 "
         "or AMX, slower elsewhere; V-trace corrects for its rounding (docs/dynamic_batching.md).",
@@ -110,6 +119,17 @@ class Config:
     rank_timeout_s: float = _f(
         60.0, "Data-parallel learner: seconds a rank waits for the others before it counts them lost "
         "and the run stops (rank 0 writes a checkpoint).")
+    learner_dtype: str = _f(
+        "float32", "Number format of the learner's forward pass (autocast; parameters, optimizer, V-trace and "
+        "losses stay float32). bfloat16 is faster on GPUs and on CPUs with AVX512-BF16 or AMX (docs/design.md).",
+        ("float32", "bfloat16"))
+    # What the learner accepts from peers (docs/protocol.md): bounds on what one actor may claim.
+    max_actors: int = _f(1024, "Learner: actor task numbers accepted are 0 .. max_actors-1; others' unrolls "
+                               "are dropped (bounds the per-actor bookkeeping).")
+    max_envs_per_unroll: int = _f(0, "Learner: most environments one unroll may hold; wider ones are dropped. "
+                                     "0 means max(--num_envs_per_actor, --batch_size).")
+    params_min_interval_s: float = _f(0.05, "Learner: a peer asking again sooner than this after it was sent "
+                                            "parameters is answered 'params_unchanged' (fair service).")
 
     # Bookkeeping.
     log_interval_s: float = _f(5.0, "Seconds between progress lines and metrics rows.")
@@ -134,7 +154,8 @@ class Config:
                 raise ConfigError(f"--{f.name}={getattr(self, f.name)!r} is not one of {choices}")
         for name in ("num_actors", "num_envs_per_actor", "unroll_length", "batch_size",
                      "num_action_repeats", "lstm_size", "learner_threads", "max_queued_batches", "max_message_mb",
-                     "keep_checkpoints", "learner_ranks"):
+                     "keep_checkpoints", "max_actors",
+                     "learner_ranks"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name} must be at least 1, got {getattr(self, name)}")
         if self.batch_size % self.learner_ranks:
@@ -151,6 +172,8 @@ class Config:
         if self.inference_maximum_batch_size < 0 or self.inference_timeout_ms < 0:
             raise ConfigError("--inference_maximum_batch_size and --inference_timeout_ms must not be negative")
         self._check_numbers()
+        if self.max_envs_per_unroll < 0:
+            raise ConfigError(f"--max_envs_per_unroll must not be negative, got {self.max_envs_per_unroll}")
         if self.total_environment_frames < 1:
             raise ConfigError("--total_environment_frames must be positive")
         try:
@@ -167,7 +190,8 @@ class Config:
         "learning_rate": (0.0, None), "decay": (0.0, 1.0), "momentum": (0.0, 1.0), "epsilon": (0.0, None),
         "entropy_cost": (0.0, None), "baseline_cost": (0.0, None), "discounting": (0.0, 1.0),
         "max_grad_norm": (0.0, None), "sticky_actions": (0.0, 1.0), "log_interval_s": (1e-3, None),
-        "checkpoint_interval_s": (0.0, None), "rank_timeout_s": (1.0, None),
+        "checkpoint_interval_s": (0.0, None), "params_min_interval_s": (0.0, 60.0),
+        "rank_timeout_s": (1.0, None),
     }
 
     def _check_numbers(self) -> None:
@@ -184,6 +208,11 @@ class Config:
     @property
     def hidden_sizes(self) -> tuple[int, ...]:
         return tuple(int(s) for s in self.mlp_sizes.split(",") if s.strip())
+
+    @property
+    def envs_per_unroll_limit(self) -> int:
+        """--max_envs_per_unroll, with 0 resolved."""
+        return self.max_envs_per_unroll or max(self.num_envs_per_actor, self.batch_size)
 
     @property
     def frames_per_step(self) -> int:

@@ -15,26 +15,36 @@ A caller with several items at hand can queue them together, as arrays with a
 leading dimension k, with `submit_many` (one request for k rows; its result is
 their k rows, [k, ...]); the sizes below count rows, however they arrived.
 
-Names and knobs follow the original scalable_agent's dynamic_batching.py. When a
-batch fires (decided by one background thread; nothing polls):
-  - as soon as `maximum_batch_size` items are waiting, or
-  - when at least `minimum_batch_size` items are waiting and the oldest of them
-    has waited `timeout_ms` (None: never; batches then fire only when full).
-Fewer than the minimum never fire: those callers wait for more to arrive, for
-`flush()` (which fires what is waiting now, whatever its size) or for `close()`.
-Items are batched in arrival order, one batch computes at a
-time, and whatever arrived meanwhile is batched next. An exception raised by
-the function is raised in every caller of that batch (later batches still run);
-`close()` fails every waiting and in-flight caller with `BatcherClosedError`.
-The original differs on one point: it fires as soon as the minimum is waiting
-and lets the timeout release a batch *below* the minimum; see
-docs/dynamic_batching.md.
+Names, knobs and defaults (1, 1024, 100 ms) follow the original scalable_agent's
+dynamic_batching.py, and so do the rules of when a batch fires, read from its
+batcher.cc. One background thread decides (nothing polls); once it is free for the
+next batch (the batch is "requested"), it fires:
+  - as soon as at least `minimum_batch_size` rows are waiting, taking up to
+    `maximum_batch_size` of them;
+  - below the minimum, at the end of a `timeout_ms` period counted from the
+    request (periods follow each other while nothing waits): whatever is
+    waiting, down to one row. `timeout_ms=None`: never; it waits for the minimum.
+So with the defaults a lone caller is answered at once, and rows that arrive
+while a batch computes go into the next one.
+
+`fill=True` selects impala's other rule, which the actor host uses (its throughput
+was measured with it, docs/dynamic_batching.md): a batch waits to fill up. It fires as soon
+as `maximum_batch_size` rows wait, or once at least `minimum_batch_size` wait and
+the oldest has waited `timeout_ms` since its call (None: only full batches fire);
+fewer than the minimum never fire on their own.
+
+With either rule, `flush()` fires what is waiting now, whatever its size.
+Items are batched in arrival order, one batch computes at a time, and whatever
+arrived meanwhile is batched next. An exception raised by the function is raised
+in every caller of that batch (later batches still run); `close()` fails every
+waiting and in-flight caller with `BatcherClosedError`.
 """
 
 from __future__ import annotations
 
 import collections
 import functools
+import math
 import threading
 import time
 from typing import Any, Callable
@@ -105,7 +115,7 @@ class Batcher:
     """Batches calls of `fn` from many threads; see the module docstring."""
 
     def __init__(self, fn: Callable[..., Any], minimum_batch_size: int = 1,
-                 maximum_batch_size: int = 1024, timeout_ms: float | None = 100):
+                 maximum_batch_size: int = 1024, timeout_ms: float | None = 100, *, fill: bool = False):
         if not 1 <= minimum_batch_size <= maximum_batch_size:
             raise ValueError(f"need 1 <= minimum_batch_size ({minimum_batch_size}) <= "
                              f"maximum_batch_size ({maximum_batch_size})")
@@ -115,6 +125,7 @@ class Batcher:
         self.minimum_batch_size = minimum_batch_size
         self.maximum_batch_size = maximum_batch_size
         self.timeout_ms = timeout_ms
+        self.fill = fill  # impala's wait-to-fill rule instead of the original's (module docstring)
         self._timeout_s = None if timeout_ms is None else timeout_ms / 1000.0
         self._cond = threading.Condition(threading.Lock())
         self._queue: collections.deque[Request] = collections.deque()
@@ -158,10 +169,12 @@ class Batcher:
                 self._thread.start()
             self._queue.append(request)
             before, self._queued_rows = self._queued_rows, self._queued_rows + rows
-            # Wake the batching thread only when its decision can change: it sleeps
-            # without a deadline below the minimum and until the deadline below the maximum.
-            if any(before < size <= self._queued_rows for size in (self.minimum_batch_size,
-                                                                   self.maximum_batch_size)):
+            # Wake the batching thread only when its decision can change: at the minimum,
+            # at the maximum, and (original rule, with a timeout) at the first row, whose
+            # period end it then sleeps until; otherwise it sleeps without a deadline.
+            first = not before and not self.fill and self._timeout_s is not None
+            if first or any(before < size <= self._queued_rows for size in (self.minimum_batch_size,
+                                                                            self.maximum_batch_size)):
                 self._cond.notify()
         return request
 
@@ -202,17 +215,20 @@ class Batcher:
     def _next_batch(self) -> list[Request] | None:
         """Waits until a batch should fire; None once closed."""
         with self._cond:
+            requested = time.monotonic()  # the original's timeout periods count from here
             while not self._closed:
                 waiting = self._queued_rows
                 if waiting >= self.maximum_batch_size or (self._flushing and waiting):
                     break
-                if waiting >= self.minimum_batch_size and self._timeout_s is not None:
-                    left = self._queue[0].arrived + self._timeout_s - time.monotonic()
-                    if left <= 0:
-                        break
-                    self._cond.wait(left)
-                else:
+                if not self.fill and waiting >= self.minimum_batch_size:
+                    break
+                deadline = self._deadline(requested) if waiting else None
+                if deadline is None:
                     self._cond.wait()
+                elif deadline <= time.monotonic():
+                    break
+                else:
+                    self._cond.wait(deadline - time.monotonic())
             else:
                 return None
             batch, size = [], 0
@@ -223,6 +239,21 @@ class Batcher:
             self._flushing = max(0, self._flushing - size)
             self._in_flight = batch
             return batch
+
+    def _deadline(self, requested: float) -> float | None:
+        """When the rows waiting now fire by the timeout (some are waiting); None: not by it."""
+        if self._timeout_s is None:
+            return None
+        oldest = self._queue[0].arrived
+        if self.fill:  # at least the minimum, once the oldest has waited the timeout
+            return oldest + self._timeout_s if self._queued_rows >= self.minimum_batch_size else None
+        # The original (batcher.cc) waits in periods of timeout_ms from the request and,
+        # at the end of a period, fires whatever waits: the first period end after the
+        # oldest row arrived.
+        if self._timeout_s == 0:
+            return oldest
+        periods = max(1, math.ceil((oldest - requested) / self._timeout_s))
+        return requested + periods * self._timeout_s
 
     def _loop(self) -> None:
         while (batch := self._next_batch()) is not None:
@@ -290,10 +321,11 @@ def _split(output: Any, batch: list[Request]) -> list[Any]:
 
 
 def batch_fn_with_options(minimum_batch_size: int = 1, maximum_batch_size: int = 1024,
-                          timeout_ms: float | None = 100) -> Callable[[Callable[..., Any]], Batcher]:
+                          timeout_ms: float | None = 100, *,
+                          fill: bool = False) -> Callable[[Callable[..., Any]], Batcher]:
     """Decorator: turns a batched function into a per-item `Batcher`."""
     def decorate(fn: Callable[..., Any]) -> Batcher:
-        return Batcher(fn, minimum_batch_size, maximum_batch_size, timeout_ms)
+        return Batcher(fn, minimum_batch_size, maximum_batch_size, timeout_ms, fill=fill)
     return decorate
 
 

@@ -95,6 +95,11 @@ def main(argv: list[str]) -> None:
     try:
         config = config_lib.from_flags(FLAGS)
         envs.resolve_level(config.level_name)
+        host, _ = address.split_address(config.learner_address)
+        if config.job_name and not config.keys_dir and not config.insecure and security.is_loopback(host[6:]):
+            # Jobs on one machine: keys made automatically in --logdir, so that no other
+            # user's process can connect (docs/protocol.md, "Who can connect").
+            config = config.replace(keys_dir=security.local_keys(config.logdir))
         if config.mode == "test":  # plays the latest checkpoint of --logdir (impala/evaluate.py)
             from impala import evaluate
 

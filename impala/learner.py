@@ -20,21 +20,31 @@ serves parameters and writes checkpoints and metrics (docs/distributed.md).
 
 Threads, and the state each owns:
   - the training thread (the caller of `run`): the agent, the optimizer, `frames`,
-    `param_version`, the progress log and the non-finite count; it hands snapshots
-    to the ParamServer (`publish`) and reads the actor book through `take_report`;
+    `param_version`, the progress log, the non-finite count and the BatchFeed
+    (impala/transfer.py: batches on the device, on a GPU one copied ahead); it
+    copies the parameters for the publisher (`offer`) and reads the actor book
+    through `take_report`;
+  - 'publisher' (a SnapshotPublisher): waits for that copy to reach the host,
+    encodes it and hands it to the ParamServer (`publish`), off the training
+    thread's critical path;
   - 'unrolls' (a ServerThread): the unroll socket and the UnrollReceiver with its
     batch assembler; it writes the actor book (under the book's lock) and the queue;
   - 'params' (a ServerThread): the parameter socket; it reads the ParamServer's
     current snapshot, which `publish` replaces whole.
-A server thread that fails with anything but a bad message records its error and
-the training thread stops the run within a second (ServerThreadError); `close`
-then writes a checkpoint.
+A failure while one message is handled, of any kind, drops that message only
+(counted, one log line); a server thread that fails outside one message (its
+socket) records its error and the training thread stops the run within a second
+(ServerThreadError); `close` then writes a checkpoint. See ServerThread.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 import os
+import shutil
+import tempfile
 import threading
 import time
 import traceback
@@ -55,15 +65,23 @@ from impala.metrics import MetricsWriter, Stopwatch, drop_rows_after
 from impala.nets import Agent, make_agent
 from impala.optim import RMSPropTF
 from impala.param_server import ParamServer
-from impala.progress import ProgressLog
-from impala.receiver import ActorBook, UnrollReceiver
+from impala.progress import ProgressLog, configured_levels
+from impala.receiver import ActorBook, Limits, UnrollReceiver
+from impala.transfer import BatchFeed, SnapshotPublisher
 
 # Per-peer ZeroMQ queue bounds: with the bounded batch queue they cap the memory
-# that unrolls in flight can take, whatever the actors do.
+# that unrolls in flight can take, whatever the actors do; an actor keeps at most one
+# parameter request in flight, so two replies queued for a peer that does not read are
+# one more than it needs (ZeroMQ drops further ones for that peer, not for others).
 UNROLL_RCVHWM = 4
+PARAMS_SNDHWM = 2
 # Updates skipped in a row for a non-finite loss or gradient norm before the run stops:
 # one bad batch is skipped, a learner that keeps producing them is broken.
 MAX_NONFINITE_IN_A_ROW = 10
+# How long a finished learner keeps answering parameter requests with 'finished'. Actors
+# ask at every unroll boundary, about every second while their unrolls wait, and every
+# 3 s while they wait for a learner (param_client.PARAMS_RETRY_S): twice the longest.
+FINISH_GRACE_S = 6.0
 
 
 class LearnerFailure(RuntimeError):
@@ -143,20 +161,30 @@ def learn_step(agent: Agent, optimizer: torch.optim.Optimizer, batch: dict[str, 
 
     Returns the loss terms, the gradient norm, V-trace diagnostics and 'skipped':
     1.0 when the loss or the gradient norm was not finite, and the update was
-    skipped (parameters and optimizer state untouched), else 0.0."""
+    skipped (parameters and optimizer state untouched), else 0.0.
+
+    With --learner_dtype=bfloat16 only the network's forward pass (and so its
+    backward) runs under autocast; parameters, gradients and RMSProp stay float32
+    (bfloat16 has float32's exponent range: no loss scaling), and V-trace and the
+    losses run in float32 on the outputs: exp(log pi - log mu) turns a logit's
+    rounding (8 bits of mantissa) into a relative error of the importance weight,
+    and the losses sum T x B terms, which bfloat16 would round away; they are a
+    tiny part of the work. With float32 nothing is autocast."""
     if learning_rate is not None:
         for group in optimizer.param_groups:
             group["lr"] = learning_rate
     initial_state = tuple(batch[f"core_state_{k}"] for k in range(2) if f"core_state_{k}" in batch)
-    output, _ = agent(batch["observation"], batch["action"], batch["reward"], batch["done"], initial_state,
-                      instruction=batch.get("instruction"))
+    with _forward_precision(config.learner_dtype, batch["observation"].device):
+        output, _ = agent(batch["observation"], batch["action"], batch["reward"], batch["done"], initial_state,
+                          instruction=batch.get("instruction"))
+    logits, baseline = output.policy_logits.float(), output.baseline.float()  # no-ops in float32
 
     # Env output t led the network to pick action t+1: learn from transitions
     # 0..T-1 and bootstrap from the value of the last env output.
     loss = losses.impala_loss(
-        target_logits=output.policy_logits[:-1],
-        baseline=output.baseline[:-1],
-        bootstrap_value=output.baseline[-1],
+        target_logits=logits[:-1],
+        baseline=baseline[:-1],
+        bootstrap_value=baseline[-1],
         behaviour_logits=batch["policy_logits"][1:],
         actions=batch["action"][1:],
         rewards=losses.clip_rewards(batch["reward"][1:], config.reward_clipping),
@@ -191,6 +219,13 @@ def learn_step(agent: Agent, optimizer: torch.optim.Optimizer, batch: dict[str, 
     return stats
 
 
+def _forward_precision(dtype: str, device: torch.device) -> contextlib.AbstractContextManager:
+    """Autocast to `dtype` on `device` for the forward pass; nothing for float32."""
+    if dtype == "float32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=getattr(torch, dtype))
+
+
 def _one_line(error: BaseException) -> str:
     """'Type: message (at file:line)' for an unexpected error, without a traceback."""
     where = traceback.extract_tb(error.__traceback__)[-1] if error.__traceback__ else None
@@ -199,14 +234,23 @@ def _one_line(error: BaseException) -> str:
 
 
 class ServerThread(threading.Thread):
-    """Calls `handle(socket)` for each message until `stop` is set. A bad message
-    (wire.WireError, unroll.UnrollError) is counted and dropped; any other error
-    ends the thread with `error` set, for the training thread to stop the run."""
+    """Serves one ROUTER socket: reads each message (wire.recv_routed, `kinds`) and
+    calls `handle(identity, message)`, until `stop` is set.
 
-    def __init__(self, name: str, socket: zmq.Socket, handle: Callable[[zmq.Socket], None], book: ActorBook,
-                 stop: threading.Event):
+    Two kinds of failure, two policies (docs/protocol.md, "Faults"):
+      - one message: any exception while decoding or handling it -- a WireError, an
+        UnrollError, or anything else (a check that was missed, a value that reaches a
+        bug) -- drops that message only. It is counted (`bad_messages`) and logged in
+        one rate-limited line naming the sender's task (or its connection when the
+        header could not be read); the thread goes on serving the others.
+      - the thread: an error outside one message's handling -- the socket failing
+        (zmq.ZMQError from a read) or the loop itself -- ends the thread with `error`
+        set, and the training thread stops the run loudly (ServerThreadError)."""
+
+    def __init__(self, name: str, socket: zmq.Socket, kinds: tuple[str, ...],
+                 handle: Callable[[bytes, wire.Message], None], book: ActorBook, stop: threading.Event):
         super().__init__(name=name, daemon=True)
-        self.socket, self.handle, self.book, self.stop = socket, handle, book, stop
+        self.socket, self.kinds, self.handle, self.book, self.stop = socket, kinds, handle, book, stop
         self.error: BaseException | None = None
 
     def run(self) -> None:
@@ -216,16 +260,26 @@ class ServerThread(threading.Thread):
             while not self.stop.is_set():
                 if not poller.poll(100):
                     continue
+                try:  # a zmq.ZMQError from the socket's read is not one message's: it ends the thread
+                    identity, message = wire.recv_routed(self.socket, allowed_kinds=self.kinds)
+                except wire.RoutedWireError as e:
+                    self._dropped(e, f"connection {e.identity.hex()[:16]}")
+                    continue
                 try:
-                    self.handle(self.socket)
-                except (wire.WireError, unroll.UnrollError) as e:
-                    count = self.book.bad_message()
-                    logging.log_every_n_seconds(logging.WARNING, "Dropped a bad message (%d so far): %s", 5,
-                                                count, str(e).splitlines()[0])
-        except BaseException as e:  # noqa: BLE001 -- every failure must end the run, loudly
+                    self.handle(identity, message)
+                except Exception as e:  # noqa: BLE001 -- one message's failure drops that message only
+                    self._dropped(e, f"task {message.task}")
+        except BaseException as e:  # noqa: BLE001 -- every other failure must end the run, loudly
             if not self.stop.is_set():
                 self.error = e
                 logging.error("The learner's %s thread failed: %s", self.name, _one_line(e))
+
+    def _dropped(self, error: Exception, sender: str) -> None:
+        count = self.book.bad_message()
+        why = str(error).splitlines()[0] if isinstance(error, (wire.WireError, unroll.UnrollError)) else \
+            _one_line(error)
+        logging.log_every_n_seconds(logging.WARNING, "Dropped a bad message from %s on the %s socket (%d so far): "
+                                    "%s", 5, sender, self.name, count, why)
 
 
 class Learner:
@@ -273,24 +327,33 @@ class Learner:
         # Seconds per part of the learner's threads and of the actors (from their
         # unrolls); each metrics row has them per second of wall time ('time/...').
         self.watch = Stopwatch()
-        self.params = ParamServer(run_id=run_id)
+        self.params = ParamServer(run_id=run_id, min_interval_s=config.params_min_interval_s)
         if self.is_main:
             self.params.publish(self.agent.state_dict(), self.param_version)
+        self._offered = self.param_version  # the newest version handed to the publisher
         self.book = ActorBook(self.spec.num_actions, config.num_action_repeats)
-        # Versions as the actors see them: rank 0's published ones, equal on every rank.
-        version = (lambda: self.params.version) if self.is_main else (lambda: self.param_version)
+        encoder = getattr(self.agent, "instruction", None)
+        limits = Limits(self.spec.num_actions, configured_levels(config.level_name),
+                        max_envs=config.envs_per_unroll_limit, max_actors=config.max_actors,
+                        vocabulary=encoder.embedding.num_embeddings if encoder is not None else 0)
+        # Policy lags count the learner's updates, published or not yet (equal on every rank).
         self.receiver = UnrollReceiver(
             self.unroll_spec, config.batch_size // self.ranks.world_size, self.spec.num_actions, self.book,
-            self.watch, default_level=config.level_name, run_id=run_id, param_version=version,
-            max_queued_batches=config.max_queued_batches, pin_memory=self.device.type == "cuda")
+            self.watch, default_level=config.level_name, run_id=run_id, param_version=lambda: self.param_version,
+            max_queued_batches=config.max_queued_batches, pin_memory=self.device.type == "cuda", limits=limits)
+        self.feed = BatchFeed(self.receiver.next_batch, self.receiver.release, self.device)
         self._stop = self.receiver.stop
+        self.publisher = SnapshotPublisher(self.agent.state_dict(), self.params.publish, self._stop, self.device)
 
         self._context = zmq.Context.instance()
         self.unroll_address, self.params_address = self._bind()
-        self._threads = [ServerThread("unrolls", self._unroll_socket, self.receiver.handle, self.book, self._stop)]
-        if self.is_main:
-            self._threads.append(
-                ServerThread("params", self._params_socket, self.params.handle, self.book, self._stop))
+        self._threads = [
+            ServerThread("unrolls", self._unroll_socket, ("unroll",), self.receiver.handle, self.book, self._stop)]
+        if self.is_main:  # rank 0 alone serves parameters
+            self._threads += [
+                ServerThread("params", self._params_socket, ("get_params",),
+                             functools.partial(self.params.handle, self._params_socket), self.book, self._stop),
+                self.publisher]
         for t in self._threads:
             t.start()
         self.metrics = MetricsWriter(config.logdir) if self.is_main else None
@@ -350,6 +413,11 @@ class Learner:
     # -- sockets -----------------------------------------------------------------
 
     def _bind(self) -> tuple[str, str]:
+        """Binds the two sockets by the trust model (docs/protocol.md, "Who can connect"):
+        a one-machine run (no --job_name, --learner_address on loopback port 0, no keys)
+        binds ipc:// sockets in a fresh directory only this user can enter; otherwise
+        TCP, with CurveZMQ when --keys_dir is given (experiment.py gives a loopback job
+        the automatic keys of its --logdir), or without it on loopback or with --insecure."""
         config, rank = self.config, self.ranks.rank
         host, port = split_address(config.learner_address)
         if port == 0 and self.ranks.world_size > 1:
@@ -361,19 +429,33 @@ class Learner:
             s.setsockopt(zmq.LINGER, 0)
             s.setsockopt(zmq.MAXMSGSIZE, config.max_message_mb * 2**20)
         self._unroll_socket.setsockopt(zmq.RCVHWM, UNROLL_RCVHWM)
+        if self._params_socket is not None:
+            self._params_socket.setsockopt(zmq.SNDHWM, PARAMS_SNDHWM)
         self._auth = None
+        self._private_dir = None
+        loopback = security.is_loopback(host[len("tcp://"):])
+        if config.job_name == "" and port == 0 and loopback and not config.keys_dir:
+            # mkdtemp makes the directory mode 0700: other users cannot reach the sockets in it.
+            self._private_dir = tempfile.mkdtemp(prefix="impala-")
+            addresses = (f"ipc://{self._private_dir}/unrolls", f"ipc://{self._private_dir}/params")
+            for s, address in zip(sockets, addresses):
+                s.bind(address)
+            return addresses
         if config.keys_dir:
             try:
                 self._auth = security.serve_securely(self._context, sockets, config.keys_dir)
             except security.KeysError as e:
                 raise ConfigError(str(e))
-        elif not security.is_loopback(host[len("tcp://"):]):
+        elif not loopback:
             if not config.insecure:
                 raise ConfigError(
                     f"--learner_address={config.learner_address} is reachable from other hosts: give "
                     "--keys_dir (python -m impala.security --keys_dir=DIR) or --insecure")
             logging.warning("Learner bound to %s WITHOUT authentication or encryption (--insecure): "
                             "anyone who can reach it can send unrolls.", host)
+        else:
+            logging.warning("Learner bound to %s without keys: any process on this machine can connect and "
+                            "send unrolls.", host)
         try:
             if port == 0:
                 unroll_port_bound = self._unroll_socket.bind_to_random_port(host)
@@ -394,11 +476,15 @@ class Learner:
     # -- training ----------------------------------------------------------------
 
     def next_batch(self, timeout: float) -> dict[str, torch.Tensor] | None:
-        """The next batch on the learner's device, or None after `timeout` seconds."""
-        batch = self.receiver.next_batch(timeout)
-        if batch is None:
-            return None
-        return {name: t.to(self.device, non_blocking=True) for name, t in batch.items()}
+        """The next batch on the learner's device, or None after `timeout` seconds;
+        the batch returned before must no longer be used (its memory is reused)."""
+        return self.feed.next(timeout)
+
+    def offer_snapshot(self) -> None:
+        """Hands the parameters to the publisher if they are newer than the last
+        snapshot it took and it is free; otherwise a later pass of the loop does."""
+        if self._offered < self.param_version and self.publisher.offer(self.param_version):
+            self._offered = self.param_version
 
     def check_threads(self) -> None:
         """Raises ServerThreadError if a server thread has failed."""
@@ -407,7 +493,8 @@ class Learner:
                 raise ServerThreadError(f"the learner's {t.name} thread failed: {_one_line(t.error)}")
 
     def run(self, tick: Callable[[], None] | None = None) -> None:
-        """Trains until --total_environment_frames; `tick` runs at least once a second
+        """Trains until --total_environment_frames, then tells the actors the run is
+        finished (for up to FINISH_GRACE_S); `tick` runs at least once a second
         (the local launcher uses it to watch its actors). Raises LearnerFailure when a
         server thread fails, updates keep being non-finite or another rank is lost.
         With N ranks, SIGTERM or SIGINT to any rank ends the loop of all after the same
@@ -419,6 +506,7 @@ class Learner:
             log = ProgressLog(config, self.metrics, book, self.watch, self.refused_connections, self.frames)
         nonfinite_in_a_row = 0
         batch = None  # a rank keeps its batch until every rank has one
+        stopped = False  # by a signal to some rank: the actors are not told the run finished
         with distributed.stop_on_signals(self.ranks.world_size > 1) as stop_requested:
             while self.frames < config.total_environment_frames:
                 self.check_threads()
@@ -431,6 +519,7 @@ class Learner:
                 if self.ranks.world_size > 1:
                     agreed = self._agree(batch is not None, stop_requested.is_set(), log)
                     if agreed.stop:
+                        stopped = True
                         break
                     # Rows only after the others' reports came in (rank 0's own clock decided).
                     train, write_row = agreed.train, agreed.log
@@ -441,12 +530,17 @@ class Learner:
                                            all_reduce=self._all_reduce if self.ranks.world_size > 1 else None)
                     batch = None
                     nonfinite_in_a_row = self._after_update(stats, log, nonfinite_in_a_row)
+                if self.is_main:
+                    with self.watch("learner_publish"):
+                        self.offer_snapshot()
                 if log is not None and write_row:
                     log.maybe_write(self.frames, self.param_version, self.optimizer.param_groups[0]["lr"])
         if self.ranks.world_size > 1:  # every rank left the loop at the same agreement or frame count
             self._gather_reports(log)
         if log is not None:
             log.maybe_write(self.frames, self.param_version, self.optimizer.param_groups[0]["lr"], force=True)
+        if self.is_main and not stopped:
+            self._tell_finished()
 
     def _all_reduce(self, sums: list[torch.Tensor], means: list[torch.Tensor]) -> None:
         try:
@@ -498,12 +592,22 @@ class Learner:
         else:
             nonfinite_in_a_row = 0
             self.param_version += 1
-            if self.is_main:
-                with self.watch("learner_publish"):
-                    self.params.publish(self.agent.state_dict(), self.param_version)
         if self.is_main and time.monotonic() - self._last_checkpoint > config.checkpoint_interval_s:
             self.save_checkpoint()
         return nonfinite_in_a_row
+
+    def _tell_finished(self) -> None:
+        """Answers every parameter request 'finished' for up to FINISH_GRACE_S, so that
+        actors exit instead of waiting for a learner that is gone; ends sooner once
+        every actor that sent unrolls lately has been told."""
+        self.params.finish()
+        live = set(self.book.take_report().unroll_rates)
+        deadline = time.monotonic() + FINISH_GRACE_S
+        while time.monotonic() < deadline and not (live and self.params.has_told(live)):
+            self.check_threads()
+            time.sleep(0.1)
+        logging.info("Run finished at %d frames; told the actors (%d of %d live ones asked).", self.frames,
+                     sum(self.params.has_told({task}) for task in live), len(live))
 
     def close(self, save: bool = True) -> None:
         self._stop.set()
@@ -516,6 +620,8 @@ class Learner:
             self._params_socket.close(linger=0)
         if self._auth is not None:
             self._auth.stop()
+        if self._private_dir is not None:
+            shutil.rmtree(self._private_dir, ignore_errors=True)
         if self.metrics is not None:
             self.metrics.close()
         self.ranks.close()

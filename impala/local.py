@@ -1,6 +1,8 @@
 """One-machine training: the learner in this process, `--num_actors` actor
-processes beside it, talking over the same ZeroMQ wire as a multi-host run
-(bound to loopback).
+processes beside it, talking over the same ZeroMQ wire as a multi-host run.
+The learner listens on `ipc://` sockets in a fresh directory only this user can
+enter (Learner._bind), so no other user's process can reach it; an explicit
+--learner_address or --keys_dir binds TCP instead (docs/protocol.md, "Who can connect").
 
 Actors are spawned (not forked: torch and ZeroMQ threads do not survive a fork),
 die with this process (PR_SET_PDEATHSIG) and ignore Ctrl-C, which this process

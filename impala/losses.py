@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from impala import vtrace
+from impala.config import REWARD_CLIPPING_MODES
 
 __all__ = [
     "REWARD_CLIPPING_MODES",
@@ -24,7 +25,6 @@ __all__ = [
     "vtrace_diagnostics",
 ]
 
-REWARD_CLIPPING_MODES = ("abs_one", "soft_asymmetric", "none")
 
 
 def policy_gradient_loss(
@@ -40,7 +40,7 @@ def policy_gradient_loss(
     Returns:
       Scalar loss.
     """
-    cross_entropy = -vtrace.action_log_probs(logits, actions)
+    cross_entropy = -vtrace.log_probs_from_logits_and_actions(logits, actions)
     return torch.sum(cross_entropy * advantages.detach())
 
 

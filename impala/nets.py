@@ -1,6 +1,10 @@
 """The agents of the IMPALA paper: shallow and deep ("IMPALA CNN") torsos, an MLP
 torso for vector observations, an optional LSTM core, and policy/baseline heads.
 
+Parameters start as the original's (`init`, below): Sonnet's truncated-normal
+weights and zero biases for convolutions and linears, TensorFlow's LSTMBlockCell
+initialisation and forget bias of 1 for the LSTMs.
+
 As in the original, the core's input is the torso output concatenated with the
 clipped reward and a one-hot of the last action (and, for levels with language
 instructions, the instruction encoder's output), and the LSTM state is reset to
@@ -14,11 +18,14 @@ outputs policy_logits [T, B, A], baseline [T, B]. Core state is a tuple (h, c) o
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple, Sequence
 
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+from impala.config import NETWORKS
 
 CoreState = tuple[torch.Tensor, ...]
 
@@ -28,7 +35,6 @@ class AgentOutput(NamedTuple):
     baseline: torch.Tensor  # [T, B]
 
 
-NETWORKS = ("auto", "mlp", "shallow", "deep")
 
 
 def resolve_network(network: str, observation_shape: Sequence[int]) -> str:
@@ -192,6 +198,7 @@ class Agent(nn.Module):
         core_output = lstm_size if use_lstm else core_input
         self.policy = nn.Linear(core_output, num_actions)
         self.baseline = nn.Linear(core_output, 1)
+        init(self)
 
     def initial_state(self, batch_size: int, device: torch.device | str = "cpu") -> CoreState:
         if self.core is None:
@@ -241,6 +248,61 @@ class Agent(nn.Module):
         policy_logits = self.policy(core_output).float().view(T, B, self.num_actions)
         baseline = self.baseline(core_output).float().view(T, B)
         return AgentOutput(policy_logits, baseline), core_state
+
+
+def _truncated_normal_(weight: torch.Tensor, stddev: float) -> None:
+    # TF1's truncated_normal_initializer: a normal of this stddev, redrawn beyond 2 stddev.
+    nn.init.trunc_normal_(weight, mean=0.0, std=stddev, a=-2.0 * stddev, b=2.0 * stddev)
+
+
+def _init_lstm_(lstm: nn.LSTM | nn.LSTMCell, forget_bias: float = 1.0) -> None:
+    """TF1 LSTMBlockCell's start: one kernel [input + H, 4H], glorot-uniform (the
+    default initializer of its variable), one zero bias, and `forget_bias` added to
+    the forget gate's pre-activation. torch keeps the kernel as weight_ih [4H, input]
+    and weight_hh [4H, H] (same distribution) and has two biases that are summed:
+    bias_ih plays the one bias, starting at 0 with `forget_bias` on the forget gate
+    (torch's gate order is i, f, g, o), and bias_hh stays at zero, frozen, so the
+    sum trains as the original's single bias would."""
+    hidden = lstm.hidden_size
+    for name, param in lstm.named_parameters():
+        if name.startswith("weight_ih"):
+            limit = math.sqrt(6.0 / (param.shape[1] + hidden + 4 * hidden))  # glorot: fan_in + fan_out
+            for weight in (param, getattr(lstm, name.replace("weight_ih", "weight_hh"))):
+                nn.init.uniform_(weight, -limit, limit)
+        elif name.startswith("bias_ih"):
+            nn.init.zeros_(param)
+            param.data[hidden:2 * hidden] = forget_bias
+        elif name.startswith("bias_hh"):
+            nn.init.zeros_(param)
+            param.requires_grad_(False)
+
+
+@torch.no_grad()
+def init(module: nn.Module) -> nn.Module:
+    """Initialises every layer of `module` as the original agent's started
+    (scalable_agent experiment.py, TF1 and Sonnet 1):
+
+      - convolutions and linears (Sonnet's Conv2D and Linear; impala's MLP torso is
+        given the same): weights from a normal of stddev 1/sqrt(fan_in) truncated at
+        2 stddev, biases zero;
+      - LSTMs (the core's LSTMBlockCell(256) and the instruction encoder's
+        LSTMBlockCell(64)): see `_init_lstm_`, forget bias 1;
+      - the word embedding (Sonnet's Embed): a standard normal, the padding row zero.
+
+    Returns `module`."""
+    for layer in module.modules():
+        if isinstance(layer, (nn.Linear, nn.Conv2d)):
+            fan_in = layer.weight[0].numel()  # in_features, or in_channels * kernel height * width
+            _truncated_normal_(layer.weight, 1.0 / math.sqrt(fan_in))
+            if layer.bias is not None:
+                nn.init.zeros_(layer.bias)
+        elif isinstance(layer, (nn.LSTM, nn.LSTMCell)):
+            _init_lstm_(layer)
+        elif isinstance(layer, nn.Embedding):
+            nn.init.normal_(layer.weight, 0.0, 1.0)
+            if layer.padding_idx is not None:
+                layer.weight[layer.padding_idx] = 0.0
+    return module
 
 
 def sample_actions(policy_logits: torch.Tensor) -> torch.Tensor:

@@ -14,7 +14,11 @@ What a row holds, beyond the losses and rates:
     100 per level (`dmlab30/training_no_cap`, `dmlab30/training_cap_100`, the
     original's names), whenever every level has finished an episode since the last
     one (the original's rule);
-  - TensorBoard: a histogram of the actions taken (`actions`).
+  - TensorBoard: a histogram of the actions taken (`actions`);
+  - unroll rates per actor (`actor_unrolls_per_s/<task>`) for at most
+    MAX_ACTOR_KEYS actors, the lowest task numbers; `connected_actors` counts all.
+    With the receiver's bounds (task numbers below --max_actors, only configured
+    levels) a row's size is bounded whatever the peers send.
 
 Owned by the training thread; it reads the actor book only through take_report().
 """
@@ -32,6 +36,9 @@ from impala import dmlab30, envs
 from impala.config import Config
 from impala.metrics import MetricsWriter, Stopwatch
 from impala.receiver import ActorBook, Report
+
+
+MAX_ACTOR_KEYS = 256  # per-actor keys in one metrics row
 
 
 def configured_levels(level_name: str) -> tuple[str, ...]:
@@ -106,7 +113,8 @@ class ProgressLog:
             "wall_time": time.time(),
         }
         row.update({k: v / max(self.updates, 1) for k, v in self.sums.items()})
-        row.update({f"actor_unrolls_per_s/{task}": round(rate, 2) for task, rate in report.unroll_rates.items()})
+        row.update({f"actor_unrolls_per_s/{task}": round(rate, 2)
+                    for task, rate in sorted(report.unroll_rates.items())[:MAX_ACTOR_KEYS]})
         # Seconds spent per second of wall time, summed over threads and actors.
         row.update({f"time/{part}": round(s / elapsed, 4) for part, s in sorted(self.watch.take().items())})
         by_level: dict[str, list] = {}

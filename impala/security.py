@@ -33,8 +33,10 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
+import shutil
 import socket as socket_lib
 import sys
+import tempfile
 from pathlib import Path
 
 import zmq
@@ -81,6 +83,35 @@ def generate(keys_dir: str | os.PathLike, name: str = ACTOR) -> Path:
     Path(secret).chmod(0o600)
     (authorized / f"{name}.key").write_bytes(Path(public).read_bytes())
     return actor_dir
+
+
+LOCAL_KEYS = "keys"  # <logdir>/keys: the automatic keys of jobs on one machine
+
+
+def local_keys(logdir: str | os.PathLike) -> str:
+    """The automatic keys of a learner and its actors on one machine (loopback, no
+    --keys_dir): `<logdir>/keys`, made by whichever job starts first, in a directory
+    only this user can read (mode 0700). Returns the folder, a --keys_dir for both jobs.
+
+    Made in a private temporary folder and renamed into place, so two jobs starting
+    at once end up with the same keys (the loser of the rename uses the winner's)."""
+    keys = Path(logdir) / LOCAL_KEYS
+    if (keys / f"{LEARNER}.key_secret").exists():
+        return str(keys)
+    try:
+        Path(logdir).mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".keys-", dir=logdir))  # mode 0700
+        try:
+            generate(staging)
+            os.rename(staging, keys)
+        except OSError:
+            if not (keys / f"{LEARNER}.key_secret").exists():
+                raise
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    except OSError as e:
+        raise KeysError(f"cannot make the automatic keys in {keys}: {e.strerror or e}")
+    return str(keys)
 
 
 def _load(path: Path) -> tuple[bytes, bytes | None]:

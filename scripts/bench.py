@@ -1,7 +1,7 @@
 """Throughput benchmark: how close the whole local run comes to what this machine
 can do, and how fast the actor side is on its own.
 
-    python scripts/bench.py --flagfile=configs/pong.cfg [--measure all|training|actor] \
+    python scripts/bench.py --flagfile=configs/pong.cfg [--measure all|training|actor|learner] \
         [--duration 60] [--warmup 20] [impala flags]
 
 --measure=training (and all) measures, in one run:
@@ -33,6 +33,11 @@ can do, and how fast the actor side is on its own.
   Rounds interleave them, so load from other processes hits all of them. Then
   where the host's CPU went in the last round (from /proc): env workers, the
   actor's threads (inference among them), idle cores, per agent step.
+--measure=learner: the learner step alone (as in 1. above, on one core with one
+  torch thread, on --device) in each --learner_dtypes number format (float32 and
+  bfloat16 by default), in --learner_rounds rounds of --part_seconds each that
+  alternate the formats; samples/s per round, the medians and each format's ratio
+  to the first's (the ratio of the medians, and the median of the rounds' ratios).
 Absolute numbers drift between machines and runs; the ratios within one run are
 what this measures. A benchmark, not a test.
 """
@@ -157,17 +162,48 @@ def inference_samples_per_second(config: config_lib.Config, batch_size: int, sec
 
 
 def learner_samples_per_second(config: config_lib.Config, seconds: float) -> float:
-    """learn_step on a --batch_size x --unroll_length batch; samples (agent steps)/s."""
-    from impala.learner import learn_step
+    """learn_step on a --batch_size x --unroll_length batch on --device, in
+    --learner_dtype; samples (agent steps)/s."""
+    from impala.learner import _device, learn_step
     from impala.optim import RMSPropTF
 
+    device = _device(config.device)
     agent, spec = _agent_and_spec(config)
+    agent = agent.to(device)
     optimizer = RMSPropTF(agent.parameters(), lr=config.learning_rate, decay=config.decay,
                           momentum=config.momentum, epsilon=config.epsilon)
     batch = _random_inputs(spec, agent, config.unroll_length + 1, config.batch_size,
                            np.random.default_rng(config.seed))
+    batch = {name: t.to(device) for name, t in batch.items()}  # learn_step waits for the device at its end
     return config.batch_size * config.unroll_length / _timed(lambda: learn_step(agent, optimizer, batch, config),
                                                              seconds)
+
+
+def learner_dtypes(config: config_lib.Config, dtypes: list[str], seconds: float, rounds: int) -> None:
+    """Measures and prints learn_step's samples/s in each of `dtypes`, alternating
+    (see the module docstring)."""
+    import torch
+
+    from impala.learner import _device
+
+    progress(f"learner step in {', '.join(dtypes)}: {rounds} rounds of {seconds:g} s each")
+    print(f"learner step: {config.level_name}, {config.network} network{' + LSTM' if config.use_lstm else ''}, "
+          f"batch {config.batch_size} x unroll {config.unroll_length}, device {_device(config.device)}, "
+          f"{torch.get_num_threads()} torch thread(s), {time.strftime('%Y-%m-%d')}; samples/s")
+    print(f"{'round':>5s} " + " ".join(f"{d:>12s}" for d in dtypes))
+    rates: dict[str, list[float]] = {d: [] for d in dtypes}
+    for r in range(1, rounds + 1):
+        for d in dtypes:
+            progress(f"round {r}/{rounds}: {d}")
+            rates[d].append(learner_samples_per_second(config.replace(learner_dtype=d), seconds))
+        print(f"{r:5d} " + " ".join(f"{rates[d][-1]:12,.0f}" for d in dtypes), flush=True)
+    medians = {d: float(np.median(v)) for d, v in rates.items()}
+    print(f"{'median':>5s} " + " ".join(f"{medians[d]:12,.0f}" for d in dtypes))
+    print(f"{'ratio':>5s} " + " ".join(f"{medians[d] / medians[dtypes[0]]:11.2f}x" for d in dtypes)
+          + "  (of the medians)")
+    paired = {d: float(np.median(np.array(rates[d]) / np.array(rates[dtypes[0]]))) for d in dtypes}
+    print(f"{'ratio':>5s} " + " ".join(f"{paired[d]:11.2f}x" for d in dtypes)
+          + "  (median of each round's ratio: load that drifts hits both formats of a round)")
 
 
 def training_run(impala_flags: list[str], config: config_lib.Config, warmup: float,
@@ -227,7 +263,7 @@ TIME_PARTS = {  # metrics 'time/<part>' -> what the table calls it
     "learner_queue_full": "learner: batch queue full (receiver waits)",
     "learner_wait": "learner: waiting for a batch",
     "learner_step": "learner: learn_step",
-    "learner_publish": "learner: snapshot + encode parameters",
+    "learner_publish": "learner: snapshot parameters (encoded on its own thread)",
 }
 
 
@@ -472,9 +508,10 @@ def main() -> None:
         epilog="Every other argument is a flag of python -m impala.experiment (e.g. "
                "--flagfile=configs/pong.cfg); the measured run uses them. Progress goes to stderr, results "
                "to stdout. The module docstring (scripts/bench.py) says what each number is.")
-    parser.add_argument("--measure", choices=("all", "training", "actor"), default="training",
+    parser.add_argument("--measure", choices=("all", "training", "actor", "learner"), default="training",
                         help="training (default): the one-core parts, the limit and the training run; "
-                             "actor: the actor side; all: both")
+                             "actor: the actor side; all: both; learner: the learner step in each of "
+                             "--learner_dtypes")
     parser.add_argument("--duration", type=float, default=60.0,
                         help="seconds of training measured after the warm-up (default 60)")
     parser.add_argument("--warmup", type=float, default=20.0,
@@ -484,12 +521,22 @@ def main() -> None:
     parser.add_argument("--actor_seconds", type=float, default=10.0,
                         help="seconds of each actor-side measurement (default 10)")
     parser.add_argument("--actor_rounds", type=int, default=2, help="rounds of actor-side measurements (default 2)")
+    parser.add_argument("--learner_dtypes", default="float32,bfloat16",
+                        help="--measure=learner: the --learner_dtype values compared, comma separated; ratios "
+                             "are to the first (default float32,bfloat16)")
+    parser.add_argument("--learner_rounds", type=int, default=5,
+                        help="--measure=learner: rounds, each measuring every format once (default 5)")
     args, impala_flags = parser.parse_known_args()
     flag_values = flags.FlagValues()
     config_lib.define_flags(flag_values)
     try:
         flag_values([sys.argv[0], *impala_flags])
         config = config_lib.from_flags(flag_values)
+        dtypes = [d.strip() for d in args.learner_dtypes.split(",") if d.strip()]
+        for d in dtypes:
+            config.replace(learner_dtype=d)  # a ConfigError for a format that does not exist
+        if not dtypes or args.learner_rounds < 1:
+            raise config_lib.ConfigError("--learner_dtypes needs a format and --learner_rounds at least 1")
     except (flags.Error, config_lib.ConfigError) as e:
         print(f"bench.py: error: {str(e).splitlines()[0]}", file=sys.stderr)
         sys.exit(2)
@@ -504,6 +551,8 @@ def main() -> None:
         print()
     if args.measure in ("all", "actor"):
         actor_side(config, args.actor_seconds, args.actor_rounds)
+    if args.measure == "learner":
+        learner_dtypes(config, dtypes, args.part_seconds, args.learner_rounds)
 
 
 if __name__ == "__main__":

@@ -37,7 +37,7 @@ from absl import flags
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from impala import address, unroll, wire  # noqa: E402
+from impala import address, security, unroll, wire  # noqa: E402
 from impala import config as config_lib  # noqa: E402
 from impala.learner import env_spec  # noqa: E402
 from impala.metrics import read_jsonl  # noqa: E402
@@ -85,13 +85,14 @@ def _unroll_arrays(config: config_lib.Config) -> dict:
     return arrays
 
 
-def _feed(unroll_address: str, task: int, arrays: dict, level: str, stop: threading.Event) -> None:
+def _feed(unroll_address: str, task: int, arrays: dict, level: str, keys_dir: str, stop: threading.Event) -> None:
     """Sends the same unroll as actor `task` until `stop`, as fast as the learner takes it."""
     frames = wire.encode("unroll", arrays, task=task, meta={"level": level})
     s = zmq.Context.instance().socket(zmq.DEALER)
     s.setsockopt(zmq.LINGER, 0)
     s.setsockopt(zmq.SNDHWM, 2)
     s.setsockopt(zmq.SNDTIMEO, 200)
+    security.connect_securely(s, keys_dir)  # the automatic keys of loopback jobs
     s.connect(unroll_address)
     while not stop.is_set():
         try:
@@ -121,7 +122,7 @@ def measure(ranks: int, impala_flags: list[str], config: config_lib.Config, arra
     stop = threading.Event()
     feeders = [threading.Thread(target=_feed, daemon=True,
                                 args=(address.learner_addresses(learner_address, task, ranks)[0], task, arrays,
-                                      config.level_name, stop))
+                                      config.level_name, security.local_keys(logdir), stop))
                for task in range(ranks * TASKS_PER_RANK)]
     for t in feeders:
         t.start()

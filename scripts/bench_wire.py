@@ -9,7 +9,8 @@ A sender process pushes Pong-sized unrolls (T = 20, 4 x 84 x 84 uint8 frames,
          numpy views) and impala.unroll.validate, as the learner receives them.
 Each is measured --repeats times, alternating; prints the medians of unrolls/s and
 MB/s and their ratio; then the CPU time receiving one unroll takes each way over
-inproc (steadier on a busy machine), and what encoding one unroll costs the sender.
+inproc (steadier on a busy machine) and through the learner's whole receive path
+(impala/receiver.py), and what encoding one unroll costs the sender.
 
     python scripts/bench_wire.py --hostile
 
@@ -36,6 +37,8 @@ import zmq
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from impala import unroll, wire  # noqa: E402
+from impala.metrics import Stopwatch  # noqa: E402
+from impala.receiver import ActorBook, UnrollReceiver  # noqa: E402
 
 UNROLL_LENGTH, OBSERVATION, ACTIONS = 20, (4, 84, 84), 6
 
@@ -122,6 +125,10 @@ def receive_cpu(mode: str, num_envs: int, count: int = 50) -> float:
         frames = [memoryview(np.ascontiguousarray(a)).cast("B") for a in arrays.values()]
     else:
         frames = wire.encode("unroll", arrays, task=0, param_version=1, meta={"level": "ALE/Pong-v5"})
+    # "receiver": the learner's whole receive path (impala/receiver.py: decode, layout and
+    # value checks, the actor book, batch assembly), one batch per unroll.
+    receiver = UnrollReceiver(spec, 1, ACTIONS, ActorBook(ACTIONS, 4), Stopwatch(), default_level="ALE/Pong-v5",
+                              run_id="bench", param_version=lambda: 1, max_queued_batches=count + 1)
     for _ in range(count):
         dealer.send_multipart(frames, copy=False)
     router.poll()
@@ -129,6 +136,8 @@ def receive_cpu(mode: str, num_envs: int, count: int = 50) -> float:
     for _ in range(count):
         if mode == "bare":
             _ = [np.frombuffer(f.buffer, np.uint8) for f in router.recv_multipart(copy=False)[1:]]
+        elif mode == "receiver":
+            receiver.receive(*wire.recv_routed(router, allowed_kinds=("unroll",)))
         else:
             unroll.validate(wire.recv_routed(router, allowed_kinds=("unroll",))[1].arrays, spec)
     elapsed = time.thread_time() - start
@@ -155,8 +164,9 @@ def report(seconds: float, num_envs: int, repeats: int = 3) -> float:
     print(f"{'bare pyzmq (same bytes, raw frames)':48s} {bare[0]:10,.0f} unrolls/s {bare[1]:10,.0f} MB/s")
     print(f"{'impala wire (header, decode, validate)':48s} {ours[0]:10,.0f} unrolls/s {ours[1]:10,.0f} MB/s")
     print(f"{'ratio':48s} {ours[0] / bare[0]:10.1%}")
-    cpu = {m: sorted(receive_cpu(m, num_envs) for _ in range(2 * repeats + 1))[repeats] for m in runs}
-    for mode, what in (("bare", "bare pyzmq"), ("wire", "impala wire")):
+    cpu = {m: sorted(receive_cpu(m, num_envs) for _ in range(2 * repeats + 1))[repeats]
+           for m in (*runs, "receiver")}
+    for mode, what in (("bare", "bare pyzmq"), ("wire", "impala wire"), ("receiver", "learner's receiver")):
         print(f"{what + ', receive CPU (inproc, median)':48s} {cpu[mode] * 1e6:10,.0f} us/unroll")
     arrays = pong_unroll(num_envs)[1]
     encode = min(timeit.repeat(lambda: wire.encode("unroll", arrays, meta={"level": "ALE/Pong-v5"}),

@@ -202,7 +202,7 @@ def test_every_flag_in_the_docs_commands_exists(monkeypatch):
             option = f"--{name}"
             if program != "impala.experiment" and option in script_options[program]:
                 continue
-            if program not in ("impala.experiment", "bench.py", "bench_dp.py"):  # they pass the rest on
+            if program not in ("impala.experiment", "bench.py", "load.py", "bench_dp.py"):  # these pass the rest on
                 problems.append(f"{doc}: {program} has no option {option}")
                 continue
             base = name[2:] if name.startswith("no") and name[2:] in names else name

@@ -17,7 +17,7 @@ import pytest
 import torch
 import zmq
 
-from impala import address, checkpoint, distributed, unroll, wire
+from impala import address, checkpoint, distributed, security, unroll, wire
 from impala.config import Config, ConfigError
 from impala.learner import learn_step, learning_rate_at, state_sizes
 from impala.metrics import read_jsonl
@@ -86,7 +86,7 @@ def _unrolls(spec: dict, count: int, rng: np.random.Generator) -> list[dict]:
     return out
 
 
-def _send(port: int, unrolls: list[dict]) -> list[zmq.Socket]:
+def _send(port: int, unrolls: list[dict], logdir: Path) -> list[zmq.Socket]:
     """Sends update k's unrolls 4k .. 4k+3 as actor tasks 0..3: task i goes to rank
     i mod 2 by the address rule, so rank 0's batch k is [4k, 4k+2], rank 1's [4k+1, 4k+3]."""
     context = zmq.Context.instance()
@@ -96,6 +96,8 @@ def _send(port: int, unrolls: list[dict]) -> list[zmq.Socket]:
         if unroll_address not in sockets:
             s = context.socket(zmq.DEALER)
             s.setsockopt(zmq.LINGER, 0)
+            # Loopback jobs use the automatic keys of their --logdir (docs/protocol.md).
+            security.connect_securely(s, security.local_keys(logdir))
             s.connect(unroll_address)
             sockets[unroll_address] = s
     for i, arrays in enumerate(unrolls):
@@ -183,7 +185,7 @@ def test_two_ranks_equal_one_learner_on_the_whole_batch_across_a_sigterm_and_tor
     # Phase 1: launched by hand, 2 updates, then SIGTERM to both ranks.
     port, master = _free_ports(RANKS + 1), _free_ports(1)
     ranks = _start_ranks(_flags(config, port), master, tmp_path, "phase1")
-    sockets = _send(port, unrolls[:2 * BATCH])
+    sockets = _send(port, unrolls[:2 * BATCH], logdir)
     try:
         _wait_rows(logdir, 2 * config.frames_per_step, ranks)
         for p in ranks:
@@ -200,7 +202,7 @@ def test_two_ranks_equal_one_learner_on_the_whole_batch_across_a_sigterm_and_tor
         [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={RANKS}",
          "-m", "impala.experiment", *_flags(config, port)], cwd=cli.ROOT, stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONPATH": str(cli.ROOT)}, start_new_session=True)
-    sockets = _send(port, unrolls[2 * BATCH:])
+    sockets = _send(port, unrolls[2 * BATCH:], logdir)
     try:
         out, _ = run.communicate(timeout=300)
     finally:
@@ -237,7 +239,7 @@ def test_a_killed_rank_stops_the_run_with_a_checkpoint(tmp_path):
     spec = unroll.unroll_spec(T, OBS, np.float32, A, state_sizes(agent))
     port, master = _free_ports(RANKS + 1), _free_ports(1)
     ranks = _start_ranks(_flags(config, port), master, tmp_path, "kill")
-    sockets = _send(port, _unrolls(spec, BATCH, np.random.default_rng(1)))
+    sockets = _send(port, _unrolls(spec, BATCH, np.random.default_rng(1)), logdir)
     try:
         _wait_rows(logdir, config.frames_per_step, ranks)
         ranks[1].kill()

@@ -19,7 +19,7 @@ import pytest
 import zmq
 import zmq.auth
 
-from impala import checkpoint, wire
+from impala import checkpoint, security, wire
 from impala.metrics import read_jsonl
 from tests import cli
 
@@ -108,10 +108,11 @@ def test_learner_and_actors_survive_kills_and_restarts(jobs, tmp_path):
     learner_flags = [*CARTPOLE, "--job_name=learner", address, f"--logdir={logdir}", BIG_BUDGET,
                      "--checkpoint_interval_s=1"]
     # An actor started before its learner waits and retries.
-    actor0 = jobs.start("actor0", *CARTPOLE, "--job_name=actor", "--task=0", address)
+    # On loopback both jobs take the automatic keys of their --logdir (docs/protocol.md).
+    actor0 = jobs.start("actor0", *CARTPOLE, "--job_name=actor", "--task=0", address, f"--logdir={logdir}")
     time.sleep(3)
     learner = jobs.start("learner", *learner_flags)
-    actor1 = jobs.start("actor1", *CARTPOLE, "--job_name=actor", "--task=1", address)
+    actor1 = jobs.start("actor1", *CARTPOLE, "--job_name=actor", "--task=1", address, f"--logdir={logdir}")
     _wait(lambda: _frames_after(logdir, 0, actors=2), "two actors training", alive=[learner, actor0, actor1],
           jobs=jobs)
     assert "waiting for the learner" in jobs.log(actor0)
@@ -125,7 +126,7 @@ def test_learner_and_actors_survive_kills_and_restarts(jobs, tmp_path):
     assert _rows(logdir)[-1]["actor_unrolls_per_s/0"] == 0
     # The same task rejoins.
     frames = _rows(logdir)[-1]["frames"]
-    actor0 = jobs.start("actor0-again", *CARTPOLE, "--job_name=actor", "--task=0", address)
+    actor0 = jobs.start("actor0-again", *CARTPOLE, "--job_name=actor", "--task=0", address, f"--logdir={logdir}")
     _wait(lambda: [r for r in _rows(logdir) if r["frames"] > frames and r.get("actor_unrolls_per_s/0", 0) > 0],
           "actor 0 to rejoin", alive=[learner, actor0, actor1], jobs=jobs)
 
@@ -177,11 +178,13 @@ def test_hostile_traffic_is_dropped_and_counted(jobs, tmp_path):
     logdir = tmp_path / "run"
     learner = jobs.start("learner", *CARTPOLE, "--job_name=learner", f"--learner_address={address}",
                          f"--logdir={logdir}", BIG_BUDGET, "--max_message_mb=1")
-    actor = jobs.start("actor", *CARTPOLE, "--job_name=actor", "--task=0", f"--learner_address={address}")
+    actor = jobs.start("actor", *CARTPOLE, "--job_name=actor", "--task=0", f"--learner_address={address}",
+                       f"--logdir={logdir}")
     _wait(lambda: _frames_after(logdir, 0), "training", alive=[learner, actor], jobs=jobs)
 
     context = zmq.Context.instance()
     peer = context.socket(zmq.DEALER)
+    security.connect_securely(peer, str(logdir / "keys"))  # a peer with the run's keys that sends garbage
     peer.setsockopt(zmq.LINGER, 0)
     peer.setsockopt(zmq.SNDHWM, 100000)
     peer.connect(address)
@@ -194,6 +197,7 @@ def test_hostile_traffic_is_dropped_and_counted(jobs, tmp_path):
         peer.send_multipart([os.urandom(32)])
     oversized = context.socket(zmq.DEALER)  # over --max_message_mb: ZeroMQ cuts this peer off
     oversized.setsockopt(zmq.LINGER, 0)
+    security.connect_securely(oversized, str(logdir / "keys"))
     oversized.connect(address)
     oversized.send_multipart([good[0] + b"\x00" * (2 * 2**20)])
     try:

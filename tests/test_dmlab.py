@@ -169,8 +169,8 @@ def test_wrapper_config_is_strings_as_the_original_sets_it(spy, tmp_path):
     envs.make("rooms_watermaze", seed=1, num_action_repeats=4).close()
     (level, observations), kwargs = spy["init"][-1]
     assert level == "contributed/dmlab30/rooms_watermaze"
-    assert observations == ["RGB_INTERLEAVED"]
-    assert kwargs["config"] == {"width": "96", "height": "72"}
+    assert observations == ["RGB_INTERLEAVED", "INSTR"]  # on every level, as the original
+    assert kwargs["config"] == {"width": "96", "height": "72", "logLevel": "WARN"}
     assert kwargs["renderer"] == "software" and kwargs["level_cache"] is None
 
     envs.make("dmlab:contributed/dmlab30/language_select_located_object", seed=1, training=False,
@@ -179,7 +179,7 @@ def test_wrapper_config_is_strings_as_the_original_sets_it(spy, tmp_path):
     (level, observations), kwargs = spy["init"][-1]
     assert level == "contributed/dmlab30/language_select_located_object"
     assert observations == ["RGB_INTERLEAVED", "INSTR"]
-    assert kwargs["config"] == {"width": "32", "height": "24", "datasetPath": "/data/brady",
+    assert kwargs["config"] == {"width": "32", "height": "24", "logLevel": "WARN", "datasetPath": "/data/brady",
                                 "allowHoldOutLevels": "true", "mixerSeed": str(0x600D5EED)}
     assert all(isinstance(k, str) and isinstance(v, str) for k, v in kwargs["config"].items())
     assert kwargs["renderer"] == "hardware" and isinstance(kwargs["level_cache"], dmlab.LevelCache)
@@ -247,7 +247,7 @@ def test_language_levels_give_tokenised_instructions(lab):
     env.close()
     other = envs.make("rooms_watermaze", seed=1, num_action_repeats=4, **SMALL)
     assert other.instruction_length == env.instruction_length  # one layout for the whole suite
-    assert not other.initial().instruction.any()  # no INSTR asked for: an empty instruction
+    assert not other.initial().instruction.any()  # no instruction on this level: INSTR is empty
     other.close()
 
 
@@ -517,3 +517,32 @@ def test_a_language_level_trains_with_env_workers(tmp_path):
     assert state["frames"] >= 400  # 5 updates of 2 x 10 steps x 4 frames
     assert any(k.startswith("instruction.") for k in state["model"])
     assert "Actor 0: acting on language_answer_quantitative_question" in out
+
+
+# ---------------------------------------------------------------------------
+# INSTR on every level that provides it (issue 17, item 5).
+
+
+def test_instr_is_requested_on_a_non_language_level_that_provides_it(spy, lab):
+    env = envs.make("explore_goal_locations_small", seed=1, num_action_repeats=4, **SMALL)
+    (level, observations), _ = spy["init"][-1]
+    assert not dmlab30.short_name(level).startswith("language_")
+    assert "INSTR" in {o["name"] for o in env._lab.observation_spec()}  # the level provides it
+    assert "INSTR" in observations  # and the engine was asked for it
+    env.initial()
+    assert env._lab.observations()["INSTR"] == ""  # this level gives no instruction: empty words
+    env.close()
+
+
+def test_a_level_whose_engine_lacks_instr_opens_without_it(lab, monkeypatch):
+    class NoInstr(lab.Lab):  # an engine that does not know INSTR, refusing it as Lab refuses unknown names
+        def __init__(self, level, observations, **kwargs):
+            if "INSTR" in observations:
+                raise ValueError("Unknown observation 'INSTR'")
+            super().__init__(level, observations, **kwargs)
+
+    monkeypatch.setattr(lab, "Lab", NoInstr)
+    env = envs.make("rooms_watermaze", seed=1, num_action_repeats=4, **SMALL)
+    out = env.initial()
+    assert env._lab._observations == ["RGB_INTERLEAVED"] and not out.instruction.any()
+    env.close()

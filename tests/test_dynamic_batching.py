@@ -1,4 +1,5 @@
-"""Tests for impala.dynamic_batching: when batches fire, which rows go where,
+"""Tests for impala.dynamic_batching: when batches fire (the original batcher.cc's
+rules, and the wait-to-fill rule the actor host uses), which rows go where,
 errors, shutdown, and that the batching thread sleeps while it waits."""
 
 from __future__ import annotations
@@ -77,7 +78,7 @@ def _check_row(i: int, row) -> None:
 
 def test_64_concurrent_callers_each_get_their_own_row():
     fn = Recorder()
-    batcher = Batcher(fn, minimum_batch_size=1, maximum_batch_size=16, timeout_ms=None)  # only full batches
+    batcher = Batcher(fn, minimum_batch_size=16, maximum_batch_size=16, timeout_ms=None)  # only full batches
     results: dict[int, object] = {}
     start = threading.Barrier(64)
 
@@ -97,9 +98,9 @@ def test_64_concurrent_callers_each_get_their_own_row():
     batcher.close()
 
 
-def test_batches_fire_at_the_maximum_and_stay_within_bounds():
+def test_fill_batches_fire_at_the_maximum_and_stay_within_bounds():
     fn = Recorder()
-    batcher = Batcher(fn, minimum_batch_size=2, maximum_batch_size=4, timeout_ms=10)
+    batcher = Batcher(fn, minimum_batch_size=2, maximum_batch_size=4, timeout_ms=10, fill=True)
     results: dict[int, object] = {}
     held = fn.hold_next_call(batcher, [100, 101], results)  # while it computes, 11 items queue up
     threads = [_caller(batcher, _item(i), results, i) for i in range(11)]
@@ -114,9 +115,9 @@ def test_batches_fire_at_the_maximum_and_stay_within_bounds():
     batcher.close()
 
 
-def test_timeout_fires_a_batch_between_minimum_and_maximum():
+def test_fill_timeout_fires_a_batch_between_minimum_and_maximum():
     fn = Recorder()
-    batcher = Batcher(fn, minimum_batch_size=3, maximum_batch_size=8, timeout_ms=20)
+    batcher = Batcher(fn, minimum_batch_size=3, maximum_batch_size=8, timeout_ms=20, fill=True)
     first, second = batcher.submit(*_item(1)), batcher.submit(*_item(2))
     # Below the minimum nothing fires, however long it waits.
     with pytest.raises(TimeoutError):
@@ -126,6 +127,62 @@ def test_timeout_fires_a_batch_between_minimum_and_maximum():
     for i, request in ((1, first), (2, second), (3, third)):
         _check_row(i, request.result(timeout=WAIT_S))
     assert fn.sizes == [3]  # fewer than the maximum: the timeout fired it
+    batcher.close()
+
+
+def test_a_batch_fires_as_soon_as_the_minimum_is_waiting():
+    fn = Recorder()
+    # A timeout far beyond WAIT_S: only the minimum can fire these in time.
+    batcher = Batcher(fn, minimum_batch_size=3, maximum_batch_size=8, timeout_ms=600_000)
+    first, second = batcher.submit(*_item(1)), batcher.submit(*_item(2))
+    with pytest.raises(TimeoutError):
+        first.result(timeout=0.2)  # below the minimum: waiting for the timeout
+    third = batcher.submit(*_item(3))  # the minimum is waiting: it fires, below the maximum
+    for i, request in ((1, first), (2, second), (3, third)):
+        _check_row(i, request.result(timeout=WAIT_S))
+    assert fn.sizes == [3]
+    batcher.close()
+
+
+def test_with_the_original_defaults_a_lone_caller_is_answered_without_the_timeout():
+    fn = Recorder()
+    batcher = Batcher(fn, timeout_ms=600_000)  # minimum 1, maximum 1024 as the original's defaults
+    _check_row(7, batcher.submit(*_item(7)).result(timeout=WAIT_S))
+    assert fn.sizes == [1]
+    batcher.close()
+
+
+def test_a_lone_caller_below_the_minimum_returns_after_the_timeout():
+    fn = Recorder()
+    batcher = Batcher(fn, minimum_batch_size=4, maximum_batch_size=8, timeout_ms=50)
+    _check_row(5, batcher.submit(*_item(5)).result(timeout=WAIT_S))
+    assert fn.sizes == [1]  # below the minimum: the timeout fired it
+    # Without a timeout the original waits for the minimum.
+    patient = Batcher(fn, minimum_batch_size=2, maximum_batch_size=8, timeout_ms=None)
+    lone = patient.submit(*_item(6))
+    with pytest.raises(TimeoutError):
+        lone.result(timeout=0.2)
+    other = patient.submit(*_item(8))
+    _check_row(6, lone.result(timeout=WAIT_S))
+    _check_row(8, other.result(timeout=WAIT_S))
+    assert fn.sizes == [1, 2]
+    batcher.close()
+    patient.close()
+
+
+def test_a_batch_takes_up_to_the_maximum_of_what_waits():
+    fn = Recorder()
+    batcher = Batcher(fn, minimum_batch_size=1, maximum_batch_size=4, timeout_ms=None)
+    results: dict[int, object] = {}
+    held = fn.hold_next_call(batcher, [100], results)  # fires alone; meanwhile 11 items queue up
+    threads = [_caller(batcher, _item(i), results, i) for i in range(11)]
+    _wait_queued(batcher, 11)
+    fn.gate.set()
+    for thread in [*held, *threads]:
+        thread.join(WAIT_S)
+    assert fn.sizes == [1, 4, 4, 3]
+    for i in [100, *range(11)]:
+        _check_row(i, results[i])
     batcher.close()
 
 
@@ -182,7 +239,7 @@ def test_exception_reaches_every_caller_of_the_batch_and_later_batches_still_run
             raise ValueError("negative input")
         return x + 1
 
-    batcher = Batcher(fail_on_negative, maximum_batch_size=4, timeout_ms=None)
+    batcher = Batcher(fail_on_negative, minimum_batch_size=4, maximum_batch_size=4, timeout_ms=None)
     bad = [batcher.submit(np.float32(v)) for v in (1, 2, -3, 4)]  # one batch of 4
     for request in bad:
         with pytest.raises(ValueError, match="negative input"):
@@ -199,7 +256,7 @@ def test_even_system_exit_in_the_function_reaches_its_callers_and_spares_the_thr
             raise SystemExit("negative input")
         return x + 1
 
-    batcher = Batcher(exit_on_negative, maximum_batch_size=2, timeout_ms=None)
+    batcher = Batcher(exit_on_negative, minimum_batch_size=2, maximum_batch_size=2, timeout_ms=None)
     bad = [batcher.submit(np.float32(v)) for v in (1, -2)]
     for request in bad:
         with pytest.raises(SystemExit, match="negative input"):
@@ -210,7 +267,7 @@ def test_even_system_exit_in_the_function_reaches_its_callers_and_spares_the_thr
 
 
 def test_outputs_without_a_batch_dimension_are_an_error_for_every_caller():
-    batcher = Batcher(lambda x: x.sum(), maximum_batch_size=2, timeout_ms=None)
+    batcher = Batcher(lambda x: x.sum(), minimum_batch_size=2, maximum_batch_size=2, timeout_ms=None)
     requests = [batcher.submit(np.ones(3)), batcher.submit(np.ones(3))]
     for request in requests:
         with pytest.raises(ValueError, match="leading batch dimension"):
@@ -220,7 +277,7 @@ def test_outputs_without_a_batch_dimension_are_an_error_for_every_caller():
 
 def test_close_wakes_every_waiter_and_refuses_new_items():
     fn = Recorder()
-    batcher = Batcher(fn, minimum_batch_size=1, maximum_batch_size=2, timeout_ms=None)
+    batcher = Batcher(fn, minimum_batch_size=2, maximum_batch_size=2, timeout_ms=None)
     results: dict[int, object] = {}
     in_flight = fn.hold_next_call(batcher, [0, 1], results)  # a batch being computed...
     callers = [_caller(batcher, _item(i), results, i) for i in (2, 3, 4)]  # ...and callers waiting
@@ -248,13 +305,15 @@ def _thread_cpu_seconds(thread: threading.Thread) -> float:
 
 
 @pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="needs Linux /proc")
-def test_waiting_does_not_spin():
-    batcher = Batcher(lambda x: x, minimum_batch_size=2, maximum_batch_size=4, timeout_ms=60_000)
-    first = batcher.submit(np.zeros(1))  # below the minimum: waits for more, no deadline
+@pytest.mark.parametrize("fill", [False, True])
+def test_waiting_does_not_spin(fill):
+    minimum = 2 if fill else 3  # two items stay below the original rule's minimum
+    batcher = Batcher(lambda x: x, minimum_batch_size=minimum, maximum_batch_size=4, timeout_ms=60_000, fill=fill)
+    first = batcher.submit(np.zeros(1))  # waits for more, until the deadline (original rule) or none (fill)
     time.sleep(0.05)
     before = _thread_cpu_seconds(batcher._thread)
     time.sleep(0.5)
-    second = batcher.submit(np.zeros(1))  # at the minimum: waits for the (long) deadline
+    second = batcher.submit(np.zeros(1))  # waits for the (long) deadline
     time.sleep(0.5)
     used = _thread_cpu_seconds(batcher._thread) - before
     assert used < 0.1, f"the waiting batcher thread used {used:.2f}s of CPU in 1s"

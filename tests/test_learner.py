@@ -16,6 +16,7 @@ from impala.actor import run_actor
 from impala.config import Config
 from impala.metrics import read_jsonl
 from impala.nets import Agent
+from impala import receiver as receiver_module
 from impala.receiver import ActorBook
 
 T, B, A, OBS = 4, 3, 2, 3
@@ -253,10 +254,13 @@ def test_a_checkpoint_with_non_finite_parameters_is_never_written(tmp_path):
         server.close(save=False)
 
 
-def test_non_finite_unrolls_are_skipped_then_stop_the_run(tmp_path):
+def test_non_finite_unrolls_are_skipped_then_stop_the_run(tmp_path, monkeypatch):
     """Real learner, real socket: unrolls whose rewards are NaN (the wire carries
     any float) make every update non-finite; the parameters stay as they were and
-    after MAX_NONFINITE_IN_A_ROW the run stops with a one-line error."""
+    after MAX_NONFINITE_IN_A_ROW the run stops with a one-line error. The receiver
+    drops such unrolls (test_receiver.py); its value checks are turned off here to
+    reach the guard behind them (defence in depth)."""
+    monkeypatch.setattr(receiver_module, "check_values", lambda arrays, limits: None)
     config = _config(tmp_path, batch_size=1, num_envs_per_actor=1, unroll_length=5, reward_clipping="none",
                      log_interval_s=0.001)
     server = learner.Learner(config)
@@ -284,26 +288,70 @@ def test_non_finite_unrolls_are_skipped_then_stop_the_run(tmp_path):
     assert all(torch.isfinite(t).all() for t in saved["model"].values())
 
 
-def test_a_failing_server_thread_stops_the_run(tmp_path, monkeypatch):
-    """Any exception in a server thread (here injected where unrolls are booked,
-    with a real actor on real sockets) ends run() with a one-line error."""
-    config = _config(tmp_path, batch_size=2, num_envs_per_actor=2, unroll_length=5)
-
-    def broken(*args, **kwargs):
-        raise RuntimeError("injected failure")
-
-    monkeypatch.setattr(ActorBook, "record", broken)
-    server = learner.Learner(config)
+def _run_with_actor(config, server, body):
     stop = threading.Event()
     actor = threading.Thread(target=run_actor, args=(config, 0, server.unroll_address, server.params_address),
                              kwargs=dict(stop=stop), daemon=True)
     actor.start()
     try:
-        with pytest.raises(learner.ServerThreadError, match="unrolls thread failed: RuntimeError: injected") as e:
-            server.run()
-        assert "\n" not in str(e.value)
+        body()
     finally:
         stop.set()
         actor.join(timeout=10)
         server.close(save=True)
+
+
+def test_a_failing_server_socket_stops_the_run(tmp_path, monkeypatch):
+    """A failure outside one message's handling (here the unroll socket's read,
+    with a real actor on real sockets) ends run() with a one-line error."""
+    config = _config(tmp_path, batch_size=2, num_envs_per_actor=2, unroll_length=5)
+    real = wire.recv_routed
+
+    def broken(socket, **kwargs):
+        if kwargs.get("allowed_kinds") == ("unroll",):
+            raise zmq.ZMQError(zmq.ENOTSOCK, "injected failure")
+        return real(socket, **kwargs)
+
+    monkeypatch.setattr(wire, "recv_routed", broken)
+    server = learner.Learner(config)
+
+    def body():
+        with pytest.raises(learner.ServerThreadError, match="unrolls thread failed: ZMQError: injected") as e:
+            server.run()
+        assert "\n" not in str(e.value)
+
+    _run_with_actor(config, server, body)
     assert checkpoint.latest(tmp_path) is not None
+
+
+def test_an_error_handling_one_message_drops_only_that_message(tmp_path, monkeypatch, caplog):
+    """Any exception while handling one message (here a RuntimeError injected where
+    the first unrolls are booked, and one where the first parameter request is
+    answered) drops that message: counted, one log line naming the task; both
+    threads go on serving and training continues."""
+    config = _config(tmp_path, batch_size=2, num_envs_per_actor=2, unroll_length=5,
+                     total_environment_frames=4 * 2 * 5)
+    real_record, real_reply = ActorBook.record, learner.ParamServer.reply
+    failures = {"record": 2, "reply": 1}
+
+    def record(self, *args, **kwargs):
+        if failures["record"]:
+            failures["record"] -= 1
+            raise RuntimeError("injected booking failure")
+        return real_record(self, *args, **kwargs)
+
+    def reply(self, *args, **kwargs):
+        if failures["reply"]:
+            failures["reply"] -= 1
+            raise KeyError("injected\nreply failure")
+        return real_reply(self, *args, **kwargs)
+
+    monkeypatch.setattr(ActorBook, "record", record)
+    monkeypatch.setattr(learner.ParamServer, "reply", reply)
+    server = learner.Learner(config)
+    _run_with_actor(config, server, server.run)  # returns at the frame budget: training went on
+    assert server.frames >= config.total_environment_frames and server.param_version >= 4
+    assert server.book.take_report().bad_messages == 3
+    dropped = [r.getMessage() for r in caplog.records if "Dropped a bad message" in r.getMessage()]
+    assert dropped and "task 0" in dropped[0] and "RuntimeError: injected booking failure" in dropped[0]
+    assert all("\n" not in line for line in dropped)

@@ -325,3 +325,85 @@ def test_a_bfloat16_acting_agent_takes_float32_parameters_and_gives_float32_outp
 def test_acting_agents_are_float32_by_default():
     agent = make_agent(Config(network="mlp"), (4,), 2, acting=True)
     assert {p.dtype for p in agent.parameters()} == {torch.float32}
+
+
+# ---------------------------------------------------------------------------
+# Initialisation as the original's (nets.init).
+
+# A normal truncated at 2 stddev keeps 0.8796 of its stddev (TF1's truncated_normal_initializer).
+TRUNCATED_STD = 0.8796
+
+
+def _layers(agent, kinds):
+    return [(name, m) for name, m in agent.named_modules() if isinstance(m, kinds)]
+
+
+@pytest.mark.parametrize("network,observation_shape", [("mlp", (64,)), ("shallow", IMAGE), ("deep", IMAGE)])
+def test_convolutions_and_linears_start_truncated_normal_with_zero_biases(network, observation_shape):
+    agent = Agent(observation_shape, 6, network=network, lstm_size=256, instruction_length=8)
+    layers = _layers(agent, (nn.Linear, nn.Conv2d))
+    assert len(layers) >= 3
+    for name, layer in layers:
+        stddev = 1.0 / layer.weight[0].numel() ** 0.5  # 1/sqrt(fan_in)
+        w = layer.weight.detach()
+        assert w.abs().max() <= 2 * stddev + 1e-7, name  # truncated at 2 stddev
+        assert torch.count_nonzero(layer.bias) == 0, name
+        if w.numel() >= 4000:  # enough samples: the spread within 5% of the truncated normal's
+            assert abs(w.std().item() / (TRUNCATED_STD * stddev) - 1) < 0.05, (name, w.std().item(), stddev)
+            assert abs(w.mean().item()) < 0.05 * stddev, name
+            assert w.abs().max() > 1.9 * stddev, name  # reaches the cut: not a narrower distribution
+
+
+def test_torch_default_would_fail_the_spread_check():
+    # Guards the test above: PyTorch's default (uniform, stddev 1/sqrt(3 fan_in)) is ~35% narrower.
+    layer = nn.Linear(256, 256)
+    assert layer.weight.std().item() * 256**0.5 < 0.7 * TRUNCATED_STD
+
+
+@pytest.mark.parametrize("lstm_of", [lambda a: a.core, lambda a: a.instruction.lstm])
+def test_lstms_start_as_lstm_block_cell_with_forget_bias_one(lstm_of):
+    agent = Agent((64,), 6, network="mlp", lstm_size=256, instruction_length=8)
+    lstm = lstm_of(agent)
+    H = lstm.hidden_size
+    params = dict(lstm.named_parameters())
+    w_ih, w_hh, b_ih, b_hh = (next(v for k, v in params.items() if k.startswith(prefix))
+                              for prefix in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"))
+    # One glorot-uniform kernel [input + H, 4H], split by torch into weight_ih and weight_hh.
+    limit = (6.0 / (w_ih.shape[1] + H + 4 * H)) ** 0.5
+    kernel = torch.cat([w_ih, w_hh], dim=1).detach()
+    assert kernel.abs().max() <= limit
+    assert abs(kernel.std().item() / (limit / 3**0.5) - 1) < 0.05
+    # One bias: zero but for the forget gate's +1 (torch's gate order i, f, g, o); the second frozen at 0.
+    expected = torch.zeros(4 * H)
+    expected[H:2 * H] = 1.0
+    assert torch.equal(b_ih.detach(), expected) and b_ih.requires_grad
+    assert torch.count_nonzero(b_hh) == 0 and not b_hh.requires_grad
+
+
+def test_forget_gate_keeps_sigmoid_one_of_the_cell_at_zero_input():
+    # With zero input and hidden state, c' = sigmoid(b_f) c + sigmoid(b_i) tanh(b_g) = sigmoid(1) c.
+    agent = Agent((4,), 2, network="mlp", lstm_size=16)
+    x = torch.zeros(3, agent.core.input_size)
+    with torch.no_grad():
+        _, c = agent.core(x, (torch.zeros(3, 16), torch.ones(3, 16)))
+    torch.testing.assert_close(c, torch.full((3, 16), torch.sigmoid(torch.tensor(1.0)).item()))
+
+
+def test_the_frozen_lstm_bias_stays_zero_through_training():
+    from impala.optim import RMSPropTF
+
+    agent = Agent((4,), 2, network="mlp", lstm_size=16)
+    optimizer = RMSPropTF(agent.parameters(), lr=0.1)
+    output, _ = agent(*_inputs((4,), 2))
+    (output.policy_logits.sum() + output.baseline.sum()).backward()
+    before = agent.core.bias_ih.detach().clone()
+    optimizer.step()
+    assert torch.count_nonzero(agent.core.bias_hh) == 0
+    assert not torch.equal(agent.core.bias_ih, before)  # the one bias trains
+
+
+def test_word_embedding_starts_standard_normal_with_a_zero_padding_row():
+    agent = Agent((4,), 2, network="mlp", instruction_length=8)
+    weight = agent.instruction.embedding.weight.detach()
+    assert torch.count_nonzero(weight[0]) == 0
+    assert abs(weight[1:].std().item() - 1.0) < 0.05

@@ -33,9 +33,9 @@ def logged(monkeypatch):
 def _client(address: str, agent: Agent) -> ParameterClient:
     dealer = zmq.Context.instance().socket(zmq.DEALER)
     dealer.setsockopt(zmq.LINGER, 0)
-    dealer.setsockopt(zmq.IMMEDIATE, 1)  # as run_actor sets it
+    client = ParameterClient(dealer, agent, task=3)  # sets the socket's limits, so before connecting
     dealer.connect(address)
-    return ParameterClient(dealer, agent, task=3)
+    return client
 
 
 def _learner(address: str) -> zmq.Socket:
@@ -77,6 +77,7 @@ def test_a_learner_that_is_up_is_joined_without_a_word(logged):
     assert not thread.is_alive() and client.version == 5 and client.run == "r1"
     assert all(v.equal(learner_agent.state_dict()[k]) for k, v in actor_agent.state_dict().items())
     assert not [line for line in logged if "waiting" in line], logged
+    client.close()
     client.socket.close()
     router.close()
 
@@ -103,5 +104,6 @@ def test_a_late_learner_is_waited_for_with_one_line_and_unanswered_requests_are_
     thread.join(10)
     assert not thread.is_alive() and client.version == 7
     assert len([line for line in logged if "waiting for the learner" in line]) == 1, logged
+    client.close()
     client.socket.close()
     router.close()

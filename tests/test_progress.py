@@ -8,7 +8,7 @@ import pytest
 from impala import dmlab30
 from impala.config import Config
 from impala.metrics import MetricsWriter, Stopwatch, read_jsonl
-from impala.progress import ProgressLog, configured_levels
+from impala.progress import MAX_ACTOR_KEYS, ProgressLog, configured_levels
 from impala.receiver import ActorBook
 from impala.unroll import new_unroll, unroll_spec
 
@@ -66,4 +66,17 @@ def test_a_row_counts_skipped_updates_and_averages_the_others(tmp_path):
     row = log.maybe_write(frames=10, param_version=2, learning_rate=0.1, force=True)
     assert row["skipped_updates"] == 1 and row["total_loss"] == 2.0 and row["vtrace/mean_rho"] == 1.0
     assert "skipped" not in row
+    metrics.close()
+
+
+def test_per_actor_keys_in_a_row_are_capped(tmp_path):
+    book = ActorBook(num_actions=A, num_action_repeats=1)
+    log, metrics = _log(tmp_path, "CartPole-v1", book)
+    arrays = new_unroll(unroll_spec(2, (2,), np.float32, A), 1)
+    for task in range(MAX_ACTOR_KEYS + 40):
+        book.record(task, b"peer%d" % task, "CartPole-v1", arrays, lag=None)
+    row = log.maybe_write(frames=10, param_version=1, learning_rate=0.1, force=True)
+    keys = sorted(k for k in row if k.startswith("actor_unrolls_per_s/"))
+    assert row["connected_actors"] == MAX_ACTOR_KEYS + 40
+    assert len(keys) == MAX_ACTOR_KEYS and "actor_unrolls_per_s/0" in keys
     metrics.close()

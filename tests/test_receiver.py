@@ -9,11 +9,14 @@ import logging as std_logging
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from impala import unroll, wire
 from impala.metrics import Stopwatch
 from impala.param_server import ParamServer
-from impala.receiver import ACTOR_SILENT_S, ActorBook, BatchAssembler, Episode, UnrollReceiver
+from impala.receiver import (ACTOR_SILENT_S, MAX_ABS_RETURN, MAX_ABS_VALUE, ActorBook, BatchAssembler, Episode,
+                             Limits, UnrollReceiver)
 from impala.unroll import new_unroll, unroll_spec, validate
 
 T = 5
@@ -173,11 +176,11 @@ def test_book_decides_liveness_where_unrolls_arrive(caplog):
 # The receiver.
 
 
-def _receiver(spec, batch_size=2, version=7):
+def _receiver(spec, batch_size=2, version=7, limits=None):
     book = ActorBook(num_actions=A, num_action_repeats=1)
     watch = Stopwatch()
-    receiver = UnrollReceiver(spec, batch_size, A, book, watch, default_level="default", run_id="run",
-                              param_version=lambda: version, max_queued_batches=4)
+    receiver = UnrollReceiver(spec, batch_size, A, book, watch, default_level="CartPole-v1", run_id="run",
+                              param_version=lambda: version, max_queued_batches=4, limits=limits)
     return receiver, book, watch
 
 
@@ -201,7 +204,7 @@ def test_actor_time_reports_are_summed_and_foreign_values_ignored():
 def test_receiver_queues_batches_and_books_lags_of_this_run_only():
     spec = _spec(T=2, state_sizes=())
     receiver, book, _ = _receiver(spec, batch_size=3)
-    receiver.receive(b"p", _message(new_unroll(spec, 2), run="run", level="x" * 500))
+    receiver.receive(b"p", _message(new_unroll(spec, 2), run="run", level="CartPole-v1"))
     assert receiver.next_batch(timeout=0) is None
     receiver.receive(b"p", _message(new_unroll(spec, 2), run="an earlier learner"))
     batch = receiver.next_batch(timeout=0)
@@ -218,6 +221,90 @@ def test_receiver_refuses_actions_out_of_range(action):
     with pytest.raises(unroll.UnrollError, match="actions outside"):
         receiver.receive(b"p", _message(arrays))
     assert not book.known(1) and receiver.next_batch(timeout=0) is None
+
+
+def test_receiver_drops_an_unroll_wider_than_the_limit_whole():
+    spec = _spec(T=2, state_sizes=())
+    receiver, book, _ = _receiver(spec, limits=Limits(A, ("CartPole-v1",), max_envs=4, max_actors=8))
+    with pytest.raises(unroll.UnrollError, match="5 environments"):
+        receiver.receive(b"p", _message(new_unroll(spec, 5)))
+    assert not book.known(1) and receiver.next_batch(timeout=0) is None
+    receiver.receive(b"p", _message(new_unroll(spec, 4)))
+    assert receiver.next_batch(timeout=0)["reward"].shape == (3, 2)
+
+
+# Property: corrupt one value of a valid unroll (or one field of its header); the
+# receiver either accepts it (the value is valid, by the rules written out again
+# here) and queues its batch, or refuses it with UnrollError and books nothing.
+VOCABULARY, LEVELS, MAX_ACTORS, VERSION = 11, ("lvl_a", "lvl_b"), 8, 7
+PROPERTY_SPEC = unroll_spec(2, (3,), np.float32, A, (H, H), instruction_length=4)
+BOUNDS = {"reward": MAX_ABS_VALUE, "policy_logits": MAX_ABS_VALUE, "core_state_0": MAX_ABS_VALUE,
+          "core_state_1": MAX_ABS_VALUE, "episode_return": MAX_ABS_RETURN, "observation": np.inf}
+
+
+def _valid_value(name: str, value) -> bool:
+    if name in BOUNDS:
+        return bool(np.isfinite(value) and abs(value) <= BOUNDS[name])
+    return {"action": 0 <= value < A, "episode_step": value >= 0, "instruction": 0 <= value < VOCABULARY,
+            "done": value in (0, 1)}[name]
+
+
+def _receive(arrays, **header) -> tuple[bool, UnrollReceiver, ActorBook]:
+    receiver, book, _ = _receiver(PROPERTY_SPEC, batch_size=2, version=VERSION,
+                                  limits=Limits(A, LEVELS, max_envs=2, max_actors=MAX_ACTORS, vocabulary=VOCABULARY))
+    header = {"task": 1, "param_version": 3, "meta": {"level": "lvl_b", "run": "run"}, **header}
+    message = wire.decode(wire.encode("unroll", arrays, **header))
+    try:
+        receiver.receive(b"p", message)
+        accepted = True
+    except unroll.UnrollError:
+        accepted = False
+    batch = receiver.next_batch(timeout=0)
+    assert (batch is not None) == accepted and book.known(header["task"]) == accepted
+    return accepted, receiver, book
+
+
+@settings(max_examples=150, deadline=None)
+@given(data=st.data())
+def test_one_corrupted_value_is_accepted_only_when_valid(data):
+    arrays = new_unroll(PROPERTY_SPEC, 2)
+    name = data.draw(st.sampled_from(sorted(PROPERTY_SPEC)))
+    array = arrays[name]
+    index = data.draw(st.tuples(*[st.integers(0, n - 1) for n in array.shape]))
+    if array.dtype == np.bool_:  # any byte: numpy reads any byte as a bool
+        value = data.draw(st.integers(0, 255))
+        array.view(np.uint8)[index] = value
+    elif array.dtype.kind == "f":
+        value = data.draw(st.floats(width=32) | st.sampled_from([1e6, 1.0001e6, 1e9, 1.0001e9, -1e6, -1.0001e9]))
+        array[index] = value
+        value = float(array[index])
+    else:
+        info = np.iinfo(array.dtype)
+        value = data.draw(st.integers(info.min, info.max) | st.integers(-2, VOCABULARY + 1))
+        array[index] = value
+    accepted, _, _ = _receive(arrays)
+    assert accepted == _valid_value(name, value), (name, index, value)
+
+
+@settings(max_examples=100, deadline=None)
+@given(field=st.sampled_from(["task", "param_version", "level", "seconds"]), data=st.data())
+def test_one_corrupted_header_field_is_accepted_only_when_valid(field, data):
+    arrays = new_unroll(PROPERTY_SPEC, 2)
+    if field == "level":
+        level = data.draw(st.text(max_size=300) | st.sampled_from(LEVELS) | st.integers(-2**63, 2**64 - 1) | st.none())
+        accepted, _, _ = _receive(arrays, meta={"level": level, "run": "run"})
+        assert accepted == (level in LEVELS)
+    elif field == "seconds":
+        seconds = data.draw(st.dictionaries(st.sampled_from(["env", "act", "evil"]),
+                                            st.floats() | st.integers(-2**63, 2**64 - 1) | st.text(max_size=3)))
+        accepted, receiver, _ = _receive(arrays, meta={"level": "lvl_a", "run": "run", "seconds": seconds})
+        assert accepted  # a time report only feeds metrics: implausible values are ignored, not fatal
+        for part, total in receiver.watch.take().items():
+            assert not part.startswith("actor_") or 0 <= total <= ACTOR_SILENT_S + 60
+    else:
+        value = data.draw(st.integers(0, 2**64 - 1))
+        accepted, _, _ = _receive(arrays, **{field: value})
+        assert accepted == (value < MAX_ACTORS if field == "task" else value <= VERSION)
 
 
 # ---------------------------------------------------------------------------
@@ -237,3 +324,19 @@ def test_param_server_answers_by_version_and_run():
     assert ask(9, run="before a restart").kind == "params"  # versions of another run do not compare
     with pytest.raises(wire.WireError):
         server.reply(wire.decode(wire.encode("get_params", meta={"version": "4"})))
+
+
+def test_param_server_sends_a_peer_full_parameters_at_most_once_per_interval():
+    clock = type("Clock", (), {"now": 0.0, "__call__": lambda self: self.now})()
+    server = ParamServer(run_id="now", min_interval_s=0.05, clock=clock)
+    server.publish({"w": torch.ones(3)}, 4)
+
+    def ask(peer):
+        return wire.decode(server.reply(wire.decode(wire.encode("get_params", meta={"version": -1, "run": None})),
+                                        peer)).kind
+
+    assert ask(b"a") == "params"
+    assert ask(b"a") == "params_unchanged"  # asked again at once
+    assert ask(b"b") == "params"  # another peer is not held back
+    clock.now = 0.06
+    assert ask(b"a") == "params"

@@ -1,4 +1,5 @@
-"""V-trace checked against an independent float64 numpy reading of the paper's definition."""
+"""V-trace checked against an independent float64 numpy reading of the paper's definition,
+and the original's own tests (scalable_agent vtrace_test.py) ported call for call."""
 
 from __future__ import annotations
 
@@ -209,11 +210,11 @@ def test_from_logits_matches_importance_weights(clip_rho, clip_pg_rho):
     np.testing.assert_allclose(got.pg_advantages.numpy(), want_pg, rtol=1e-9, atol=1e-10)
 
 
-def test_action_log_probs():
+def test_log_probs_from_logits_and_actions():
     rng = np.random.default_rng(4)
     logits = rng.normal(size=(3, 2, 4))
     actions = rng.integers(0, 4, size=(3, 2))
-    got = vtrace.action_log_probs(_t(logits), torch.as_tensor(actions))
+    got = vtrace.log_probs_from_logits_and_actions(_t(logits), torch.as_tensor(actions))
     lsm = _np_log_softmax(logits)
     want = np.array([[lsm[t, b, actions[t, b]] for b in range(2)] for t in range(3)])
     assert got.shape == (3, 2)
@@ -288,3 +289,171 @@ def test_rank_validation():
         vtrace.from_logits(logits, logits, torch.zeros(4, dtype=torch.long), z, z, z, b)
     with pytest.raises(ValueError, match="integer"):
         vtrace.from_logits(logits, logits, z, z, z, z, b)
+    with pytest.raises(ValueError, match="actions"):  # leading dims of logits and actions differ
+        vtrace.log_probs_from_logits_and_actions(logits, torch.zeros(4, 3, dtype=torch.long))
+
+
+# ---------------------------------------------------------------------------
+# The original's tests (vtrace_test.py at scalable_agent 6c0c8a7), with the same calls:
+# NumPy inputs, the original's names and keyword arguments, its ground truth.
+
+
+def _shaped_arange(*shape):
+    return np.arange(np.prod(shape), dtype=np.float32).reshape(*shape)
+
+
+def _softmax(logits):
+    return np.exp(logits) / np.sum(np.exp(logits), axis=-1, keepdims=True)
+
+
+def _ground_truth_calculation(discounts, log_rhos, rewards, values, bootstrap_value, clip_rho_threshold,
+                              clip_pg_rho_threshold):
+    """The original test's NumPy ground truth (it broadcasts, like the original)."""
+    vs = []
+    seq_len = len(discounts)
+    rhos = np.exp(log_rhos)
+    cs = np.minimum(rhos, 1.0)
+    clipped_rhos = np.minimum(rhos, clip_rho_threshold) if clip_rho_threshold else rhos
+    clipped_pg_rhos = np.minimum(rhos, clip_pg_rho_threshold) if clip_pg_rho_threshold else rhos
+    values_t_plus_1 = np.concatenate([values, bootstrap_value[None, :]], axis=0)
+    for s in range(seq_len):
+        v_s = np.copy(values[s])
+        for t in range(s, seq_len):
+            v_s = v_s + (np.prod(discounts[s:t], axis=0) * np.prod(cs[s:t], axis=0) * clipped_rhos[t]
+                         * (rewards[t] + discounts[t] * values_t_plus_1[t + 1] - values[t]))
+        vs.append(v_s)
+    vs = np.stack(vs, axis=0)
+    pg_advantages = clipped_pg_rhos * (
+        rewards + discounts * np.concatenate([vs[1:], bootstrap_value[None, :]], axis=0) - values)
+    return vtrace.VTraceReturns(vs=vs, pg_advantages=pg_advantages)
+
+
+def test_returned_tuples_are_the_originals():
+    assert vtrace.VTraceReturns._fields == ("vs", "pg_advantages")
+    assert vtrace.VTraceFromLogitsReturns._fields == (
+        "vs", "pg_advantages", "log_rhos", "behaviour_action_log_probs", "target_action_log_probs")
+
+
+@pytest.mark.parametrize("batch_size", [1, 2])
+def test_original_log_probs_from_logits_and_actions(batch_size):
+    seq_len, num_actions = 7, 3
+    policy_logits = _shaped_arange(seq_len, batch_size, num_actions) + 10
+    actions = np.random.default_rng(batch_size).integers(0, num_actions, size=(seq_len, batch_size),
+                                                         dtype=np.int32)
+    got = vtrace.log_probs_from_logits_and_actions(policy_logits, actions)  # NumPy in, as the original
+    action_index_mask = actions[..., None] == np.arange(num_actions)
+    want = np.log(_softmax(policy_logits))[action_index_mask].reshape(seq_len, batch_size)
+    assert got.dtype == torch.float32
+    np.testing.assert_allclose(got.numpy(), want, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("batch_size", [1, 5])
+def test_original_vtrace(batch_size):
+    seq_len = 5
+    log_rhos = _shaped_arange(seq_len, batch_size) / (batch_size * seq_len)
+    log_rhos = 5 * (log_rhos - 0.5)  # rho in about [0.08, 12.2): both thresholds clip
+    values = {
+        "log_rhos": log_rhos,
+        "discounts": np.array([[0.9 / (b + 1) for b in range(batch_size)] for _ in range(seq_len)]),  # float64
+        "rewards": _shaped_arange(seq_len, batch_size),
+        "values": _shaped_arange(seq_len, batch_size) / batch_size,
+        "bootstrap_value": _shaped_arange(batch_size) + 1.0,
+        "clip_rho_threshold": 3.7,
+        "clip_pg_rho_threshold": 2.2,
+    }
+    output = vtrace.from_importance_weights(**values, name="vtrace_test")
+    assert isinstance(output, vtrace.VTraceReturns)
+    assert output.vs.dtype == torch.float32  # converted as tf.convert_to_tensor(x, tf.float32)
+    for want, got in zip(_ground_truth_calculation(**values), output):
+        np.testing.assert_allclose(got.numpy(), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("batch_size", [1, 2])
+def test_original_vtrace_from_logits(batch_size):
+    seq_len, num_actions = 5, 3
+    rng = np.random.default_rng(batch_size)
+    values = {
+        "behaviour_policy_logits": _shaped_arange(seq_len, batch_size, num_actions),
+        "target_policy_logits": _shaped_arange(seq_len, batch_size, num_actions),
+        "actions": rng.integers(0, num_actions - 1, size=(seq_len, batch_size)),
+        "discounts": np.array([[0.9 / (b + 1) for b in range(batch_size)] for _ in range(seq_len)]),
+        "rewards": _shaped_arange(seq_len, batch_size),
+        "values": _shaped_arange(seq_len, batch_size) / batch_size,
+        "bootstrap_value": _shaped_arange(batch_size) + 1.0,
+    }
+    output = vtrace.from_logits(clip_rho_threshold=None, clip_pg_rho_threshold=None, name="x", **values)
+    assert isinstance(output, vtrace.VTraceFromLogitsReturns)
+
+    target_log_probs = vtrace.log_probs_from_logits_and_actions(values["target_policy_logits"], values["actions"])
+    behaviour_log_probs = vtrace.log_probs_from_logits_and_actions(
+        values["behaviour_policy_logits"], values["actions"])
+    log_rhos = target_log_probs - behaviour_log_probs
+    from_iw = vtrace.from_importance_weights(
+        log_rhos=log_rhos.numpy(), discounts=values["discounts"], rewards=values["rewards"],
+        values=values["values"], bootstrap_value=values["bootstrap_value"],
+        clip_rho_threshold=None, clip_pg_rho_threshold=None)
+    torch.testing.assert_close(output.vs, from_iw.vs)
+    torch.testing.assert_close(output.pg_advantages, from_iw.pg_advantages)
+    torch.testing.assert_close(output.behaviour_action_log_probs, behaviour_log_probs)
+    torch.testing.assert_close(output.target_action_log_probs, target_log_probs)
+    torch.testing.assert_close(output.log_rhos, log_rhos)
+
+
+def test_original_higher_rank_inputs_for_importance_weights():
+    """[T, B, 1] log_rhos and discounts broadcast against [T, B, 42] rewards and values."""
+    rng = np.random.default_rng(7)
+    T, B, C = 4, 3, 42
+    inputs = {
+        "log_rhos": rng.uniform(-2.5, 2.5, size=(T, B, 1)).astype(np.float32),
+        "discounts": rng.uniform(0.8, 1.0, size=(T, B, 1)).astype(np.float32),
+        "rewards": rng.normal(size=(T, B, C)).astype(np.float32),
+        "values": rng.normal(size=(T, B, C)).astype(np.float32),
+        "bootstrap_value": rng.normal(size=(B, C)).astype(np.float32),
+    }
+    output = vtrace.from_importance_weights(**inputs)
+    assert output.vs.shape[-1] == 42 and output.vs.shape == output.pg_advantages.shape == (T, B, C)
+    want = _ground_truth_calculation(**inputs, clip_rho_threshold=1.0, clip_pg_rho_threshold=1.0)
+    np.testing.assert_allclose(output.vs.numpy(), want.vs, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(output.pg_advantages.numpy(), want.pg_advantages, rtol=1e-5, atol=1e-5)
+    # Each of the 42 columns is V-trace on its own rewards and values with the shared rhos.
+    column = vtrace.from_importance_weights(
+        inputs["log_rhos"][..., 0], inputs["discounts"][..., 0], inputs["rewards"][..., 5],
+        inputs["values"][..., 5], inputs["bootstrap_value"][:, 5])
+    torch.testing.assert_close(output.vs[..., 5], column.vs)
+
+
+def test_original_inconsistent_rank_inputs_for_importance_weights():
+    inputs = {
+        "log_rhos": np.zeros((4, 3, 1)), "discounts": np.zeros((4, 3, 1)),
+        "rewards": np.zeros((4, 3, 42)), "values": np.zeros((4, 3, 42)),
+        "bootstrap_value": np.zeros(3),  # should be [3, 42]
+    }
+    with pytest.raises(ValueError, match="must have rank 2"):
+        vtrace.from_importance_weights(**inputs)
+
+
+def test_shapes_the_original_would_reject():
+    z, b = np.zeros((4, 3)), np.zeros(3)
+    with pytest.raises(ValueError, match="broadcast"):  # T differs
+        vtrace.from_importance_weights(z, z, np.zeros((5, 3)), z, b)
+    with pytest.raises(ValueError, match="bootstrap_value"):  # B differs from the others
+        vtrace.from_importance_weights(z, z, z, z, np.zeros(2))
+    with pytest.raises(ValueError, match="bootstrap_value"):  # [T, B, 42] values need a [B, 42] bootstrap
+        vtrace.from_importance_weights(np.zeros((4, 3, 1)), np.zeros((4, 3, 1)), np.zeros((4, 3, 42)),
+                                       np.zeros((4, 3, 1)), np.zeros((3, 1)))
+    with pytest.raises(ValueError, match="rank 0"):
+        vtrace.from_importance_weights(z, z, z, z, b, clip_rho_threshold=[1.0])
+
+
+def test_actions_convert_as_the_original_converts_them():
+    logits = _shaped_arange(2, 3, 4)
+    want = vtrace.log_probs_from_logits_and_actions(logits, np.array([[0, 1, 2], [3, 0, 1]], np.int64))
+    # NumPy arrays are cast to int32 as tf.convert_to_tensor casts them (float ones included) ...
+    torch.testing.assert_close(vtrace.log_probs_from_logits_and_actions(logits, np.array([[0, 1, 2], [3, 0, 1]],
+                                                                                      np.float64)), want)
+    torch.testing.assert_close(vtrace.log_probs_from_logits_and_actions(logits, [[0, 1, 2], [3, 0, 1]]), want)
+    # ... while a list of floats and a float tensor are errors there too.
+    with pytest.raises(ValueError, match="integer"):
+        vtrace.log_probs_from_logits_and_actions(logits, [[0.0, 1.0, 2.0], [3.0, 0.0, 1.0]])
+    with pytest.raises(ValueError, match="integer"):
+        vtrace.log_probs_from_logits_and_actions(torch.as_tensor(logits), torch.zeros(2, 3))

@@ -1,8 +1,9 @@
 """DeepMind Lab levels through the `deepmind_lab` Python API, set up as the original.
 
 As in scalable_agent's `PyProcessDmLab`: the 9-action set below, RGB_INTERLEAVED
-observations of 96x72 pixels (--width, --height), the INSTR observation on language
-levels, `num_action_repeats` frames per agent step (4), a new episode seeded from the
+observations of 96x72 pixels (--width, --height), the INSTR observation (requested on
+every level, as the original does; a level whose engine does not know it is built
+without it), config logLevel 'WARN', `num_action_repeats` frames per agent step (4), a new episode seeded from the
 environment's own random stream (seeded with `seed`) whenever one ends, and an
 optional level cache. `training=False` selects the evaluation settings of the
 original's test mode: held-out levels allowed and its mixer seed, so test episodes
@@ -23,12 +24,11 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
-import tempfile
 from typing import Any
 
 import numpy as np
 
-from impala import dmlab30
+from impala import dmlab30, files
 from impala.envs import EngineMissingError, EpisodicEnvironment, UnknownLevelError
 
 # The original's action set (environments.py, DEFAULT_ACTION_SET). Each row is one
@@ -76,11 +76,6 @@ def level_path(level_name: str) -> str:
     return dmlab30.LEVEL_PREFIX + name if name in dmlab30.ALL_LEVELS else name
 
 
-def is_language_level(path: str) -> bool:
-    """Levels that give the agent an instruction (the INSTR observation)."""
-    return dmlab30.short_name(path) in dmlab30.LANGUAGE_LEVELS or os.path.basename(path).startswith("language_")
-
-
 def word_id(word: str) -> int:
     """A word's token id in 1..NUM_HASH_BUCKETS: a stable hash bucket, as the original
     hashed words into 1000 buckets (collisions are possible and harmless)."""
@@ -124,15 +119,8 @@ class LevelCache:
         path = self._path(key)
         if path is None or os.path.isfile(path):
             return
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=self.cache_dir)
-        try:
-            with os.fdopen(fd, "wb") as out, open(pk3_path, "rb") as src:
-                shutil.copyfileobj(src, out)
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        with open(pk3_path, "rb") as src:
+            files.write_atomically(path, lambda out: shutil.copyfileobj(src, out), binary=True)
 
 
 class DmLabEnvironment(EpisodicEnvironment):
@@ -166,11 +154,7 @@ class DmLabEnvironment(EpisodicEnvironment):
         self.observation_shape = (3, int(height), int(width))
         self._repeats = int(num_action_repeats)
         self._random = np.random.RandomState(seed)  # draws each episode's seed
-        self._observation_names = ["RGB_INTERLEAVED"]
-        self._language = is_language_level(self.level)
-        if self._language:
-            self._observation_names.append("INSTR")
-        config = {"width": str(int(width)), "height": str(int(height))}
+        config = {"width": str(int(width)), "height": str(int(height)), "logLevel": "WARN"}
         if dataset_path:
             config["datasetPath"] = str(dataset_path)
         if not training:
@@ -178,8 +162,7 @@ class DmLabEnvironment(EpisodicEnvironment):
             config["mixerSeed"] = str(TEST_MIXER_SEED)
         cache = LevelCache(level_cache_dir) if level_cache_dir else None
         try:
-            self._lab = deepmind_lab.Lab(self.level, list(self._observation_names), config=config,
-                                         renderer=renderer, level_cache=cache)
+            self._lab, self._observation_names = _open(deepmind_lab, self.level, config, renderer, cache)
         except (RuntimeError, ValueError) as e:  # the engine's error for an unknown level or option
             raise UnknownLevelError(
                 f"DeepMind Lab cannot load level {self.level!r} ({type(e).__name__}: "
@@ -198,7 +181,7 @@ class DmLabEnvironment(EpisodicEnvironment):
             raise RuntimeError(f"DeepMind Lab gave RGB_INTERLEAVED of shape {frame.shape}, expected "
                                f"{(self.observation_shape[1], self.observation_shape[2], 3)}")
         image = np.ascontiguousarray(frame.transpose(2, 0, 1), dtype=np.uint8)  # HWC -> CHW, a copy
-        if self._language:
+        if "INSTR" in self._observation_names:  # empty text on levels without instructions
             instruction = tokenize(observations["INSTR"], self.instruction_length)
         else:
             instruction = self._empty_instruction.copy()
@@ -222,6 +205,23 @@ class DmLabEnvironment(EpisodicEnvironment):
             self._closed = True
             self._started = False  # step() now refuses, as before initial()
             self._lab.close()
+
+
+def _open(deepmind_lab: Any, level: str, config: dict[str, str], renderer: str,
+          cache: LevelCache | None) -> tuple[Any, list[str]]:
+    """The engine's Lab for `level` and the observations it was given: RGB_INTERLEAVED
+    and INSTR, as the original requests on every level (DeepMind Lab provides INSTR on
+    all of them, empty where a level gives no instruction). Should an engine not know
+    INSTR for a level (Lab raises ValueError naming an unknown observation), the level
+    is opened without it and its instructions are empty."""
+    names = ["RGB_INTERLEAVED", "INSTR"]
+    try:
+        return deepmind_lab.Lab(level, list(names), config=config, renderer=renderer, level_cache=cache), names
+    except ValueError as e:
+        if "INSTR" not in str(e):
+            raise
+    names.remove("INSTR")
+    return deepmind_lab.Lab(level, list(names), config=config, renderer=renderer, level_cache=cache), names
 
 
 def _close_matches(level_name: str) -> str:
