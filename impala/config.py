@@ -112,6 +112,13 @@ class Config:
     device: str = _f("auto", "Learner device: cpu, cuda, or auto (cuda when available).")
     learner_threads: int = _f(1, "Torch threads of the learner process.")
     max_queued_batches: int = _f(2, "Learner batches prepared ahead; bounds memory (back-pressure).")
+    learner_ranks: int = _f(
+        1, "Data-parallel learner processes (one per GPU), launched with torchrun --nproc_per_node=N; "
+        "actors need it too: task i sends its unrolls to rank i mod N (docs/distributed.md). Each rank "
+        "trains on --batch_size / N envs; gradients are summed over all ranks.")
+    rank_timeout_s: float = _f(
+        60.0, "Data-parallel learner: seconds a rank waits for the others before it counts them lost "
+        "and the run stops (rank 0 writes a checkpoint).")
     learner_dtype: str = _f(
         "float32", "Number format of the learner's forward pass (autocast; parameters, optimizer, V-trace and "
         "losses stay float32). bfloat16 is faster on GPUs and on CPUs with AVX512-BF16 or AMX (docs/design.md).",
@@ -147,9 +154,13 @@ class Config:
                 raise ConfigError(f"--{f.name}={getattr(self, f.name)!r} is not one of {choices}")
         for name in ("num_actors", "num_envs_per_actor", "unroll_length", "batch_size",
                      "num_action_repeats", "lstm_size", "learner_threads", "max_queued_batches", "max_message_mb",
-                     "keep_checkpoints", "max_actors"):
+                     "keep_checkpoints", "max_actors",
+                     "learner_ranks"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name} must be at least 1, got {getattr(self, name)}")
+        if self.batch_size % self.learner_ranks:
+            raise ConfigError(
+                f"--batch_size={self.batch_size} must be divisible by --learner_ranks={self.learner_ranks}")
         if not 0 <= self.env_workers_per_actor <= self.num_envs_per_actor:
             raise ConfigError(f"--env_workers_per_actor must be in [0, --num_envs_per_actor], "
                               f"got {self.env_workers_per_actor}")
@@ -180,6 +191,7 @@ class Config:
         "entropy_cost": (0.0, None), "baseline_cost": (0.0, None), "discounting": (0.0, 1.0),
         "max_grad_norm": (0.0, None), "sticky_actions": (0.0, 1.0), "log_interval_s": (1e-3, None),
         "checkpoint_interval_s": (0.0, None), "params_min_interval_s": (0.0, 60.0),
+        "rank_timeout_s": (1.0, None),
     }
 
     def _check_numbers(self) -> None:

@@ -107,15 +107,19 @@ def main(argv: list[str]) -> None:
         elif config.job_name == "":
             local.train(config)
         elif config.job_name == "learner":
+            # Under torchrun (--learner_ranks=N) this is one of N ranks (impala/distributed.py).
             server = learner.Learner(config)
-            logging.info("Learner listening at %s (parameters at %s).", server.unroll_address,
-                         server.params_address)
+            ranks = server.ranks
+            logging.info("Learner%s listening at %s (parameters at %s).",
+                         f" rank {ranks.rank} of {ranks.world_size}" if ranks.world_size > 1 else "",
+                         server.unroll_address, server.params_address)
             try:
                 server.run()
             finally:
                 server.close()
         else:
-            unroll_address, params_address = address.learner_addresses(config.learner_address)
+            unroll_address, params_address = address.learner_addresses(config.learner_address, config.task,
+                                                                       config.learner_ranks)
             if config.task < 0:
                 raise config_lib.ConfigError(f"--task must be >= 0, got {config.task}")
             run_actor(config, config.task, unroll_address, params_address)

@@ -7,10 +7,16 @@ Its rooms, each a unit built and tested alone:
   - impala/param_server.py: parameter snapshots and the parameter socket's answers;
   - impala/progress.py: the progress line, metrics rows and TensorBoard;
   - impala/checkpoint.py: atomic checkpoints, refused when non-finite or foreign;
+  - impala/distributed.py: the data-parallel ranks (torchrun, --learner_ranks): what
+    they agree on each iteration and the gradient all-reduce;
   - this module: the update (`learn_step`: the whole of it, in one function), the
     learning-rate schedule (`learning_rate_at`), and `Learner`, which builds the model
     and optimizer, binds the two sockets, starts their server threads and runs the
     training loop (frame counting, publishing, checkpoint cadence).
+
+With N data-parallel ranks every rank runs a Learner on its share of the actors
+(batches of --batch_size / N envs) and all take the same update; rank 0 alone
+serves parameters and writes checkpoints and metrics (docs/distributed.md).
 
 Threads, and the state each owns:
   - the training thread (the caller of `run`): the agent, the optimizer, `frames`,
@@ -51,8 +57,8 @@ import torch
 import zmq
 from absl import logging
 
-from impala import checkpoint, envs, losses, security, unroll, wire
-from impala.address import params_port, split_address
+from impala import checkpoint, distributed, envs, losses, security, unroll, wire
+from impala.address import params_port, split_address, unroll_port
 from impala.config import Config, ConfigError
 from impala.memory import reuse_freed_memory
 from impala.metrics import MetricsWriter, Stopwatch, drop_rows_after
@@ -88,6 +94,10 @@ class ServerThreadError(LearnerFailure):
 
 class NonFiniteLossError(LearnerFailure):
     """Too many updates in a row had a non-finite loss or gradient norm."""
+
+
+class RankLostError(LearnerFailure):
+    """Another data-parallel learner rank died or stopped answering."""
 
 
 @dataclass
@@ -137,10 +147,17 @@ def learning_rate_at(frames: int, config: Config) -> float:
     return config.learning_rate * max(0.0, 1.0 - frames / config.total_environment_frames)
 
 
+AllReduce = Callable[[list[torch.Tensor], list[torch.Tensor]], None]
+
+
 def learn_step(agent: Agent, optimizer: torch.optim.Optimizer, batch: dict[str, torch.Tensor],
-               config: Config, learning_rate: float | None = None) -> dict[str, float]:
+               config: Config, learning_rate: float | None = None,
+               all_reduce: AllReduce | None = None) -> dict[str, float]:
     """The whole update on a batch of unrolls ([T+1, B, ...] tensors, see unroll.py),
-    at `learning_rate` (None: the optimizer's as it is).
+    at `learning_rate` (None: the optimizer's as it is). `all_reduce(sums, means)`, for
+    data-parallel ranks (distributed.Ranks.all_reduce), sums the gradients and loss
+    terms over the ranks and averages the diagnostics, in place, before clipping: an
+    update of N ranks on B / N envs each is then one update on all B.
 
     Returns the loss terms, the gradient norm, V-trace diagnostics and 'skipped':
     1.0 when the loss or the gradient norm was not finite, and the update was
@@ -179,10 +196,18 @@ def learn_step(agent: Agent, optimizer: torch.optim.Optimizer, batch: dict[str, 
     )
     optimizer.zero_grad(set_to_none=True)
     loss.total.backward()
+    terms = {"total_loss": loss.total, "pg_loss": loss.policy_gradient, "baseline_loss": loss.baseline,
+             "entropy_loss": loss.entropy}
+    diagnostics = loss.diagnostics
+    if all_reduce is not None:
+        # The losses are sums over time and batch: the ranks' sums add up to the whole
+        # batch's (not DDP's average). The diagnostics are means over equal shares.
+        sums, means = torch.stack([t.detach() for t in terms.values()]), torch.stack(list(diagnostics.values()))
+        all_reduce([p.grad for p in agent.parameters() if p.grad is not None] + [sums], [means])
+        terms, diagnostics = dict(zip(terms, sums)), dict(zip(diagnostics, means))
     max_norm = config.max_grad_norm if config.max_grad_norm > 0 else float("inf")
     grad_norm = torch.nn.utils.clip_grad_norm_(agent.parameters(), max_norm)
-    scalars = {"total_loss": loss.total, "pg_loss": loss.policy_gradient, "baseline_loss": loss.baseline,
-               "entropy_loss": loss.entropy, "grad_norm": grad_norm, **loss.diagnostics}
+    scalars = {**terms, "grad_norm": grad_norm, **diagnostics}
     # One device sync for all of them, before the step: a non-finite update is not applied.
     stats = dict(zip(scalars, torch.stack([s.detach() for s in scalars.values()]).tolist()))
     finite = math.isfinite(stats["total_loss"]) and math.isfinite(stats["grad_norm"])
@@ -258,14 +283,22 @@ class ServerThread(threading.Thread):
 
 
 class Learner:
-    """Owns the network, the optimizer and the two sockets. `run` trains until the
-    frame budget; `close` stops the threads and writes a final checkpoint."""
+    """Owns the network, the optimizer and the two sockets (ranks > 0: the unroll
+    socket only). `run` trains until the frame budget; `close` stops the threads and
+    writes a final checkpoint (rank 0)."""
 
     def __init__(self, config: Config, spec: EnvSpec | None = None):
-        check_logdir(config.logdir)
+        self.ranks = distributed.Ranks.from_environment(config)
+        self.is_main = self.ranks.is_main
+        if self.is_main:
+            check_logdir(config.logdir)
         self.config = config
         self.spec = spec or env_spec(config)
-        self.device = _device(config.device)
+        self.device = self.ranks.device(_device(config.device))
+        try:
+            self.ranks.start(self.device)
+        except distributed.RankLostError as e:
+            raise RankLostError(str(e))
         torch.set_num_threads(config.learner_threads)
         reuse_freed_memory()
         torch.manual_seed(config.seed)
@@ -281,7 +314,11 @@ class Learner:
         self.signature = checkpoint.network_signature(config, self.agent)
         self.frames = 0
         self.param_version = 0
-        self._restore()
+        run_id = uuid.uuid4().hex
+        if self.is_main:
+            self._restore()
+        if self.ranks.world_size > 1:
+            run_id = self._share_state(run_id)
 
         self.unroll_spec = unroll.unroll_spec(config.unroll_length, self.spec.observation_shape,
                                               self.spec.observation_dtype, self.spec.num_actions,
@@ -290,18 +327,19 @@ class Learner:
         # Seconds per part of the learner's threads and of the actors (from their
         # unrolls); each metrics row has them per second of wall time ('time/...').
         self.watch = Stopwatch()
-        self.params = ParamServer(run_id=uuid.uuid4().hex, min_interval_s=config.params_min_interval_s)
-        self.params.publish(self.agent.state_dict(), self.param_version)
+        self.params = ParamServer(run_id=run_id, min_interval_s=config.params_min_interval_s)
+        if self.is_main:
+            self.params.publish(self.agent.state_dict(), self.param_version)
         self._offered = self.param_version  # the newest version handed to the publisher
         self.book = ActorBook(self.spec.num_actions, config.num_action_repeats)
         encoder = getattr(self.agent, "instruction", None)
         limits = Limits(self.spec.num_actions, configured_levels(config.level_name),
                         max_envs=config.envs_per_unroll_limit, max_actors=config.max_actors,
                         vocabulary=encoder.embedding.num_embeddings if encoder is not None else 0)
-        # Policy lags count the learner's updates, published or not yet.
+        # Policy lags count the learner's updates, published or not yet (equal on every rank).
         self.receiver = UnrollReceiver(
-            self.unroll_spec, config.batch_size, self.spec.num_actions, self.book, self.watch,
-            default_level=config.level_name, run_id=self.params.run_id, param_version=lambda: self.param_version,
+            self.unroll_spec, config.batch_size // self.ranks.world_size, self.spec.num_actions, self.book,
+            self.watch, default_level=config.level_name, run_id=run_id, param_version=lambda: self.param_version,
             max_queued_batches=config.max_queued_batches, pin_memory=self.device.type == "cuda", limits=limits)
         self.feed = BatchFeed(self.receiver.next_batch, self.receiver.release, self.device)
         self._stop = self.receiver.stop
@@ -310,15 +348,15 @@ class Learner:
         self._context = zmq.Context.instance()
         self.unroll_address, self.params_address = self._bind()
         self._threads = [
-            ServerThread("unrolls", self._unroll_socket, ("unroll",), self.receiver.handle, self.book, self._stop),
-            ServerThread("params", self._params_socket, ("get_params",),
-                         functools.partial(self.params.handle, self._params_socket), self.book,
-                         self._stop),
-            self.publisher,
-        ]
+            ServerThread("unrolls", self._unroll_socket, ("unroll",), self.receiver.handle, self.book, self._stop)]
+        if self.is_main:  # rank 0 alone serves parameters
+            self._threads += [
+                ServerThread("params", self._params_socket, ("get_params",),
+                             functools.partial(self.params.handle, self._params_socket), self.book, self._stop),
+                self.publisher]
         for t in self._threads:
             t.start()
-        self.metrics = MetricsWriter(config.logdir)
+        self.metrics = MetricsWriter(config.logdir) if self.is_main else None
         self._last_checkpoint = time.monotonic()
 
     # -- checkpoints ---------------------------------------------------------------
@@ -334,7 +372,26 @@ class Learner:
         drop_rows_after(os.path.join(self.config.logdir, "metrics.jsonl"), self.frames)
         logging.info("Resumed from %s at %d frames (parameter version %d).", path, self.frames, self.param_version)
 
+    def _share_state(self, run_id: str) -> str:
+        """Every rank takes rank 0's network, optimizer, frames, parameter version and
+        run id (restored or new); returns the run id."""
+        state = None
+        if self.is_main:
+            state = {"model": self.agent.state_dict(), "optimizer": self.optimizer.state_dict(),
+                     "frames": self.frames, "param_version": self.param_version, "run_id": run_id}
+        try:
+            state = self.ranks.broadcast_state(state, self.device)
+        except distributed.RankLostError as e:
+            raise RankLostError(str(e))
+        if not self.is_main:
+            self.agent.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.frames, self.param_version = int(state["frames"]), int(state["param_version"])
+        return str(state["run_id"])
+
     def save_checkpoint(self) -> None:
+        if not self.is_main:
+            return  # rank 0 writes them
         state = {
             "model": self.agent.state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -361,16 +418,19 @@ class Learner:
         binds ipc:// sockets in a fresh directory only this user can enter; otherwise
         TCP, with CurveZMQ when --keys_dir is given (experiment.py gives a loopback job
         the automatic keys of its --logdir), or without it on loopback or with --insecure."""
-        config = self.config
+        config, rank = self.config, self.ranks.rank
         host, port = split_address(config.learner_address)
+        if port == 0 and self.ranks.world_size > 1:
+            raise ConfigError("--learner_ranks > 1 needs a real port in --learner_address (each rank binds its own)")
         self._unroll_socket = self._context.socket(zmq.ROUTER)
-        self._params_socket = self._context.socket(zmq.ROUTER)
-        sockets = [self._unroll_socket, self._params_socket]
+        self._params_socket = self._context.socket(zmq.ROUTER) if self.is_main else None
+        sockets = [s for s in (self._unroll_socket, self._params_socket) if s is not None]
         for s in sockets:
             s.setsockopt(zmq.LINGER, 0)
             s.setsockopt(zmq.MAXMSGSIZE, config.max_message_mb * 2**20)
         self._unroll_socket.setsockopt(zmq.RCVHWM, UNROLL_RCVHWM)
-        self._params_socket.setsockopt(zmq.SNDHWM, PARAMS_SNDHWM)
+        if self._params_socket is not None:
+            self._params_socket.setsockopt(zmq.SNDHWM, PARAMS_SNDHWM)
         self._auth = None
         self._private_dir = None
         loopback = security.is_loopback(host[len("tcp://"):])
@@ -398,15 +458,17 @@ class Learner:
                             "send unrolls.", host)
         try:
             if port == 0:
-                unroll_port = self._unroll_socket.bind_to_random_port(host)
+                unroll_port_bound = self._unroll_socket.bind_to_random_port(host)
                 parameter_port = self._params_socket.bind_to_random_port(host)
             else:
-                unroll_port, parameter_port = port, params_port(port)
-                self._unroll_socket.bind(f"{host}:{unroll_port}")
-                self._params_socket.bind(f"{host}:{parameter_port}")
+                own_port, parameter_port = unroll_port(port, rank), params_port(port)
+                self._unroll_socket.bind(f"{host}:{own_port}")
+                if self._params_socket is not None:
+                    self._params_socket.bind(f"{host}:{parameter_port}")
+                unroll_port_bound = own_port
         except zmq.ZMQError as e:
-            raise ConfigError(f"cannot bind the learner at {config.learner_address}: {e}")
-        return f"{host}:{unroll_port}", f"{host}:{parameter_port}"
+            raise ConfigError(f"cannot bind learner rank {rank} at {config.learner_address}: {e}")
+        return f"{host}:{unroll_port_bound}", f"{host}:{parameter_port}"
 
     def refused_connections(self) -> int:
         return self._auth.provider.refused if self._auth else 0
@@ -434,42 +496,105 @@ class Learner:
         """Trains until --total_environment_frames, then tells the actors the run is
         finished (for up to FINISH_GRACE_S); `tick` runs at least once a second
         (the local launcher uses it to watch its actors). Raises LearnerFailure when a
-        server thread fails or updates keep being non-finite."""
+        server thread fails, updates keep being non-finite or another rank is lost.
+        With N ranks, SIGTERM or SIGINT to any rank ends the loop of all after the same
+        update (distributed.stop_on_signals)."""
         config = self.config
-        log = ProgressLog(config, self.metrics, self.book, self.watch, self.refused_connections, self.frames)
+        log = None
+        if self.is_main:
+            book = distributed.GatheredBook(self.book) if self.ranks.world_size > 1 else self.book
+            log = ProgressLog(config, self.metrics, book, self.watch, self.refused_connections, self.frames)
         nonfinite_in_a_row = 0
-        while self.frames < config.total_environment_frames:
-            self.check_threads()
-            if tick is not None:
-                tick()
-            with self.watch("learner_wait"):
-                batch = self.next_batch(timeout=1.0)
-            if batch is not None:
-                with self.watch("learner_step"):
-                    stats = learn_step(self.agent, self.optimizer, batch, config,
-                                       learning_rate_at(self.frames, config))
-                log.add_update(stats)
-                # The batch's frames count even when its update is skipped: they were consumed.
-                self.frames += config.frames_per_step
-                if stats["skipped"]:
-                    nonfinite_in_a_row += 1
-                    logging.warning("Update skipped: loss %g, gradient norm %g (%d in a row).",
-                                    stats["total_loss"], stats["grad_norm"], nonfinite_in_a_row)
-                    if nonfinite_in_a_row >= MAX_NONFINITE_IN_A_ROW:
-                        raise NonFiniteLossError(
-                            f"{nonfinite_in_a_row} updates in a row had a non-finite loss or gradient norm "
-                            f"(last: loss {stats['total_loss']:g}, gradient norm {stats['grad_norm']:g}); the "
-                            "last good checkpoint is kept. Try a lower --learning_rate or --max_grad_norm")
-                else:
-                    nonfinite_in_a_row = 0
-                    self.param_version += 1
-                if time.monotonic() - self._last_checkpoint > config.checkpoint_interval_s:
-                    self.save_checkpoint()
-            with self.watch("learner_publish"):
-                self.offer_snapshot()
-            log.maybe_write(self.frames, self.param_version, self.optimizer.param_groups[0]["lr"])
-        log.maybe_write(self.frames, self.param_version, self.optimizer.param_groups[0]["lr"], force=True)
-        self._tell_finished()
+        batch = None  # a rank keeps its batch until every rank has one
+        stopped = False  # by a signal to some rank: the actors are not told the run finished
+        with distributed.stop_on_signals(self.ranks.world_size > 1) as stop_requested:
+            while self.frames < config.total_environment_frames:
+                self.check_threads()
+                if tick is not None:
+                    tick()
+                if batch is None:
+                    with self.watch("learner_wait"):
+                        batch = self.next_batch(timeout=1.0)
+                train, write_row = batch is not None, True
+                if self.ranks.world_size > 1:
+                    agreed = self._agree(batch is not None, stop_requested.is_set(), log)
+                    if agreed.stop:
+                        stopped = True
+                        break
+                    # Rows only after the others' reports came in (rank 0's own clock decided).
+                    train, write_row = agreed.train, agreed.log
+                if train:
+                    with self.watch("learner_step"):
+                        stats = learn_step(self.agent, self.optimizer, batch, config,
+                                           learning_rate_at(self.frames, config),
+                                           all_reduce=self._all_reduce if self.ranks.world_size > 1 else None)
+                    batch = None
+                    nonfinite_in_a_row = self._after_update(stats, log, nonfinite_in_a_row)
+                if self.is_main:
+                    with self.watch("learner_publish"):
+                        self.offer_snapshot()
+                if log is not None and write_row:
+                    log.maybe_write(self.frames, self.param_version, self.optimizer.param_groups[0]["lr"])
+        if self.ranks.world_size > 1:  # every rank left the loop at the same agreement or frame count
+            self._gather_reports(log)
+        if log is not None:
+            log.maybe_write(self.frames, self.param_version, self.optimizer.param_groups[0]["lr"], force=True)
+        if self.is_main and not stopped:
+            self._tell_finished()
+
+    def _all_reduce(self, sums: list[torch.Tensor], means: list[torch.Tensor]) -> None:
+        try:
+            self.ranks.all_reduce(sums, means)
+        except distributed.RankLostError as e:
+            raise RankLostError(str(e))
+
+    def _agree(self, have_batch: bool, stop: bool, log: ProgressLog | None) -> distributed.Agreement:
+        """What all ranks do now (train, stop, log); gathers the ranks' actor reports for
+        rank 0 when it is to write a progress row."""
+        log_due = log is not None and log.clock() - log.last_time >= self.config.log_interval_s
+        try:
+            agreed = self.ranks.agree(have_batch, stop, log_due)
+        except distributed.RankLostError as e:
+            raise RankLostError(str(e))
+        if agreed.log:
+            self._gather_reports(log)
+        if agreed.stop:
+            logging.info("Learner rank %d: stopping with the other ranks.", self.ranks.rank)
+        return agreed
+
+    def _gather_reports(self, log: ProgressLog | None) -> None:
+        """The other ranks' actor reports, for rank 0's next progress row."""
+        try:
+            reports = self.ranks.gather_reports(None if self.is_main else self.book.take_report())
+        except distributed.RankLostError as e:
+            raise RankLostError(str(e))
+        if log is not None:
+            log.book.others = reports[1:]
+
+    def _after_update(self, stats: dict[str, float], log: ProgressLog | None, nonfinite_in_a_row: int) -> int:
+        """Counts the update's frames, publishes and checkpoints; returns the non-finite
+        updates in a row."""
+        config = self.config
+        if log is not None:
+            log.add_update(stats)
+        # The batch's frames count even when its update is skipped: they were consumed.
+        # config.frames_per_step is the whole batch's (all ranks).
+        self.frames += config.frames_per_step
+        if stats["skipped"]:
+            nonfinite_in_a_row += 1
+            logging.warning("Update skipped: loss %g, gradient norm %g (%d in a row).",
+                            stats["total_loss"], stats["grad_norm"], nonfinite_in_a_row)
+            if nonfinite_in_a_row >= MAX_NONFINITE_IN_A_ROW:
+                raise NonFiniteLossError(
+                    f"{nonfinite_in_a_row} updates in a row had a non-finite loss or gradient norm "
+                    f"(last: loss {stats['total_loss']:g}, gradient norm {stats['grad_norm']:g}); the "
+                    "last good checkpoint is kept. Try a lower --learning_rate or --max_grad_norm")
+        else:
+            nonfinite_in_a_row = 0
+            self.param_version += 1
+        if self.is_main and time.monotonic() - self._last_checkpoint > config.checkpoint_interval_s:
+            self.save_checkpoint()
+        return nonfinite_in_a_row
 
     def _tell_finished(self) -> None:
         """Answers every parameter request 'finished' for up to FINISH_GRACE_S, so that
@@ -491,12 +616,15 @@ class Learner:
         if save:
             self.save_checkpoint()
         self._unroll_socket.close(linger=0)
-        self._params_socket.close(linger=0)
+        if self._params_socket is not None:
+            self._params_socket.close(linger=0)
         if self._auth is not None:
             self._auth.stop()
         if self._private_dir is not None:
             shutil.rmtree(self._private_dir, ignore_errors=True)
-        self.metrics.close()
+        if self.metrics is not None:
+            self.metrics.close()
+        self.ranks.close()
 
 
 def _device(name: str) -> torch.device:

@@ -8,8 +8,11 @@ Objects (docs/distributed.md walks through them):
   Secret      <name>-keys     CurveZMQ keys made here (python -m impala.security), or read
                               from --keys_dir; the file holds secret keys: keep it private.
   PVC         <name>-logs     the learner's --logdir (checkpoints, metrics, TensorBoard).
-  Deployment  <name>-learner  one learner pod (--learner_gpus: GPUs it requests).
-  Service     <name>-learner  the learner's two ports (--learner_address port P and P + 1).
+  Deployment  <name>-learner  one learner pod (--learner_gpus: GPUs it requests); with
+                              --learner_ranks=N it runs N data-parallel learner ranks
+                              under torchrun (one per GPU: give --learner_gpus=N).
+  Service     <name>-learner  the learner's ports (--learner_address port P and P + 1, and
+                              rank r's unroll port P + 1 + r, impala/address.py).
   Job         <name>-actors   an Indexed Job of --actors pods; pod index i runs --task=i.
 
 The image runs `python -m impala.experiment` (the Dockerfile's ENTRYPOINT), so every
@@ -28,6 +31,8 @@ import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # impala.security, when run from a checkout
+
+from impala.address import params_port, unroll_port  # noqa: E402
 
 PORT = 5555  # the learner's unroll port; the parameter port is PORT + 1
 KEYS, LOGS = "/keys", "/logs"
@@ -72,23 +77,36 @@ def _resources(cpus: float, memory: str, gpus: int = 0) -> dict:
     return {"requests": requests, "limits": limits}
 
 
+def learner_ports(ranks: int) -> list[tuple[str, int]]:
+    """(name, port) of every port the learner's ranks bind (impala/address.py's rule)."""
+    return [("unrolls", PORT), ("params", params_port(PORT)),
+            *((f"unrolls-r{r}", unroll_port(PORT, r)) for r in range(1, ranks))]
+
+
 def learner_objects(args: argparse.Namespace) -> list[dict]:
     """The learner: a Deployment of one pod, its Service and its log volume.
 
-    One learner rank. When impala gets a data-parallel learner (several ranks sharing the
-    actors' unrolls), this is where it goes: a StatefulSet of N pods behind a headless
-    Service, rank = pod ordinal; the actors' side below does not change."""
+    With --learner_ranks=N the pod runs N learner ranks on its N GPUs, started by torchrun
+    (--standalone: the ranks meet on the pod's loopback; NCCL gets a memory-backed
+    /dev/shm). All ranks run in one pod, so the Service's ports (one unroll port per
+    rank) all lead to it, and the actors find their rank by the address rule."""
     name, labels = f"{args.name}-learner", _labels(args.name, "learner")
     flags = [f"--flagfile={args.flagfile}", "--job_name=learner", f"--learner_address=tcp://0.0.0.0:{PORT}",
-             f"--keys_dir={KEYS}", f"--logdir={LOGS}/run", *args.flag]
+             f"--keys_dir={KEYS}", f"--logdir={LOGS}/run", *_rank_flags(args), *args.flag]
     pvc = {"apiVersion": "v1", "kind": "PersistentVolumeClaim",
            "metadata": {"name": f"{args.name}-logs", "labels": labels},
            "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": args.logs_size}},
                     **({"storageClassName": args.storage_class} if args.storage_class else {})}}
+    ranks = args.learner_ranks
+    mounts, volumes, extra = [{"name": "logs", "mountPath": LOGS}], [], {}
+    if ranks > 1:
+        extra["command"] = ["python", "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}",
+                            "-m", "impala.experiment"]
+        mounts.append({"name": "shm", "mountPath": "/dev/shm"})
+        volumes.append({"name": "shm", "emptyDir": {"medium": "Memory"}})
     container = _container(
         args.learner_image or args.image, flags, _resources(args.learner_cpus, args.learner_memory, args.learner_gpus),
-        [{"name": "logs", "mountPath": LOGS}],
-        ports=[{"name": "unrolls", "containerPort": PORT}, {"name": "params", "containerPort": PORT + 1}])
+        mounts, ports=[{"name": n, "containerPort": p} for n, p in learner_ports(ranks)], **extra)
     deployment = {
         "apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": name, "labels": labels},
         "spec": {
@@ -100,11 +118,11 @@ def learner_objects(args: argparse.Namespace) -> list[dict]:
                 "terminationGracePeriodSeconds": 120,
                 "containers": [container],
                 "volumes": [_keys_volume(args.name, LEARNER_KEYS),
-                            {"name": "logs", "persistentVolumeClaim": {"claimName": f"{args.name}-logs"}}]}}}}
+                            {"name": "logs", "persistentVolumeClaim": {"claimName": f"{args.name}-logs"}},
+                            *volumes]}}}}
     service = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": name, "labels": labels},
                "spec": {"selector": labels, "ports": [
-                   {"name": "unrolls", "port": PORT, "targetPort": PORT},
-                   {"name": "params", "port": PORT + 1, "targetPort": PORT + 1}]}}
+                   {"name": n, "port": p, "targetPort": p} for n, p in learner_ports(ranks)]}}
     return [pvc, deployment, service]
 
 
@@ -115,7 +133,8 @@ def actor_job(args: argparse.Namespace) -> dict:
     labels = _labels(args.name, "actors")
     flags = [f"--flagfile={args.flagfile}", "--job_name=actor", f"--task=$({TASK_ENV})",
              f"--num_envs_per_actor={args.envs_per_actor}",
-             f"--learner_address=tcp://{args.name}-learner:{PORT}", f"--keys_dir={KEYS}", *args.flag]
+             f"--learner_address=tcp://{args.name}-learner:{PORT}", f"--keys_dir={KEYS}", *_rank_flags(args),
+             *args.flag]
     container = _container(args.image, flags, _resources(args.actor_cpus, args.actor_memory), [],
                            env=[{"name": TASK_ENV, "valueFrom": {"fieldRef": {"fieldPath": INDEX_ANNOTATION}}}])
     return {
@@ -129,6 +148,12 @@ def actor_job(args: argparse.Namespace) -> dict:
                 "restartPolicy": "OnFailure",
                 "containers": [container],
                 "volumes": [_keys_volume(args.name, ACTOR_KEYS)]}}}}
+
+
+def _rank_flags(args: argparse.Namespace) -> list[str]:
+    """--learner_ranks for both jobs: the learner checks it against torchrun's ranks, the
+    actors pick their rank's port by it."""
+    return [f"--learner_ranks={args.learner_ranks}"] if args.learner_ranks > 1 else []
 
 
 def manifests(args: argparse.Namespace, keys: dict[str, str]) -> list[dict]:
@@ -152,6 +177,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--learner_cpus", type=float, default=4, help="CPU cores the learner pod requests")
     p.add_argument("--learner_memory", default="8Gi", help="memory the learner pod requests")
     p.add_argument("--learner_gpus", type=int, default=0, help="nvidia.com/gpu the learner requests")
+    p.add_argument("--learner_ranks", type=int, default=1,
+                   help="data-parallel learner ranks in the learner pod (torchrun; one per GPU)")
     p.add_argument("--logs_size", default="10Gi", help="size of the PersistentVolumeClaim for --logdir")
     p.add_argument("--storage_class", default="", help="the PVC's storage class; default: the cluster's")
     p.add_argument("--keys_dir", default=None, help="existing keys (python -m impala.security); default: new")
@@ -160,8 +187,8 @@ def parser() -> argparse.ArgumentParser:
 
 def main() -> None:
     args = parser().parse_args()
-    if args.actors < 1:
-        parser().error("--actors must be at least 1")
+    if args.actors < 1 or args.learner_ranks < 1:
+        parser().error("--actors and --learner_ranks must be at least 1")
     print(yaml.safe_dump_all(manifests(args, read_keys(args.keys_dir)), sort_keys=False), end="")
 
 

@@ -202,7 +202,7 @@ def test_every_flag_in_the_docs_commands_exists(monkeypatch):
             option = f"--{name}"
             if program != "impala.experiment" and option in script_options[program]:
                 continue
-            if program not in ("impala.experiment", "bench.py", "load.py"):  # these pass the rest on
+            if program not in ("impala.experiment", "bench.py", "load.py", "bench_dp.py"):  # these pass the rest on
                 problems.append(f"{doc}: {program} has no option {option}")
                 continue
             base = name[2:] if name.startswith("no") and name[2:] in names else name
@@ -231,7 +231,8 @@ def test_every_flag_named_in_the_docs_prose_exists(monkeypatch):
     known = {f"--{name}" for name in _experiment_flags()[1]} | {"--name", "--keys_dir"}
     for script in SCRIPTS:
         known |= _options(script, monkeypatch)
-    other_tools = {"--build", "--target", "--rm", "--gres", "--ntasks", "--time"}
+    other_tools = {"--build", "--target", "--rm", "--gres", "--ntasks", "--time",
+                   "--nproc_per_node", "--standalone"}  # torchrun
     problems = []
     for doc in DOCS:
         prose = FENCE.sub("", doc.read_text()).replace("\n", " ")

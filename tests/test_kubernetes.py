@@ -12,8 +12,8 @@ import pytest
 import zmq.auth
 from absl import flags
 
+from impala import address, security
 from impala import config as config_lib
-from impala import security
 from tests.cli import ROOT
 
 # The oldest Kubernetes release the schemas cover and the newest; Indexed Jobs are GA since 1.24.
@@ -54,7 +54,8 @@ def _pod(obj: dict) -> dict:
 
 
 @pytest.mark.parametrize("version", VERSIONS)
-@pytest.mark.parametrize("argv", [[], ["--learner_gpus=1", "--storage_class=fast", "--actors=200"]])
+@pytest.mark.parametrize("argv", [[], ["--learner_gpus=1", "--storage_class=fast", "--actors=200"],
+                                  ["--learner_gpus=4", "--learner_ranks=4"]])
 def test_every_object_is_valid_kubernetes(keys_dir, version, argv):
     objects = _objects(keys_dir, *argv)
     assert sorted(objects) == ["Deployment", "Job", "PersistentVolumeClaim", "Secret", "Service"]
@@ -137,3 +138,33 @@ def test_fresh_keys_when_none_are_given():
     keys = K8S.read_keys(None)
     assert set(keys) == set(K8S.LEARNER_KEYS) | set(K8S.ACTOR_KEYS)
     assert all("curve" in text for text in keys.values())
+
+
+def test_data_parallel_learner_ranks_parse_and_agree_with_the_actors(keys_dir):
+    """--learner_ranks=4: one pod runs torchrun with 4 ranks; every rank's unroll port is in
+    the pod and the Service, and each actor's address (by the rule) leads to one of them."""
+    objects = _objects(keys_dir, "--learner_ranks=4", "--learner_gpus=4", "--actors=8")
+    learner_pod = _pod(objects["Deployment"])
+    (container,), (actor_container,) = learner_pod["containers"], _pod(objects["Job"])["containers"]
+    command = container["command"]
+    assert command[:3] == ["python", "-m", "torch.distributed.run"] and "--nproc_per_node=4" in command
+    assert command[-2:] == ["-m", "impala.experiment"]
+    learner = _config(container["args"])
+    assert learner.job_name == "learner" and learner.learner_ranks == 4
+    assert learner.batch_size % learner.learner_ranks == 0
+    port = int(learner.learner_address.rsplit(":", 1)[1])
+    bound = {address.unroll_port(port, r) for r in range(4)} | {address.params_port(port)}
+    assert {p["containerPort"] for p in container["ports"]} == bound
+    service = objects["Service"]
+    assert {p["port"] for p in service["spec"]["ports"]} == bound
+    assert all(p["port"] == p["targetPort"] for p in service["spec"]["ports"])
+    assert {"name": "shm", "mountPath": "/dev/shm"} in container["volumeMounts"]
+    (env,) = actor_container["env"]
+    used = set()
+    for index in range(8):
+        actor = _config([a.replace(f"$({env['name']})", str(index)) for a in actor_container["args"]])
+        assert actor.learner_ranks == 4
+        unrolls, params = address.learner_addresses(actor.learner_address, actor.task, actor.learner_ranks)
+        assert int(params.rsplit(":", 1)[1]) == address.params_port(port)
+        used.add(int(unrolls.rsplit(":", 1)[1]))
+    assert used == {address.unroll_port(port, r) for r in range(4)}  # every rank gets actors

@@ -66,7 +66,12 @@ def _launch(tmp_path, extra_env: dict) -> list[dict]:
     return [json.loads(line) for line in log.read_text().splitlines()]
 
 
+TORCHRUN = ["-m", "torch.distributed.run", "--standalone"]
+
+
 def _config(argv: list[str]) -> config_lib.Config:
+    if argv[:3] == TORCHRUN:  # the data-parallel learner: torchrun starts the ranks
+        argv = argv[4:]
     assert argv[:2] == ["-m", "impala.experiment"], argv
     values = flags.FlagValues()
     config_lib.define_flags(values)
@@ -75,7 +80,8 @@ def _config(argv: list[str]) -> config_lib.Config:
 
 
 @pytest.mark.parametrize("extra", [{}, {"IMPALA_FLAGS": "--batch_size=16 --unroll_length=50",
-                                        "IMPALA_FLAGFILE": "configs/cartpole.cfg", "IMPALA_PORT": "6000"}])
+                                        "IMPALA_FLAGFILE": "configs/cartpole.cfg", "IMPALA_PORT": "6000"},
+                                   {"IMPALA_LEARNER_RANKS": "4"}])
 def test_every_launched_command_parses_and_agrees(tmp_path, extra):
     launched = _launch(tmp_path, extra)
     learners = [_config(c["argv"]) for c in launched if c["group"] == "0"]
@@ -94,5 +100,9 @@ def test_every_launched_command_parses_and_agrees(tmp_path, extra):
         assert actor.level_name == learner.level_name and actor.batch_size == learner.batch_size
     # The learner ended first (the stand-in returns at once): the script stopped the actors.
     assert (tmp_path / "launched.jsonl.sigterm").read_text().split() == ["1"]
-    if extra:
+    ranks = int(extra.get("IMPALA_LEARNER_RANKS", 1))
+    (learner_argv,) = [c["argv"] for c in launched if c["group"] == "0"]
+    assert (learner_argv[:4] == [*TORCHRUN, f"--nproc_per_node={ranks}"]) == (ranks > 1)
+    assert learner.learner_ranks == ranks and all(a.learner_ranks == ranks for a in actors)
+    if "IMPALA_FLAGS" in extra:
         assert learner.batch_size == 16 and learner.unroll_length == 50 and learner.level_name == "CartPole-v1"
