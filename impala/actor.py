@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Protocol, Sequence
+from collections.abc import Sequence
+from typing import Protocol
 
 import torch
 import zmq
@@ -66,11 +67,14 @@ class LockStep:
         self.stopwatch = Stopwatch()
 
     @classmethod
-    def from_config(cls, config: Config, level: str, seed: int) -> "LockStep":
+    def from_config(cls, config: Config, level: str, seed: int) -> LockStep:
         """Env i seeded seed + i, as in the actor host."""
-        return cls([envs.make(level, seed=seed + i, num_action_repeats=config.num_action_repeats,
-                              **envs.options(config))
-                    for i in range(config.num_envs_per_actor)])
+        return cls(
+            [
+                envs.make(level, seed=seed + i, num_action_repeats=config.num_action_repeats, **envs.options(config))
+                for i in range(config.num_envs_per_actor)
+            ]
+        )
 
     def initial(self, buffer: unroll.Unroll) -> None:
         for i, env in enumerate(self.environments):
@@ -103,8 +107,14 @@ def make_stepper(config: Config, level: str, seed: int) -> Stepper:
     return LockStep.from_config(config, level, seed)
 
 
-def run_actor(config: Config, task: int, unroll_address: str, params_address: str,
-              stop: threading.Event | None = None, max_unrolls: int | None = None) -> None:
+def run_actor(
+    config: Config,
+    task: int,
+    unroll_address: str,
+    params_address: str,
+    stop: threading.Event | None = None,
+    max_unrolls: int | None = None,
+) -> None:
     """Acts until `stop` is set, `max_unrolls` were sent, the learner says the run
     is finished, or the process is killed."""
     torch.set_num_threads(1)
@@ -138,14 +148,22 @@ def run_actor(config: Config, task: int, unroll_address: str, params_address: st
         if params.finished:
             logging.info("Actor %d: the learner at %s says the run is finished; exiting.", task, params_address)
             return
-        logging.info("Actor %d: acting on %s with %d env(s), parameters v%d.", task, level,
-                     config.num_envs_per_actor, params.version)
+        logging.info(
+            "Actor %d: acting on %s with %d env(s), parameters v%d.",
+            task,
+            level,
+            config.num_envs_per_actor,
+            params.version,
+        )
         buffer = unroll.new_unroll(layout, config.num_envs_per_actor)
         stepper.initial(buffer)
         state = agent.initial_state(config.num_envs_per_actor)
         sent = 0
-        while (not (stop is not None and stop.is_set()) and not params.finished
-               and (max_unrolls is None or sent < max_unrolls)):
+        while (
+            not (stop is not None and stop.is_set())
+            and not params.finished
+            and (max_unrolls is None or sent < max_unrolls)
+        ):
             initial_state = [s.numpy().copy() for s in state]
             acted_with = params.version
             state = stepper.act(agent, buffer, state, config.unroll_length)
@@ -168,8 +186,16 @@ def run_actor(config: Config, task: int, unroll_address: str, params_address: st
         params_socket.close(linger=0)
 
 
-def _send_unroll(socket: zmq.Socket, arrays: unroll.Unroll, task: int, param_version: int, meta: dict,
-                 address: str, stop: threading.Event | None, params: ParameterClient) -> None:
+def _send_unroll(
+    socket: zmq.Socket,
+    arrays: unroll.Unroll,
+    task: int,
+    param_version: int,
+    meta: dict,
+    address: str,
+    stop: threading.Event | None,
+    params: ParameterClient,
+) -> None:
     """Sends one unroll, waiting (and saying so) while the learner takes none:
     its queues are full (back-pressure) or it is down (ZeroMQ reconnects by itself).
     While waiting it keeps asking for parameters, so that it learns when the learner
@@ -187,6 +213,10 @@ def _send_unroll(socket: zmq.Socket, arrays: unroll.Unroll, task: int, param_ver
             socket.poll(1000, zmq.POLLOUT)
             params.refresh()
             if time.monotonic() >= next_warning:
-                logging.warning("Actor %d: the learner at %s has taken no unroll for %.0fs; waiting.",
-                                task, address, time.monotonic() - start)
+                logging.warning(
+                    "Actor %d: the learner at %s has taken no unroll for %.0fs; waiting.",
+                    task,
+                    address,
+                    time.monotonic() - start,
+                )
                 next_warning += 60.0

@@ -41,7 +41,8 @@ import multiprocessing
 import os
 import select
 import time
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -68,9 +69,17 @@ class ActorHost:
     False, so that inference preempts env steps instead of queueing behind them.
     Run it with one torch thread (run_actor does): the workers need the other cores."""
 
-    def __init__(self, make_env: Callable[..., envs.Environment], seeds: Sequence[int], num_workers: int,
-                 minimum_batch_size: int = 1, maximum_batch_size: int = 0, timeout_ms: float = 10.0,
-                 low_priority_workers: bool = True, fill_batches: bool = True):
+    def __init__(
+        self,
+        make_env: Callable[..., envs.Environment],
+        seeds: Sequence[int],
+        num_workers: int,
+        minimum_batch_size: int = 1,
+        maximum_batch_size: int = 0,
+        timeout_ms: float = 10.0,
+        low_priority_workers: bool = True,
+        fill_batches: bool = True,
+    ):
         if not 1 <= num_workers <= len(seeds):
             raise ValueError(f"need 1 <= num_workers ({num_workers}) <= environments ({len(seeds)})")
         self.num_envs = len(seeds)
@@ -88,8 +97,14 @@ class ActorHost:
         report_every = max(1, math.ceil(maximum / num_workers))
         try:
             for w, group in enumerate(np.array_split(np.asarray(seeds), num_workers)):
-                worker = EnvWorker(make_env, group.tolist(), name=f"env-worker-{w}", report_every=report_every,
-                                   context=context, low_priority=low_priority_workers)
+                worker = EnvWorker(
+                    make_env,
+                    group.tolist(),
+                    name=f"env-worker-{w}",
+                    report_every=report_every,
+                    context=context,
+                    low_priority=low_priority_workers,
+                )
                 self._first_env[worker] = len(worker_of)
                 worker_of += [w] * len(group)
                 self._workers.append(worker)
@@ -128,14 +143,20 @@ class ActorHost:
         reuse_freed_memory()
 
     @classmethod
-    def from_config(cls, config: Config, level: str, seed: int) -> "ActorHost":
+    def from_config(cls, config: Config, level: str, seed: int) -> ActorHost:
         """The host run_actor uses: env i seeded seed + i, as in the lock-step actor."""
-        make_env = functools.partial(envs.make, level, num_action_repeats=config.num_action_repeats,
-                                     **envs.options(config))
-        return cls(make_env, [seed + i for i in range(config.num_envs_per_actor)],
-                   config.env_workers_per_actor, config.inference_minimum_batch_size,
-                   config.inference_maximum_batch_size, config.inference_timeout_ms,
-                   fill_batches=config.inference_fill_batches)
+        make_env = functools.partial(
+            envs.make, level, num_action_repeats=config.num_action_repeats, **envs.options(config)
+        )
+        return cls(
+            make_env,
+            [seed + i for i in range(config.num_envs_per_actor)],
+            config.env_workers_per_actor,
+            config.inference_minimum_batch_size,
+            config.inference_maximum_batch_size,
+            config.inference_timeout_ms,
+            fill_batches=config.inference_fill_batches,
+        )
 
     @property
     def observation_shape(self) -> tuple[int, ...]:
@@ -209,8 +230,9 @@ class ActorHost:
         at_the_host = submitted - self._answered[w]
         return unfinished > 0 and at_the_host >= unfinished and submitted > self._taken[w]
 
-    def _copy_outputs(self, buffer: unroll.Unroll, worker: EnvWorker, slots: np.ndarray, env: np.ndarray,
-                      step: np.ndarray | int) -> None:
+    def _copy_outputs(
+        self, buffer: unroll.Unroll, worker: EnvWorker, slots: np.ndarray, env: np.ndarray, step: np.ndarray | int
+    ) -> None:
         """Copies the outputs in `worker`'s slots into the unroll: slot slots[k] to
         [step[k], env[k]]."""
         for name in self._env_fields:
@@ -241,8 +263,11 @@ class ActorHost:
             for w, count in enumerate(counts):
                 self._taken[w] += count
             start = time.perf_counter()
-            output, new_state = call_agent(self._agent, inputs_at(self._buffer, (step - 1, env)),
-                                           tuple(torch.from_numpy(s[env]) for s in self._states))
+            output, new_state = call_agent(
+                self._agent,
+                inputs_at(self._buffer, (step - 1, env)),
+                tuple(torch.from_numpy(s[env]) for s in self._states),
+            )
             logits = output.policy_logits[0]
             actions = sample_actions(logits).numpy()
             self.stopwatch.add("inference", time.perf_counter() - start)
@@ -283,7 +308,7 @@ class ActorHost:
             os.close(self._wake_reader)
             os.close(self._wake_writer)
 
-    def __enter__(self) -> "ActorHost":
+    def __enter__(self) -> ActorHost:
         return self
 
     def __exit__(self, *exc: Any) -> None:

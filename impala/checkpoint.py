@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -102,8 +103,13 @@ def network_signature(config: Config, agent: Agent) -> dict:
     }
 
 
-def load_agent(state: Mapping[str, Any], path: str | os.PathLike, config: Config, agent: Agent,
-               optimizer: torch.optim.Optimizer | None = None) -> None:
+def load_agent(
+    state: Mapping[str, Any],
+    path: str | os.PathLike,
+    config: Config,
+    agent: Agent,
+    optimizer: torch.optim.Optimizer | None = None,
+) -> None:
     """Loads checkpoint `state` (read from `path`) into `agent` (and `optimizer`),
     after checking its signature; a one-line CheckpointError if it does not fit."""
     check_signature(state.get("signature", {}), network_signature(config, agent), path)

@@ -36,9 +36,7 @@ def _f(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
 class Config:
     # What runs.
     mode: str = _f("train", "train or test.", ("train", "test"))
-    job_name: str = _f(
-        "", "learner, actor, or empty to run everything on this machine.", ("", "learner", "actor")
-    )
+    job_name: str = _f("", "learner, actor, or empty to run everything on this machine.", ("", "learner", "actor"))
     task: int = _f(0, "Actor task number (with --job_name=actor).")
     learner_address: str = _f(
         "tcp://127.0.0.1:0",
@@ -50,9 +48,11 @@ class Config:
     max_message_mb: int = _f(64, "Largest message the learner accepts from one peer; bigger ones are cut off.")
     logdir: str = _f("/tmp/impala", "Checkpoints, metrics.jsonl and TensorBoard events go here.")
     seed: int = _f(
-        1, "Random seed: the learner's initialisation (as the original's tf.set_random_seed); actor i samples "
+        1,
+        "Random seed: the learner's initialisation (as the original's tf.set_random_seed); actor i samples "
         "with seed + 1000 * i and seeds its env j with seed + 1000 * i + j (the original seeded actor i's "
-        "one env with i + 1 whatever --seed; why: docs/design.md, Seeds).")
+        "one env with i + 1 whatever --seed; why: docs/design.md, Seeds).",
+    )
 
     # Environment.
     level_name: str = _f(
@@ -70,27 +70,36 @@ class Config:
     unroll_length: int = _f(100, "Agent steps per unroll (T); unrolls overlap by one step.")
     # The actor host (docs/dynamic_batching.md): envs in worker processes, inference batched dynamically.
     env_workers_per_actor: int = _f(
-        0, "Environment worker processes per actor, sharing its --num_envs_per_actor; their policy "
-        "calls are batched dynamically in the actor. 0 steps the envs in the actor in lock-step.")
+        0,
+        "Environment worker processes per actor, sharing its --num_envs_per_actor; their policy "
+        "calls are batched dynamically in the actor. 0 steps the envs in the actor in lock-step.",
+    )
     inference_fill_batches: bool = _f(
-        True, "Actor host: batches wait to fill up: one fires at the maximum, or once at least the minimum "
+        True,
+        "Actor host: batches wait to fill up: one fires at the maximum, or once at least the minimum "
         "wait and the oldest has waited --inference_timeout_ms (docs/dynamic_batching.md). "
-        "false: the original batcher.cc's rules (fire as soon as the minimum waits; after the timeout, below it).")
+        "false: the original batcher.cc's rules (fire as soon as the minimum waits; after the timeout, below it).",
+    )
     inference_minimum_batch_size: int = _f(
-        1, "Actor host: filling, the fewest env rows a timed-out batch may have; else a batch fires at this many.")
+        1, "Actor host: filling, the fewest env rows a timed-out batch may have; else a batch fires at this many."
+    )
     inference_maximum_batch_size: int = _f(
-        0, "Actor host: the most env rows in a batch (filling: it fires at this many); 0 means all the actor's envs.")
+        0, "Actor host: the most env rows in a batch (filling: it fires at this many); 0 means all the actor's envs."
+    )
     inference_timeout_ms: float = _f(
-        10.0, "Actor host: filling, a batch of at least the minimum fires once its oldest row has waited this "
-        "long; else what waits fires after this long, below the minimum too.")
+        10.0,
+        "Actor host: filling, a batch of at least the minimum fires once its oldest row has waited this "
+        "long; else what waits fires after this long, below the minimum too.",
+    )
     inference_dtype: str = _f(
-        "float32", "Number format of the actors' forward passes. bfloat16 is faster on CPUs with AVX512-BF16 "
+        "float32",
+        "Number format of the actors' forward passes. bfloat16 is faster on CPUs with AVX512-BF16 "
         "or AMX, slower elsewhere; V-trace corrects for its rounding (docs/dynamic_batching.md).",
-        ("float32", "bfloat16"))
+        ("float32", "bfloat16"),
+    )
 
     # Agent.
-    network: str = _f(
-        "auto", "Torso: mlp, shallow, deep, or auto (mlp for vectors, deep for images).", NETWORKS)
+    network: str = _f("auto", "Torso: mlp, shallow, deep, or auto (mlp for vectors, deep for images).", NETWORKS)
     use_lstm: bool = _f(True, "Put an LSTM core after the torso, as in the paper.")
     lstm_size: int = _f(256, "LSTM core width.")
     mlp_sizes: str = _f("64,64", "Hidden layer widths of the mlp torso, comma separated.")
@@ -113,23 +122,38 @@ class Config:
     learner_threads: int = _f(1, "Torch threads of the learner process.")
     max_queued_batches: int = _f(2, "Learner batches prepared ahead; bounds memory (back-pressure).")
     learner_ranks: int = _f(
-        1, "Data-parallel learner processes (one per GPU), launched with torchrun --nproc_per_node=N; "
+        1,
+        "Data-parallel learner processes (one per GPU), launched with torchrun --nproc_per_node=N; "
         "actors need it too: task i sends its unrolls to rank i mod N (docs/distributed.md). Each rank "
-        "trains on --batch_size / N envs; gradients are summed over all ranks.")
+        "trains on --batch_size / N envs; gradients are summed over all ranks.",
+    )
     rank_timeout_s: float = _f(
-        60.0, "Data-parallel learner: seconds a rank waits for the others before it counts them lost "
-        "and the run stops (rank 0 writes a checkpoint).")
+        60.0,
+        "Data-parallel learner: seconds a rank waits for the others before it counts them lost "
+        "and the run stops (rank 0 writes a checkpoint).",
+    )
     learner_dtype: str = _f(
-        "float32", "Number format of the learner's forward pass (autocast; parameters, optimizer, V-trace and "
+        "float32",
+        "Number format of the learner's forward pass (autocast; parameters, optimizer, V-trace and "
         "losses stay float32). bfloat16 is faster on GPUs and on CPUs with AVX512-BF16 or AMX (docs/design.md).",
-        ("float32", "bfloat16"))
+        ("float32", "bfloat16"),
+    )
     # What the learner accepts from peers (docs/protocol.md): bounds on what one actor may claim.
-    max_actors: int = _f(1024, "Learner: actor task numbers accepted are 0 .. max_actors-1; others' unrolls "
-                               "are dropped (bounds the per-actor bookkeeping).")
-    max_envs_per_unroll: int = _f(0, "Learner: most environments one unroll may hold; wider ones are dropped. "
-                                     "0 means max(--num_envs_per_actor, --batch_size).")
-    params_min_interval_s: float = _f(0.05, "Learner: a peer asking again sooner than this after it was sent "
-                                            "parameters is answered 'params_unchanged' (fair service).")
+    max_actors: int = _f(
+        1024,
+        "Learner: actor task numbers accepted are 0 .. max_actors-1; others' unrolls "
+        "are dropped (bounds the per-actor bookkeeping).",
+    )
+    max_envs_per_unroll: int = _f(
+        0,
+        "Learner: most environments one unroll may hold; wider ones are dropped. "
+        "0 means max(--num_envs_per_actor, --batch_size).",
+    )
+    params_min_interval_s: float = _f(
+        0.05,
+        "Learner: a peer asking again sooner than this after it was sent "
+        "parameters is answered 'params_unchanged' (fair service).",
+    )
 
     # Bookkeeping.
     log_interval_s: float = _f(5.0, "Seconds between progress lines and metrics rows.")
@@ -140,11 +164,14 @@ class Config:
     width: int = _f(96, "DeepMind Lab observation width in pixels.")
     height: int = _f(72, "DeepMind Lab observation height in pixels.")
     dataset_path: str = _f(
-        "", "DeepMind Lab datasetPath: the brady_konkle_oliva2008 images that the psychlab_* levels need.")
+        "", "DeepMind Lab datasetPath: the brady_konkle_oliva2008 images that the psychlab_* levels need."
+    )
     level_cache_dir: str = _f(
-        "", "DeepMind Lab level cache directory: compiled maps are reused across episodes and runs. Empty: none.")
+        "", "DeepMind Lab level cache directory: compiled maps are reused across episodes and runs. Empty: none."
+    )
     dmlab_renderer: str = _f(
-        "software", "DeepMind Lab renderer: software (OSMesa) or hardware (EGL).", ("software", "hardware"))
+        "software", "DeepMind Lab renderer: software (OSMesa) or hardware (EGL).", ("software", "hardware")
+    )
     test_num_episodes: int = _f(10, "--mode=test: episodes per level.")
 
     def __post_init__(self) -> None:
@@ -152,23 +179,37 @@ class Config:
             choices = f.metadata.get("choices")
             if choices and getattr(self, f.name) not in choices:
                 raise ConfigError(f"--{f.name}={getattr(self, f.name)!r} is not one of {choices}")
-        for name in ("num_actors", "num_envs_per_actor", "unroll_length", "batch_size",
-                     "num_action_repeats", "lstm_size", "learner_threads", "max_queued_batches", "max_message_mb",
-                     "keep_checkpoints", "max_actors",
-                     "learner_ranks"):
+        for name in (
+            "num_actors",
+            "num_envs_per_actor",
+            "unroll_length",
+            "batch_size",
+            "num_action_repeats",
+            "lstm_size",
+            "learner_threads",
+            "max_queued_batches",
+            "max_message_mb",
+            "keep_checkpoints",
+            "max_actors",
+            "learner_ranks",
+        ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name} must be at least 1, got {getattr(self, name)}")
         if self.batch_size % self.learner_ranks:
             raise ConfigError(
-                f"--batch_size={self.batch_size} must be divisible by --learner_ranks={self.learner_ranks}")
+                f"--batch_size={self.batch_size} must be divisible by --learner_ranks={self.learner_ranks}"
+            )
         if not 0 <= self.env_workers_per_actor <= self.num_envs_per_actor:
-            raise ConfigError(f"--env_workers_per_actor must be in [0, --num_envs_per_actor], "
-                              f"got {self.env_workers_per_actor}")
+            raise ConfigError(
+                f"--env_workers_per_actor must be in [0, --num_envs_per_actor], got {self.env_workers_per_actor}"
+            )
         maximum = self.inference_maximum_batch_size or self.num_envs_per_actor
         if not 1 <= self.inference_minimum_batch_size <= maximum:
-            raise ConfigError(f"--inference_minimum_batch_size must be in [1, {maximum}] (the maximum batch: "
-                              "--inference_maximum_batch_size, or the actor's envs when that is 0), "
-                              f"got {self.inference_minimum_batch_size}")
+            raise ConfigError(
+                f"--inference_minimum_batch_size must be in [1, {maximum}] (the maximum batch: "
+                "--inference_maximum_batch_size, or the actor's envs when that is 0), "
+                f"got {self.inference_minimum_batch_size}"
+            )
         if self.inference_maximum_batch_size < 0 or self.inference_timeout_ms < 0:
             raise ConfigError("--inference_maximum_batch_size and --inference_timeout_ms must not be negative")
         self._check_numbers()
@@ -177,7 +218,7 @@ class Config:
         if self.total_environment_frames < 1:
             raise ConfigError("--total_environment_frames must be positive")
         try:
-            self.hidden_sizes
+            _ = self.hidden_sizes  # parses --mlp_sizes
         except ValueError:
             raise ConfigError(f"--mlp_sizes must be comma-separated integers, got {self.mlp_sizes!r}")
         for name in ("width", "height", "test_num_episodes"):
@@ -187,10 +228,18 @@ class Config:
     # Ranges of float flags (inclusive bounds; None: unbounded). Every float flag must
     # also be finite: a NaN learning rate would train NaNs into the checkpoints.
     _FLOAT_RANGES = {
-        "learning_rate": (0.0, None), "decay": (0.0, 1.0), "momentum": (0.0, 1.0), "epsilon": (0.0, None),
-        "entropy_cost": (0.0, None), "baseline_cost": (0.0, None), "discounting": (0.0, 1.0),
-        "max_grad_norm": (0.0, None), "sticky_actions": (0.0, 1.0), "log_interval_s": (1e-3, None),
-        "checkpoint_interval_s": (0.0, None), "params_min_interval_s": (0.0, 60.0),
+        "learning_rate": (0.0, None),
+        "decay": (0.0, 1.0),
+        "momentum": (0.0, 1.0),
+        "epsilon": (0.0, None),
+        "entropy_cost": (0.0, None),
+        "baseline_cost": (0.0, None),
+        "discounting": (0.0, 1.0),
+        "max_grad_norm": (0.0, None),
+        "sticky_actions": (0.0, 1.0),
+        "log_interval_s": (1e-3, None),
+        "checkpoint_interval_s": (0.0, None),
+        "params_min_interval_s": (0.0, 60.0),
         "rank_timeout_s": (1.0, None),
     }
 
@@ -219,7 +268,7 @@ class Config:
         """Environment frames consumed by one learner batch."""
         return self.batch_size * self.unroll_length * self.num_action_repeats
 
-    def replace(self, **changes: Any) -> "Config":
+    def replace(self, **changes: Any) -> Config:
         return dataclasses.replace(self, **changes)
 
 

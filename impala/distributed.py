@@ -42,7 +42,8 @@ import io
 import os
 import signal
 import threading
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -75,20 +76,23 @@ class Ranks:
         self._cpu_group: Any = None
 
     @classmethod
-    def from_environment(cls, config: Config) -> "Ranks":
+    def from_environment(cls, config: Config) -> Ranks:
         """The ranks torchrun describes in the environment; a one-line ConfigError when
         they disagree with --learner_ranks."""
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
         if world_size != config.learner_ranks:
             raise ConfigError(
                 f"--learner_ranks={config.learner_ranks} but this learner was started as one of {world_size} "
-                f"(WORLD_SIZE): start it with torchrun --nproc_per_node={config.learner_ranks}")
+                f"(WORLD_SIZE): start it with torchrun --nproc_per_node={config.learner_ranks}"
+            )
         if world_size == 1:
             return cls()
         missing = [name for name in _TORCHRUN_VARIABLES if name not in os.environ]
         if missing:
-            raise ConfigError(f"--learner_ranks={world_size} needs {', '.join(missing)} in the environment "
-                              "(start the learner with torchrun)")
+            raise ConfigError(
+                f"--learner_ranks={world_size} needs {', '.join(missing)} in the environment "
+                "(start the learner with torchrun)"
+            )
         rank = int(os.environ["RANK"])
         return cls(rank, world_size, int(os.environ.get("LOCAL_RANK", rank)), config.rank_timeout_s)
 
@@ -146,7 +150,7 @@ class Ranks:
             offset = 0
             for i in indices:
                 t = tensors[i]
-                part = flat[offset:offset + t.numel()].view_as(t)
+                part = flat[offset : offset + t.numel()].view_as(t)
                 t.copy_(part if i < count else part / self.world_size)
                 offset += t.numel()
 
@@ -173,8 +177,9 @@ class Ranks:
         try:
             yield
         except RuntimeError as e:  # DistBackendError and gloo's errors are RuntimeErrors
-            raise RankLostError(f"learner rank {self.rank}: another rank is lost ({name} failed: "
-                                f"{_first_line(e)})") from None
+            raise RankLostError(
+                f"learner rank {self.rank}: another rank is lost ({name} failed: {_first_line(e)})"
+            ) from None
 
 
 def merge_reports(reports: list[Report]) -> Report:

@@ -17,7 +17,8 @@ with each level capped at 100 first (see impala/scores.py for the generic parts)
 
 from __future__ import annotations
 
-from typing import Mapping, NamedTuple, Sequence
+from collections.abc import Mapping, Sequence
+from typing import NamedTuple
 
 import numpy as np
 
@@ -40,10 +41,18 @@ LEVELS: tuple[Level, ...] = (
     Level("rooms_select_nonmatching_object", "rooms_select_nonmatching_object", human=65.9, random=0.312),
     Level("rooms_watermaze", "rooms_watermaze", human=54.0, random=4.065),
     Level("rooms_keys_doors_puzzle", "rooms_keys_doors_puzzle", human=53.8, random=4.135),
-    Level("language_select_described_object", "language_select_described_object", human=389.5, random=-0.07, language=True),
+    Level(
+        "language_select_described_object", "language_select_described_object", human=389.5, random=-0.07, language=True
+    ),
     Level("language_select_located_object", "language_select_located_object", human=280.7, random=1.929, language=True),
     Level("language_execute_random_task", "language_execute_random_task", human=254.05, random=-5.913, language=True),
-    Level("language_answer_quantitative_question", "language_answer_quantitative_question", human=184.5, random=-0.33, language=True),
+    Level(
+        "language_answer_quantitative_question",
+        "language_answer_quantitative_question",
+        human=184.5,
+        random=-0.33,
+        language=True,
+    ),
     Level("lasertag_one_opponent_small", "lasertag_one_opponent_small", human=12.65, random=-0.224),
     Level("lasertag_three_opponents_small", "lasertag_three_opponents_small", human=18.55, random=-0.214),
     Level("lasertag_one_opponent_large", "lasertag_one_opponent_large", human=18.6, random=-0.083),
@@ -72,14 +81,15 @@ TEST_LEVELS: tuple[str, ...] = tuple(level.test for level in LEVELS)
 ALL_LEVELS: frozenset[str] = frozenset(TRAIN_LEVELS + TEST_LEVELS)
 LEVEL_MAPPING: dict[str, str] = {level.train: level.test for level in LEVELS}  # train -> test
 LANGUAGE_LEVELS: frozenset[str] = frozenset(
-    name for level in LEVELS if level.language for name in (level.train, level.test))
+    name for level in LEVELS if level.language for name in (level.train, level.test)
+)
 HUMAN_SCORES: dict[str, float] = {level.test: level.human for level in LEVELS}
 RANDOM_SCORES: dict[str, float] = {level.test: level.random for level in LEVELS}
 
 
 def short_name(level_name: str) -> str:
     """'contributed/dmlab30/x' -> "x"; other names unchanged."""
-    return level_name[len(LEVEL_PREFIX):] if level_name.startswith(LEVEL_PREFIX) else level_name
+    return level_name[len(LEVEL_PREFIX) :] if level_name.startswith(LEVEL_PREFIX) else level_name
 
 
 def test_name(level_name: str) -> str | None:
@@ -103,8 +113,7 @@ def human_normalized_score(level_name: str, returns: Sequence[float], per_level_
     return min(score, per_level_cap) if per_level_cap is not None else score
 
 
-def compute_human_normalized_score(level_returns: Mapping[str, Sequence[float]],
-                                   per_level_cap: float | None) -> float:
+def compute_human_normalized_score(level_returns: Mapping[str, Sequence[float]], per_level_cap: float | None) -> float:
     """Mean human-normalised score over the 30 levels, as the original computes it:
     training names count as their test names, every test level must have returns,
     and each level is capped at `per_level_cap` (None: uncapped) before averaging."""

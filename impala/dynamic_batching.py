@@ -47,7 +47,8 @@ import functools
 import math
 import threading
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -69,7 +70,7 @@ class Request:
 
     __slots__ = ("args", "rows", "arrived", "_done", "_value", "_error", "_error_traceback", "_callback")
 
-    def __init__(self, args: tuple, callback: Callable[["Request"], None] | None, rows: int | None = None):
+    def __init__(self, args: tuple, callback: Callable[[Request], None] | None, rows: int | None = None):
         self.args = args
         self.rows = rows  # None: one item; k: k items, as arrays [k, ...] (Batcher.submit_many)
         self.arrived = time.monotonic()
@@ -114,11 +115,19 @@ class Request:
 class Batcher:
     """Batches calls of `fn` from many threads; see the module docstring."""
 
-    def __init__(self, fn: Callable[..., Any], minimum_batch_size: int = 1,
-                 maximum_batch_size: int = 1024, timeout_ms: float | None = 100, *, fill: bool = False):
+    def __init__(
+        self,
+        fn: Callable[..., Any],
+        minimum_batch_size: int = 1,
+        maximum_batch_size: int = 1024,
+        timeout_ms: float | None = 100,
+        *,
+        fill: bool = False,
+    ):
         if not 1 <= minimum_batch_size <= maximum_batch_size:
-            raise ValueError(f"need 1 <= minimum_batch_size ({minimum_batch_size}) <= "
-                             f"maximum_batch_size ({maximum_batch_size})")
+            raise ValueError(
+                f"need 1 <= minimum_batch_size ({minimum_batch_size}) <= maximum_batch_size ({maximum_batch_size})"
+            )
         if timeout_ms is not None and timeout_ms < 0:
             raise ValueError(f"timeout_ms must be >= 0 or None, got {timeout_ms}")
         self.fn = fn
@@ -155,8 +164,10 @@ class Batcher:
         rows of the output ([k, ...], or a tuple of those)."""
         rows = len(items[0]) if items else 0
         if not 1 <= rows <= self.maximum_batch_size or any(len(column) != rows for column in items):
-            raise ValueError(f"submit_many needs arrays of one leading size in [1, {self.maximum_batch_size}], "
-                             f"got sizes {[len(column) for column in items]}")
+            raise ValueError(
+                f"submit_many needs arrays of one leading size in [1, {self.maximum_batch_size}], "
+                f"got sizes {[len(column) for column in items]}"
+            )
         return self._enqueue(Request(items, callback, rows), rows)
 
     def _enqueue(self, request: Request, rows: int) -> Request:
@@ -164,8 +175,7 @@ class Batcher:
             if self._closed:
                 raise BatcherClosedError(f"batcher of {self._name()} is closed")
             if self._thread is None:  # started lazily, so decorating at import costs nothing
-                self._thread = threading.Thread(target=self._loop, name=f"batcher-{self._name()}",
-                                                daemon=True)
+                self._thread = threading.Thread(target=self._loop, name=f"batcher-{self._name()}", daemon=True)
                 self._thread.start()
             self._queue.append(request)
             before, self._queued_rows = self._queued_rows, self._queued_rows + rows
@@ -173,8 +183,9 @@ class Batcher:
             # at the maximum, and (original rule, with a timeout) at the first row, whose
             # period end it then sleeps until; otherwise it sleeps without a deadline.
             first = not before and not self.fill and self._timeout_s is not None
-            if first or any(before < size <= self._queued_rows for size in (self.minimum_batch_size,
-                                                                            self.maximum_batch_size)):
+            if first or any(
+                before < size <= self._queued_rows for size in (self.minimum_batch_size, self.maximum_batch_size)
+            ):
                 self._cond.notify()
         return request
 
@@ -203,7 +214,7 @@ class Batcher:
         for request in failed:
             request._complete(error=error)
 
-    def __enter__(self) -> "Batcher":
+    def __enter__(self) -> Batcher:
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -289,8 +300,7 @@ def _stack(batch: list[Request]) -> list[Any]:
         if single:
             column = [request.args[k] for request in batch]
         else:  # a mix: single items become one-row arrays
-            column = [request.args[k] if request.rows is not None else _one_row(request.args[k])
-                      for request in batch]
+            column = [request.args[k] if request.rows is not None else _one_row(request.args[k]) for request in batch]
         if isinstance(value, torch.Tensor):
             stacked.append(torch.stack(column) if single else torch.cat(column))
         else:
@@ -310,8 +320,10 @@ def _split(output: Any, batch: list[Request]) -> list[Any]:
     for part in parts:
         length = part.shape[0] if getattr(part, "ndim", 0) > 0 else None
         if length != size:
-            raise ValueError(f"the batched function returned shape {tuple(getattr(part, 'shape', ()))} "
-                             f"for a batch of {size}; outputs need a leading batch dimension")
+            raise ValueError(
+                f"the batched function returned shape {tuple(getattr(part, 'shape', ()))} "
+                f"for a batch of {size}; outputs need a leading batch dimension"
+            )
     results, j = [], 0
     for request in batch:
         rows = j if request.rows is None else slice(j, j + request.rows)
@@ -320,12 +332,14 @@ def _split(output: Any, batch: list[Request]) -> list[Any]:
     return results
 
 
-def batch_fn_with_options(minimum_batch_size: int = 1, maximum_batch_size: int = 1024,
-                          timeout_ms: float | None = 100, *,
-                          fill: bool = False) -> Callable[[Callable[..., Any]], Batcher]:
+def batch_fn_with_options(
+    minimum_batch_size: int = 1, maximum_batch_size: int = 1024, timeout_ms: float | None = 100, *, fill: bool = False
+) -> Callable[[Callable[..., Any]], Batcher]:
     """Decorator: turns a batched function into a per-item `Batcher`."""
+
     def decorate(fn: Callable[..., Any]) -> Batcher:
         return Batcher(fn, minimum_batch_size, maximum_batch_size, timeout_ms, fill=fill)
+
     return decorate
 
 

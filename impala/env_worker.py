@@ -37,9 +37,10 @@ import multiprocessing
 import os
 import signal
 import traceback
+from collections.abc import Callable, Sequence
 from multiprocessing import shared_memory
 from multiprocessing.connection import Connection
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -64,8 +65,10 @@ class SharedSteps:
 
     def __init__(self, spec: step.EnvSpec, num_envs: int, name: str | None = None):
         layout = step.fields(spec)
-        fields = [(name, layout[name].dtype, (num_envs, *layout[name].shape))
-                  for name in (*step.environment_fields(spec), "action")]
+        fields = [
+            (name, layout[name].dtype, (num_envs, *layout[name].shape))
+            for name in (*step.environment_fields(spec), "action")
+        ]
         offsets, size = [], 0
         for _, dtype, shape in fields:
             size = -(-size // 64) * 64  # 64-byte aligned: no array shares a cache line
@@ -115,9 +118,16 @@ def _yield_to_the_owner() -> None:
         pass
 
 
-def _worker_main(make_env: Callable[..., Environment], seeds: Sequence[int], report_every: int,
-                 low_priority: bool, actions: Connection, stepped: Connection, control: Connection,
-                 parent_pid: int) -> None:
+def _worker_main(
+    make_env: Callable[..., Environment],
+    seeds: Sequence[int],
+    report_every: int,
+    low_priority: bool,
+    actions: Connection,
+    stepped: Connection,
+    control: Connection,
+    parent_pid: int,
+) -> None:
     """The worker process: make the environments, announce their slots, then step
     environments as asked until the action pipe closes."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the owner handles Ctrl-C and closes us
@@ -173,8 +183,15 @@ class EnvWorker:
     With `low_priority` it runs at idle priority, so that its owner's threads
     preempt it (see `_yield_to_the_owner`)."""
 
-    def __init__(self, make_env: Callable[..., Environment], seeds: Sequence[int], name: str,
-                 report_every: int = 1, context: Any = None, low_priority: bool = False):
+    def __init__(
+        self,
+        make_env: Callable[..., Environment],
+        seeds: Sequence[int],
+        name: str,
+        report_every: int = 1,
+        context: Any = None,
+        low_priority: bool = False,
+    ):
         if not 1 <= len(seeds) <= MAX_ENVS_PER_WORKER:
             raise ValueError(f"a worker needs 1 to {MAX_ENVS_PER_WORKER} environments, got {len(seeds)}")
         context = context or multiprocessing.get_context("spawn")
@@ -185,9 +202,20 @@ class EnvWorker:
         self._stepped, stepped_writer = context.Pipe(duplex=False)
         self._control, control_writer = context.Pipe(duplex=False)
         self.process = context.Process(
-            target=_worker_main, name=name, daemon=True,
-            args=(make_env, list(seeds), report_every, low_priority, actions_reader, stepped_writer,
-                  control_writer, os.getpid()))
+            target=_worker_main,
+            name=name,
+            daemon=True,
+            args=(
+                make_env,
+                list(seeds),
+                report_every,
+                low_priority,
+                actions_reader,
+                stepped_writer,
+                control_writer,
+                os.getpid(),
+            ),
+        )
         self.process.start()
         for end in (actions_reader, stepped_writer, control_writer):
             end.close()  # the worker's ends: kept here, they would hide its exit from us

@@ -31,8 +31,8 @@ import dataclasses
 import json
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 from absl import logging
@@ -68,37 +68,66 @@ def evaluate(config: Config) -> dict:
     if path is None:
         raise checkpoint.CheckpointError(
             f"no checkpoint in {checkpoint.directory(config.logdir)}: train first "
-            "(--mode=train with this --logdir), or point --logdir at a training run")
+            "(--mode=train with this --logdir), or point --logdir at a training run"
+        )
     state = checkpoint.load(path)
     levels = test_levels(config.level_name)
     torch.set_num_threads(config.learner_threads)
-    logging.info("Testing %s (%s frames, trained on %s) on %d level(s), %d episode(s) each.", path,
-                 f"{int(state.get('frames', 0)):,}", state.get("level_name", "?"), len(levels),
-                 config.test_num_episodes)
+    logging.info(
+        "Testing %s (%s frames, trained on %s) on %d level(s), %d episode(s) each.",
+        path,
+        f"{int(state.get('frames', 0)):,}",
+        state.get("level_name", "?"),
+        len(levels),
+        config.test_num_episodes,
+    )
     agent: Agent | None = None
     results = []
     start = time.monotonic()
     for index, level in enumerate(levels, 1):
-        env = envs.make_checked(level, seed=config.seed, num_action_repeats=config.num_action_repeats,
-                                training=False, **envs.options(config))
+        env = envs.make_checked(
+            level,
+            seed=config.seed,
+            num_action_repeats=config.num_action_repeats,
+            training=False,
+            **envs.options(config),
+        )
         try:
             if agent is None:
                 agent = _load_agent(config, env, state, path)
             torch.manual_seed(config.seed)
 
+            # Called only within this iteration, so it may read the loop's variables.
             def progress(episode: int, episode_return: float, steps: int) -> None:
-                logging.info("Level %d/%d %s: episode %d/%d, return %.2f (%d steps).", index, len(levels),
-                             level, episode, config.test_num_episodes, episode_return, steps)
+                logging.info(
+                    "Level %d/%d %s: episode %d/%d, return %.2f (%d steps).",
+                    index,  # noqa: B023
+                    len(levels),
+                    level,  # noqa: B023
+                    episode,
+                    config.test_num_episodes,
+                    episode_return,
+                    steps,
+                )
 
             returns = play(agent, env, config.test_num_episodes, progress)
         finally:
             env.close()
         result = scores.level_result(level, returns)
         results.append(result)
-        score = (f", human-normalised {result['human_normalized_score']:.1f}%"
-                 if "human_normalized_score" in result else "")
-        logging.info("Level %d/%d %s: mean return %.2f over %d episodes%s (%.0fs so far).", index, len(levels),
-                     level, result["mean_return"], len(returns), score, time.monotonic() - start)
+        score = (
+            f", human-normalised {result['human_normalized_score']:.1f}%" if "human_normalized_score" in result else ""
+        )
+        logging.info(
+            "Level %d/%d %s: mean return %.2f over %d episodes%s (%.0fs so far).",
+            index,
+            len(levels),
+            level,
+            result["mean_return"],
+            len(returns),
+            score,
+            time.monotonic() - start,
+        )
     return scores.summary(results)
 
 
@@ -110,8 +139,9 @@ def _load_agent(config: Config, env: envs.Environment, state: dict, path: Path) 
 
 
 @torch.no_grad()
-def play(agent: Agent, env: envs.Environment, num_episodes: int,
-         on_episode: Callable[[int, float, int], None] | None = None) -> list[float]:
+def play(
+    agent: Agent, env: envs.Environment, num_episodes: int, on_episode: Callable[[int, float, int], None] | None = None
+) -> list[float]:
     """Plays `num_episodes` whole episodes from a fresh start, sampling actions from
     the policy; returns their returns."""
     spec = EnvSpec.of(env)
@@ -136,6 +166,7 @@ def play(agent: Agent, env: envs.Environment, num_episodes: int,
 
 def write_results(logdir: str | os.PathLike, results: dict) -> Path:
     """Writes <logdir>/test_results.json atomically."""
+
     def write(f) -> None:
         json.dump(results, f, indent=1)
         f.write("\n")
@@ -159,6 +190,8 @@ def format_table(results: dict) -> str:
         lines.append(line)
     if scored:
         lines.append("-" * len(header))
-        lines.append(f"{'mean':<{width}}  {'':>8}  {'':>11}  {results['mean_human_normalized_score']:>15.1f}%"
-                     f"  {results['mean_human_normalized_score_capped']:>7.1f}%")
+        lines.append(
+            f"{'mean':<{width}}  {'':>8}  {'':>11}  {results['mean_human_normalized_score']:>15.1f}%"
+            f"  {results['mean_human_normalized_score_capped']:>7.1f}%"
+        )
     return "\n".join(lines)

@@ -110,23 +110,32 @@ def main(argv: list[str]) -> None:
             # Under torchrun (--learner_ranks=N) this is one of N ranks (impala/distributed.py).
             server = learner.Learner(config)
             ranks = server.ranks
-            logging.info("Learner%s listening at %s (parameters at %s).",
-                         f" rank {ranks.rank} of {ranks.world_size}" if ranks.world_size > 1 else "",
-                         server.unroll_address, server.params_address)
+            logging.info(
+                "Learner%s listening at %s (parameters at %s).",
+                f" rank {ranks.rank} of {ranks.world_size}" if ranks.world_size > 1 else "",
+                server.unroll_address,
+                server.params_address,
+            )
             try:
                 server.run()
             finally:
                 server.close()
         else:
-            unroll_address, params_address = address.learner_addresses(config.learner_address, config.task,
-                                                                       config.learner_ranks)
+            unroll_address, params_address = address.learner_addresses(
+                config.learner_address, config.task, config.learner_ranks
+            )
             if config.task < 0:
                 raise config_lib.ConfigError(f"--task must be >= 0, got {config.task}")
             run_actor(config, config.task, unroll_address, params_address)
     except KeyboardInterrupt:
         logging.info("Interrupted.")
-    except (config_lib.ConfigError, envs.UnknownLevelError, checkpoint.CheckpointError,
-            local.ActorCrashLoop, security.KeysError) as e:
+    except (
+        config_lib.ConfigError,
+        envs.UnknownLevelError,
+        checkpoint.CheckpointError,
+        local.ActorCrashLoop,
+        security.KeysError,
+    ) as e:
         _fail(str(e))
     except learner.LearnerFailure as e:  # not the user's doing: status 1 (a checkpoint was written)
         _fail(str(e), status=1)

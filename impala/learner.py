@@ -49,8 +49,8 @@ import threading
 import time
 import traceback
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import torch
@@ -111,15 +111,17 @@ class EnvSpec:
 def env_spec(config: Config) -> EnvSpec:
     """Reads the level's observation and action spaces from one instance."""
     try:
-        env = envs.make(config.level_name, seed=config.seed, num_action_repeats=config.num_action_repeats,
-                        **envs.options(config))
+        env = envs.make(
+            config.level_name, seed=config.seed, num_action_repeats=config.num_action_repeats, **envs.options(config)
+        )
     except envs.UnknownLevelError:
         raise
     except ValueError as e:  # e.g. a continuous action space
         raise ConfigError(str(e).splitlines()[0])
     try:
-        return EnvSpec(tuple(env.observation_shape), np.dtype(env.observation_dtype), env.num_actions,
-                       envs.instruction_length(env))
+        return EnvSpec(
+            tuple(env.observation_shape), np.dtype(env.observation_dtype), env.num_actions, envs.instruction_length(env)
+        )
     finally:
         env.close()
 
@@ -150,9 +152,14 @@ def learning_rate_at(frames: int, config: Config) -> float:
 AllReduce = Callable[[list[torch.Tensor], list[torch.Tensor]], None]
 
 
-def learn_step(agent: Agent, optimizer: torch.optim.Optimizer, batch: dict[str, torch.Tensor],
-               config: Config, learning_rate: float | None = None,
-               all_reduce: AllReduce | None = None) -> dict[str, float]:
+def learn_step(
+    agent: Agent,
+    optimizer: torch.optim.Optimizer,
+    batch: dict[str, torch.Tensor],
+    config: Config,
+    learning_rate: float | None = None,
+    all_reduce: AllReduce | None = None,
+) -> dict[str, float]:
     """The whole update on a batch of unrolls ([T+1, B, ...] tensors, see unroll.py),
     at `learning_rate` (None: the optimizer's as it is). `all_reduce(sums, means)`, for
     data-parallel ranks (distributed.Ranks.all_reduce), sums the gradients and loss
@@ -175,8 +182,14 @@ def learn_step(agent: Agent, optimizer: torch.optim.Optimizer, batch: dict[str, 
             group["lr"] = learning_rate
     initial_state = tuple(batch[f"core_state_{k}"] for k in range(2) if f"core_state_{k}" in batch)
     with _forward_precision(config.learner_dtype, batch["observation"].device):
-        output, _ = agent(batch["observation"], batch["action"], batch["reward"], batch["done"], initial_state,
-                          instruction=batch.get("instruction"))
+        output, _ = agent(
+            batch["observation"],
+            batch["action"],
+            batch["reward"],
+            batch["done"],
+            initial_state,
+            instruction=batch.get("instruction"),
+        )
     logits, baseline = output.policy_logits.float(), output.baseline.float()  # no-ops in float32
 
     # Env output t led the network to pick action t+1: learn from transitions
@@ -196,8 +209,12 @@ def learn_step(agent: Agent, optimizer: torch.optim.Optimizer, batch: dict[str, 
     )
     optimizer.zero_grad(set_to_none=True)
     loss.total.backward()
-    terms = {"total_loss": loss.total, "pg_loss": loss.policy_gradient, "baseline_loss": loss.baseline,
-             "entropy_loss": loss.entropy}
+    terms = {
+        "total_loss": loss.total,
+        "pg_loss": loss.policy_gradient,
+        "baseline_loss": loss.baseline,
+        "entropy_loss": loss.entropy,
+    }
     diagnostics = loss.diagnostics
     if all_reduce is not None:
         # The losses are sums over time and batch: the ranks' sums add up to the whole
@@ -247,8 +264,15 @@ class ServerThread(threading.Thread):
         (zmq.ZMQError from a read) or the loop itself -- ends the thread with `error`
         set, and the training thread stops the run loudly (ServerThreadError)."""
 
-    def __init__(self, name: str, socket: zmq.Socket, kinds: tuple[str, ...],
-                 handle: Callable[[bytes, wire.Message], None], book: ActorBook, stop: threading.Event):
+    def __init__(
+        self,
+        name: str,
+        socket: zmq.Socket,
+        kinds: tuple[str, ...],
+        handle: Callable[[bytes, wire.Message], None],
+        book: ActorBook,
+        stop: threading.Event,
+    ):
         super().__init__(name=name, daemon=True)
         self.socket, self.kinds, self.handle, self.book, self.stop = socket, kinds, handle, book, stop
         self.error: BaseException | None = None
@@ -276,10 +300,18 @@ class ServerThread(threading.Thread):
 
     def _dropped(self, error: Exception, sender: str) -> None:
         count = self.book.bad_message()
-        why = str(error).splitlines()[0] if isinstance(error, (wire.WireError, unroll.UnrollError)) else \
-            _one_line(error)
-        logging.log_every_n_seconds(logging.WARNING, "Dropped a bad message from %s on the %s socket (%d so far): "
-                                    "%s", 5, sender, self.name, count, why)
+        why = (
+            str(error).splitlines()[0] if isinstance(error, (wire.WireError, unroll.UnrollError)) else _one_line(error)
+        )
+        logging.log_every_n_seconds(
+            logging.WARNING,
+            "Dropped a bad message from %s on the %s socket (%d so far): %s",
+            5,
+            sender,
+            self.name,
+            count,
+            why,
+        )
 
 
 class Learner:
@@ -304,13 +336,17 @@ class Learner:
         torch.manual_seed(config.seed)
 
         try:
-            agent = make_agent(config, self.spec.observation_shape, self.spec.num_actions,
-                               self.spec.instruction_length)
+            agent = make_agent(config, self.spec.observation_shape, self.spec.num_actions, self.spec.instruction_length)
         except ValueError as e:  # e.g. --network=mlp on image observations
             raise ConfigError(f"--network={config.network} does not fit {config.level_name}: {e}")
         self.agent = agent.to(self.device)
-        self.optimizer = RMSPropTF(self.agent.parameters(), lr=config.learning_rate, decay=config.decay,
-                                   momentum=config.momentum, epsilon=config.epsilon)
+        self.optimizer = RMSPropTF(
+            self.agent.parameters(),
+            lr=config.learning_rate,
+            decay=config.decay,
+            momentum=config.momentum,
+            epsilon=config.epsilon,
+        )
         self.signature = checkpoint.network_signature(config, self.agent)
         self.frames = 0
         self.param_version = 0
@@ -320,10 +356,14 @@ class Learner:
         if self.ranks.world_size > 1:
             run_id = self._share_state(run_id)
 
-        self.unroll_spec = unroll.unroll_spec(config.unroll_length, self.spec.observation_shape,
-                                              self.spec.observation_dtype, self.spec.num_actions,
-                                              state_sizes(self.agent),
-                                              instruction_length=self.spec.instruction_length)
+        self.unroll_spec = unroll.unroll_spec(
+            config.unroll_length,
+            self.spec.observation_shape,
+            self.spec.observation_dtype,
+            self.spec.num_actions,
+            state_sizes(self.agent),
+            instruction_length=self.spec.instruction_length,
+        )
         # Seconds per part of the learner's threads and of the actors (from their
         # unrolls); each metrics row has them per second of wall time ('time/...').
         self.watch = Stopwatch()
@@ -333,14 +373,27 @@ class Learner:
         self._offered = self.param_version  # the newest version handed to the publisher
         self.book = ActorBook(self.spec.num_actions, config.num_action_repeats)
         encoder = getattr(self.agent, "instruction", None)
-        limits = Limits(self.spec.num_actions, configured_levels(config.level_name),
-                        max_envs=config.envs_per_unroll_limit, max_actors=config.max_actors,
-                        vocabulary=encoder.embedding.num_embeddings if encoder is not None else 0)
+        limits = Limits(
+            self.spec.num_actions,
+            configured_levels(config.level_name),
+            max_envs=config.envs_per_unroll_limit,
+            max_actors=config.max_actors,
+            vocabulary=encoder.embedding.num_embeddings if encoder is not None else 0,
+        )
         # Policy lags count the learner's updates, published or not yet (equal on every rank).
         self.receiver = UnrollReceiver(
-            self.unroll_spec, config.batch_size // self.ranks.world_size, self.spec.num_actions, self.book,
-            self.watch, default_level=config.level_name, run_id=run_id, param_version=lambda: self.param_version,
-            max_queued_batches=config.max_queued_batches, pin_memory=self.device.type == "cuda", limits=limits)
+            self.unroll_spec,
+            config.batch_size // self.ranks.world_size,
+            self.spec.num_actions,
+            self.book,
+            self.watch,
+            default_level=config.level_name,
+            run_id=run_id,
+            param_version=lambda: self.param_version,
+            max_queued_batches=config.max_queued_batches,
+            pin_memory=self.device.type == "cuda",
+            limits=limits,
+        )
         self.feed = BatchFeed(self.receiver.next_batch, self.receiver.release, self.device)
         self._stop = self.receiver.stop
         self.publisher = SnapshotPublisher(self.agent.state_dict(), self.params.publish, self._stop, self.device)
@@ -348,12 +401,20 @@ class Learner:
         self._context = zmq.Context.instance()
         self.unroll_address, self.params_address = self._bind()
         self._threads = [
-            ServerThread("unrolls", self._unroll_socket, ("unroll",), self.receiver.handle, self.book, self._stop)]
+            ServerThread("unrolls", self._unroll_socket, ("unroll",), self.receiver.handle, self.book, self._stop)
+        ]
         if self.is_main:  # rank 0 alone serves parameters
             self._threads += [
-                ServerThread("params", self._params_socket, ("get_params",),
-                             functools.partial(self.params.handle, self._params_socket), self.book, self._stop),
-                self.publisher]
+                ServerThread(
+                    "params",
+                    self._params_socket,
+                    ("get_params",),
+                    functools.partial(self.params.handle, self._params_socket),
+                    self.book,
+                    self._stop,
+                ),
+                self.publisher,
+            ]
         for t in self._threads:
             t.start()
         self.metrics = MetricsWriter(config.logdir) if self.is_main else None
@@ -377,8 +438,13 @@ class Learner:
         run id (restored or new); returns the run id."""
         state = None
         if self.is_main:
-            state = {"model": self.agent.state_dict(), "optimizer": self.optimizer.state_dict(),
-                     "frames": self.frames, "param_version": self.param_version, "run_id": run_id}
+            state = {
+                "model": self.agent.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "frames": self.frames,
+                "param_version": self.param_version,
+                "run_id": run_id,
+            }
         try:
             state = self.ranks.broadcast_state(state, self.device)
         except distributed.RankLostError as e:
@@ -404,8 +470,9 @@ class Learner:
             path = checkpoint.save(self.config.logdir, state, self.frames, keep=self.config.keep_checkpoints)
             logging.info("Saved checkpoint %s.", path)
         except OSError as e:  # e.g. a full disk: keep training, the previous checkpoint stays
-            logging.error("Checkpoint at %d frames not written (%s); the previous one is kept.",
-                          self.frames, e.strerror or e)
+            logging.error(
+                "Checkpoint at %d frames not written (%s); the previous one is kept.", self.frames, e.strerror or e
+            )
         except checkpoint.NonFiniteError as e:
             logging.error("Checkpoint at %d frames not written: %s; the previous one is kept.", self.frames, e)
         self._last_checkpoint = time.monotonic()
@@ -433,7 +500,7 @@ class Learner:
             self._params_socket.setsockopt(zmq.SNDHWM, PARAMS_SNDHWM)
         self._auth = None
         self._private_dir = None
-        loopback = security.is_loopback(host[len("tcp://"):])
+        loopback = security.is_loopback(host[len("tcp://") :])
         if config.job_name == "" and port == 0 and loopback and not config.keys_dir:
             # mkdtemp makes the directory mode 0700: other users cannot reach the sockets in it.
             self._private_dir = tempfile.mkdtemp(prefix="impala-")
@@ -450,12 +517,17 @@ class Learner:
             if not config.insecure:
                 raise ConfigError(
                     f"--learner_address={config.learner_address} is reachable from other hosts: give "
-                    "--keys_dir (python -m impala.security --keys_dir=DIR) or --insecure")
-            logging.warning("Learner bound to %s WITHOUT authentication or encryption (--insecure): "
-                            "anyone who can reach it can send unrolls.", host)
+                    "--keys_dir (python -m impala.security --keys_dir=DIR) or --insecure"
+                )
+            logging.warning(
+                "Learner bound to %s WITHOUT authentication or encryption (--insecure): "
+                "anyone who can reach it can send unrolls.",
+                host,
+            )
         else:
-            logging.warning("Learner bound to %s without keys: any process on this machine can connect and "
-                            "send unrolls.", host)
+            logging.warning(
+                "Learner bound to %s without keys: any process on this machine can connect and send unrolls.", host
+            )
         try:
             if port == 0:
                 unroll_port_bound = self._unroll_socket.bind_to_random_port(host)
@@ -525,9 +597,14 @@ class Learner:
                     train, write_row = agreed.train, agreed.log
                 if train:
                     with self.watch("learner_step"):
-                        stats = learn_step(self.agent, self.optimizer, batch, config,
-                                           learning_rate_at(self.frames, config),
-                                           all_reduce=self._all_reduce if self.ranks.world_size > 1 else None)
+                        stats = learn_step(
+                            self.agent,
+                            self.optimizer,
+                            batch,
+                            config,
+                            learning_rate_at(self.frames, config),
+                            all_reduce=self._all_reduce if self.ranks.world_size > 1 else None,
+                        )
                     batch = None
                     nonfinite_in_a_row = self._after_update(stats, log, nonfinite_in_a_row)
                 if self.is_main:
@@ -582,13 +659,18 @@ class Learner:
         self.frames += config.frames_per_step
         if stats["skipped"]:
             nonfinite_in_a_row += 1
-            logging.warning("Update skipped: loss %g, gradient norm %g (%d in a row).",
-                            stats["total_loss"], stats["grad_norm"], nonfinite_in_a_row)
+            logging.warning(
+                "Update skipped: loss %g, gradient norm %g (%d in a row).",
+                stats["total_loss"],
+                stats["grad_norm"],
+                nonfinite_in_a_row,
+            )
             if nonfinite_in_a_row >= MAX_NONFINITE_IN_A_ROW:
                 raise NonFiniteLossError(
                     f"{nonfinite_in_a_row} updates in a row had a non-finite loss or gradient norm "
                     f"(last: loss {stats['total_loss']:g}, gradient norm {stats['grad_norm']:g}); the "
-                    "last good checkpoint is kept. Try a lower --learning_rate or --max_grad_norm")
+                    "last good checkpoint is kept. Try a lower --learning_rate or --max_grad_norm"
+                )
         else:
             nonfinite_in_a_row = 0
             self.param_version += 1
@@ -606,8 +688,12 @@ class Learner:
         while time.monotonic() < deadline and not (live and self.params.has_told(live)):
             self.check_threads()
             time.sleep(0.1)
-        logging.info("Run finished at %d frames; told the actors (%d of %d live ones asked).", self.frames,
-                     sum(self.params.has_told({task}) for task in live), len(live))
+        logging.info(
+            "Run finished at %d frames; told the actors (%d of %d live ones asked).",
+            self.frames,
+            sum(self.params.has_told({task}) for task in live),
+            len(live),
+        )
 
     def close(self, save: bool = True) -> None:
         self._stop.set()

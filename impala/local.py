@@ -54,8 +54,9 @@ class ActorPool:
         config, unroll_address, params_address = self._args
         # Not daemonic, so that an actor may start env worker processes of its own;
         # stop() ends actors, and PR_SET_PDEATHSIG does if this process is killed.
-        process = self._context.Process(target=_actor_main, name=f"actor-{task}",
-                                        args=(config, task, unroll_address, params_address))
+        process = self._context.Process(
+            target=_actor_main, name=f"actor-{task}", args=(config, task, unroll_address, params_address)
+        )
         process.start()
         self._processes[task] = process
 
@@ -70,7 +71,8 @@ class ActorPool:
             if len(crashes) > MAX_RESTARTS:
                 raise ActorCrashLoop(
                     f"actor {task} died {len(crashes)} times within {RESTART_WINDOW_S:.0f}s "
-                    f"(last exit code {process.exitcode}); see its log above")
+                    f"(last exit code {process.exitcode}); see its log above"
+                )
             logging.warning("Actor %d exited with code %s; restarting it.", task, process.exitcode)
             self._start(task)
 

@@ -6,7 +6,7 @@ Every term is a sum over time and batch (not a mean), so ``baseline_cost`` and
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -26,10 +26,7 @@ __all__ = [
 ]
 
 
-
-def policy_gradient_loss(
-    logits: torch.Tensor, actions: torch.Tensor, advantages: torch.Tensor
-) -> torch.Tensor:
+def policy_gradient_loss(logits: torch.Tensor, actions: torch.Tensor, advantages: torch.Tensor) -> torch.Tensor:
     """sum_t,b -log pi(a_t|x_t) * A_t, with the advantages treated as constants.
 
     Args:
@@ -98,14 +95,14 @@ class LossOutput(NamedTuple):
     baseline: torch.Tensor  # scalar, before baseline_cost.
     entropy: torch.Tensor  # scalar, before entropy_cost.
     vtrace_returns: vtrace.VTraceFromLogitsReturns
-    diagnostics: Optional[dict] = None  # vtrace_diagnostics(...), scalars without gradient
+    diagnostics: dict | None = None  # vtrace_diagnostics(...), scalars without gradient
 
 
 def vtrace_diagnostics(
     vtrace_returns: vtrace.VTraceFromLogitsReturns,
     values: torch.Tensor,
-    clip_rho_threshold: Optional[float],
-    clip_pg_rho_threshold: Optional[float],
+    clip_rho_threshold: float | None,
+    clip_pg_rho_threshold: float | None,
 ) -> dict[str, torch.Tensor]:
     """How far off-policy a batch is (not in the original; for the metrics).
 
@@ -122,7 +119,7 @@ def vtrace_diagnostics(
     with torch.no_grad():
         rhos = torch.exp(vtrace_returns.log_rhos)
 
-        def clipped(threshold: Optional[float]) -> torch.Tensor:
+        def clipped(threshold: float | None) -> torch.Tensor:
             return (rhos > threshold).float().mean() if threshold is not None else torch.zeros((), device=rhos.device)
 
         rho_clipped = clipped(clip_rho_threshold)
@@ -130,7 +127,8 @@ def vtrace_diagnostics(
             "vtrace/mean_rho": rhos.mean(),
             "vtrace/rho_clipped": rho_clipped,
             "vtrace/pg_rho_clipped": (
-                rho_clipped if clip_pg_rho_threshold == clip_rho_threshold else clipped(clip_pg_rho_threshold)),
+                rho_clipped if clip_pg_rho_threshold == clip_rho_threshold else clipped(clip_pg_rho_threshold)
+            ),
             "vtrace/mean_abs_vs_minus_value": (vtrace_returns.vs - values).abs().mean(),
         }
 
@@ -146,8 +144,8 @@ def impala_loss(
     discounts: torch.Tensor,
     baseline_cost: float,
     entropy_cost: float,
-    clip_rho_threshold: Optional[float] = 1.0,
-    clip_pg_rho_threshold: Optional[float] = 1.0,
+    clip_rho_threshold: float | None = 1.0,
+    clip_pg_rho_threshold: float | None = 1.0,
 ) -> LossOutput:
     """Full IMPALA learner loss.
 
@@ -182,6 +180,10 @@ def impala_loss(
     ent = entropy_loss(target_logits)
     total = pg + baseline_cost * bl + entropy_cost * ent
     return LossOutput(
-        total=total, policy_gradient=pg, baseline=bl, entropy=ent, vtrace_returns=vtrace_returns,
+        total=total,
+        policy_gradient=pg,
+        baseline=bl,
+        entropy=ent,
+        vtrace_returns=vtrace_returns,
         diagnostics=vtrace_diagnostics(vtrace_returns, baseline, clip_rho_threshold, clip_pg_rho_threshold),
     )

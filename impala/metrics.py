@@ -10,8 +10,9 @@ import math
 import os
 import threading
 import time
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any
 
 import numpy as np
 from absl import logging
@@ -50,10 +51,17 @@ class MetricsWriter:
             return
         values = np.arange(len(counts), dtype=np.float64)
         used = np.flatnonzero(counts)
-        self._tb.add_histogram_raw(tag, min=float(used[0]), max=float(used[-1]), num=total,
-                                   sum=float(values @ counts), sum_squares=float((values**2) @ counts),
-                                   bucket_limits=(values + 0.5).tolist(), bucket_counts=counts.tolist(),
-                                   global_step=frames)
+        self._tb.add_histogram_raw(
+            tag,
+            min=float(used[0]),
+            max=float(used[-1]),
+            num=total,
+            sum=float(values @ counts),
+            sum_squares=float((values**2) @ counts),
+            bucket_limits=(values + 0.5).tolist(),
+            bucket_counts=counts.tolist(),
+            global_step=frames,
+        )
 
     def close(self) -> None:
         self._file.close()

@@ -19,7 +19,8 @@ outputs policy_logits [T, B, A], baseline [T, B]. Core state is a tuple (h, c) o
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -33,8 +34,6 @@ CoreState = tuple[torch.Tensor, ...]
 class AgentOutput(NamedTuple):
     policy_logits: torch.Tensor  # [T, B, A]
     baseline: torch.Tensor  # [T, B]
-
-
 
 
 def resolve_network(network: str, observation_shape: Sequence[int]) -> str:
@@ -121,12 +120,14 @@ class DeepTorso(nn.Module):
         channels, height, width = observation_shape
         sections = []
         for out_channels in (16, 32, 32):
-            sections.append(nn.Sequential(
-                nn.Conv2d(channels, out_channels, 3, padding=1),
-                SamePadMaxPool(),
-                ResidualBlock(out_channels),
-                ResidualBlock(out_channels),
-            ))
+            sections.append(
+                nn.Sequential(
+                    nn.Conv2d(channels, out_channels, 3, padding=1),
+                    SamePadMaxPool(),
+                    ResidualBlock(out_channels),
+                    ResidualBlock(out_channels),
+                )
+            )
             channels = out_channels
         self.sections = nn.Sequential(*sections)
         with torch.no_grad():
@@ -271,7 +272,7 @@ def _init_lstm_(lstm: nn.LSTM | nn.LSTMCell, forget_bias: float = 1.0) -> None:
                 nn.init.uniform_(weight, -limit, limit)
         elif name.startswith("bias_ih"):
             nn.init.zeros_(param)
-            param.data[hidden:2 * hidden] = forget_bias
+            param.data[hidden : 2 * hidden] = forget_bias
         elif name.startswith("bias_hh"):
             nn.init.zeros_(param)
             param.requires_grad_(False)
@@ -311,8 +312,9 @@ def sample_actions(policy_logits: torch.Tensor) -> torch.Tensor:
     return torch.multinomial(F.softmax(flat, dim=-1), 1).view(policy_logits.shape[:-1])
 
 
-def make_agent(config, observation_shape: Sequence[int], num_actions: int,
-               instruction_length: int = 0, acting: bool = False) -> Agent:
+def make_agent(
+    config, observation_shape: Sequence[int], num_actions: int, instruction_length: int = 0, acting: bool = False
+) -> Agent:
     """Builds the agent that `config` (an impala.config.Config) describes; with
     instruction_length > 0 it reads instructions of that many words. An actor's
     agent (`acting`) is in --inference_dtype: the learner's float32 parameters are

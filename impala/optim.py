@@ -8,13 +8,14 @@ sizes, so the published hyperparameters only transfer with the TF1 update.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Optional, Union
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 
 __all__ = ["RMSPropTF"]
 
-Params = Union[Iterable[torch.Tensor], Iterable[dict[str, Any]]]
+Params = Iterable[torch.Tensor] | Iterable[dict[str, Any]]
 
 
 class RMSPropTF(torch.optim.Optimizer):
@@ -48,7 +49,7 @@ class RMSPropTF(torch.optim.Optimizer):
         super().__init__(params, defaults)
 
     @torch.no_grad()
-    def step(self, closure: Optional[Callable[[], float]] = None) -> Optional[float]:
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
         loss = None
         if closure is not None:
             with torch.enable_grad():

@@ -58,6 +58,7 @@ def expected_params(agent: Agent) -> dict[str, tuple[tuple[int, ...], np.dtype]]
     """name -> (shape, dtype) of every entry of the agent's state_dict, as the learner
     sends it: floating-point entries as float32 (the learner trains in float32; an
     acting agent in --inference_dtype=bfloat16 casts them when loading), others as they are."""
+
     def wire_dtype(t: torch.Tensor) -> np.dtype:
         return np.dtype(np.float32) if t.is_floating_point() else torch.empty(0, dtype=t.dtype).numpy().dtype
 
@@ -86,8 +87,9 @@ def check_params(arrays: dict[str, np.ndarray], expected: dict[str, tuple[tuple[
     for name, (shape, dtype) in expected.items():
         array = arrays[name]
         if array.dtype != dtype or array.shape != shape:
-            raise BadParams(f"{name} is {array.dtype.name}{list(array.shape)}, this network has "
-                            f"{dtype.name}{list(shape)}")
+            raise BadParams(
+                f"{name} is {array.dtype.name}{list(array.shape)}, this network has {dtype.name}{list(shape)}"
+            )
         if dtype.kind == "f" and array.size and not np.abs(array).max() <= MAX_PARAM_ABS:  # NaN fails too
             what = "non-finite values" if not np.isfinite(array).all() else f"values beyond {MAX_PARAM_ABS:g}"
             raise BadParams(f"{name} holds {what}")
@@ -101,8 +103,13 @@ class HandshakeWatch:
     EVENT_HANDSHAKE_FAILED_AUTH (the learner's ZAP handler said no), and a wrong learner
     public key as a failed handshake without detail. Owned by the actor's main thread."""
 
-    EVENTS = (zmq.EVENT_CONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_HANDSHAKE_FAILED_AUTH
-              | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
+    EVENTS = (
+        zmq.EVENT_CONNECTED
+        | zmq.EVENT_HANDSHAKE_SUCCEEDED
+        | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+        | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+        | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+    )
 
     def __init__(self, socket: zmq.Socket):
         self.socket = socket
@@ -129,12 +136,16 @@ class HandshakeWatch:
         """Why no learner answers, as far as the connections tell."""
         self.update()
         if self.refused:
-            return ("the learner refused this actor's CurveZMQ key (probably: its public key is not in the "
-                    "learner's authorized_actors/); ZeroMQ does not retry a refused connection, so restart "
-                    "this actor once its key is authorized")
+            return (
+                "the learner refused this actor's CurveZMQ key (probably: its public key is not in the "
+                "learner's authorized_actors/); ZeroMQ does not retry a refused connection, so restart "
+                "this actor once its key is authorized"
+            )
         if self.failed:
-            return ("the CurveZMQ handshake with the learner failed (is learner.key in --keys_dir the "
-                    "learner's public key, and does the learner use --keys_dir too?)")
+            return (
+                "the CurveZMQ handshake with the learner failed (is learner.key in --keys_dir the "
+                "learner's public key, and does the learner use --keys_dir too?)"
+            )
         if self.connected and not self.succeeded:
             return "TCP connections are made but no handshake completes (check --keys_dir on both sides)"
         return "it is not up yet or not reachable"
@@ -178,8 +189,13 @@ class ParameterClient:
         """Sends a request; one skipped (no learner connected) is tried again soon."""
         now = time.monotonic()
         try:  # never blocks: with no learner connected (IMMEDIATE) the request is skipped
-            wire.send(self.socket, "get_params", task=self.task, flags=zmq.NOBLOCK,
-                      meta={"version": self.version, "run": self.run})
+            wire.send(
+                self.socket,
+                "get_params",
+                task=self.task,
+                flags=zmq.NOBLOCK,
+                meta={"version": self.version, "run": self.run},
+            )
             self._sent_at = now
         except zmq.Again:
             self._not_before = now + _SEND_RETRY_S
@@ -193,8 +209,9 @@ class ParameterClient:
                 break
             timeout_ms = 0
             try:
-                changed |= self._apply(wire.recv(self.socket, max_frame_bytes=self.max_reply_bytes,
-                                                 allowed_kinds=REPLY_KINDS))
+                changed |= self._apply(
+                    wire.recv(self.socket, max_frame_bytes=self.max_reply_bytes, allowed_kinds=REPLY_KINDS)
+                )
             except (wire.WireError, BadParams) as e:
                 self._bad_reply(e)
         return changed
@@ -211,8 +228,9 @@ class ParameterClient:
         elif message.kind == "params" and (message.param_version > self.version or run != self.run):
             check_params(message.arrays, self._expected)
             if self.run is not None and run != self.run:
-                logging.info("Actor %d: the learner restarted; taking its parameters v%d.",
-                             self.task, message.param_version)
+                logging.info(
+                    "Actor %d: the learner restarted; taking its parameters v%d.", self.task, message.param_version
+                )
             self.agent.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in message.arrays.items()})
             self.version, self.run = message.param_version, run
             changed = True
@@ -228,9 +246,15 @@ class ParameterClient:
         self._not_before = now + self._backoff_s
         if now >= self._next_bad_log:
             self._next_bad_log = now + BAD_REPLY_LOG_EVERY_S
-            logging.warning("Actor %d: ignored a bad reply from the learner (%d so far; keeping parameters v%d, "
-                            "asking again in %.0fs): %s", self.task, self.bad_replies, self.version,
-                            self._backoff_s, str(error).splitlines()[0])
+            logging.warning(
+                "Actor %d: ignored a bad reply from the learner (%d so far; keeping parameters v%d, "
+                "asking again in %.0fs): %s",
+                self.task,
+                self.bad_replies,
+                self.version,
+                self._backoff_s,
+                str(error).splitlines()[0],
+            )
 
     def refresh(self) -> None:
         """Non-blocking: handles replies that have arrived, keeps one request out."""
@@ -253,12 +277,17 @@ class ParameterClient:
             now = time.monotonic()
             if self._due(now):
                 self._request()
-            wake = self._not_before if self._sent_at is None else max(self._not_before,
-                                                                      self._sent_at + PARAMS_RETRY_S)
+            wake = self._not_before if self._sent_at is None else max(self._not_before, self._sent_at + PARAMS_RETRY_S)
             if self._receive(int(min(max(wake - now, 0.0), 0.5, max(next_log - now, 0.0)) * 1000)):
                 return
             now = time.monotonic()
             if now >= next_log and self.version < 0 and not self.finished:
-                logging.info("Actor %d: waiting for the learner at %s for %.0fs now (%s); asking every %.0fs.",
-                             self.task, address, now - start, self.handshakes.diagnosis(), PARAMS_RETRY_S)
+                logging.info(
+                    "Actor %d: waiting for the learner at %s for %.0fs now (%s); asking every %.0fs.",
+                    self.task,
+                    address,
+                    now - start,
+                    self.handshakes.diagnosis(),
+                    PARAMS_RETRY_S,
+                )
                 next_log = now + WAIT_LOG_EVERY_S

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import collections
 import time
-from typing import Callable, Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 import zmq

@@ -15,7 +15,8 @@ agent through `call_agent`, so which fields the agent reads, and that the step's
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -30,10 +31,17 @@ def inputs_at(arrays: Mapping[str, np.ndarray], index: Any) -> dict[str, torch.T
     return {name: torch.from_numpy(arrays[name][index])[None] for name in AGENT_INPUTS if name in arrays}
 
 
-def call_agent(agent: Agent, steps: Mapping[str, torch.Tensor],
-               core_state: CoreState | None) -> tuple[AgentOutput, CoreState]:
+def call_agent(
+    agent: Agent, steps: Mapping[str, torch.Tensor], core_state: CoreState | None
+) -> tuple[AgentOutput, CoreState]:
     """Runs `agent` over time-major steps ([T, B, ...] tensors named as in
     impala/step.py: observation, reward, done, action = the last action, and
     instruction where the level has one) from `core_state` ([B, H] tensors)."""
-    return agent(steps["observation"], steps["action"], steps["reward"], steps["done"], core_state,
-                 instruction=steps.get("instruction"))
+    return agent(
+        steps["observation"],
+        steps["action"],
+        steps["reward"],
+        steps["done"],
+        core_state,
+        instruction=steps.get("instruction"),
+    )

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import collections
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 from absl import logging
@@ -36,7 +36,6 @@ from impala import dmlab30, envs
 from impala.config import Config
 from impala.metrics import MetricsWriter, Stopwatch
 from impala.receiver import ActorBook, Report
-
 
 MAX_ACTOR_KEYS = 256  # per-actor keys in one metrics row
 
@@ -47,8 +46,16 @@ def configured_levels(level_name: str) -> tuple[str, ...]:
 
 
 class ProgressLog:
-    def __init__(self, config: Config, metrics: MetricsWriter, book: ActorBook, watch: Stopwatch,
-                 refused_connections: Callable[[], int], frames: int, clock: Callable[[], float] = time.monotonic):
+    def __init__(
+        self,
+        config: Config,
+        metrics: MetricsWriter,
+        book: ActorBook,
+        watch: Stopwatch,
+        refused_connections: Callable[[], int],
+        frames: int,
+        clock: Callable[[], float] = time.monotonic,
+    ):
         self.config, self.metrics, self.book, self.watch = config, metrics, book, watch
         self.refused_connections = refused_connections
         self.clock = clock
@@ -101,7 +108,8 @@ class ProgressLog:
             "sps": round(fps / config.num_action_repeats, 1),
             "mean_episode_return": float(np.mean(returns)) if episodes else None,
             "mean_episode_length": float(np.mean([e.frames for e in episodes])) / config.num_action_repeats
-            if episodes else None,
+            if episodes
+            else None,
             "mean_episode_frames": float(np.mean([e.frames for e in episodes])) if episodes else None,
             "episodes": len(episodes),
             "policy_lag": float(np.mean(report.lags)) if report.lags else None,
@@ -113,8 +121,12 @@ class ProgressLog:
             "wall_time": time.time(),
         }
         row.update({k: v / max(self.updates, 1) for k, v in self.sums.items()})
-        row.update({f"actor_unrolls_per_s/{task}": round(rate, 2)
-                    for task, rate in sorted(report.unroll_rates.items())[:MAX_ACTOR_KEYS]})
+        row.update(
+            {
+                f"actor_unrolls_per_s/{task}": round(rate, 2)
+                for task, rate in sorted(report.unroll_rates.items())[:MAX_ACTOR_KEYS]
+            }
+        )
         # Seconds spent per second of wall time, summed over threads and actors.
         row.update({f"time/{part}": round(s / elapsed, 4) for part, s in sorted(self.watch.take().items())})
         by_level: dict[str, list] = {}
@@ -146,10 +158,18 @@ class ProgressLog:
         logging.info(
             "frames %s | %s frames/s (%s agent steps/s) | return %s (%d episodes; last 100: %s) | loss %.3g "
             "(pg %.3g, baseline %.3g, entropy %.3g) | lag %s | actors %d (%s unrolls/s each)%s",
-            f"{row['frames']:,}", f"{row['fps']:,.0f}", f"{row['sps']:,.0f}",
-            f"{row['mean_episode_return']:.1f}" if episodes else "-", len(episodes),
+            f"{row['frames']:,}",
+            f"{row['fps']:,.0f}",
+            f"{row['sps']:,.0f}",
+            f"{row['mean_episode_return']:.1f}" if episodes else "-",
+            len(episodes),
             f"{np.mean(self.recent):.1f}" if self.recent else "-",
-            row.get("total_loss", float("nan")), row.get("pg_loss", float("nan")),
-            row.get("baseline_loss", float("nan")), row.get("entropy_loss", float("nan")),
-            f"{row['policy_lag']:.1f}" if report.lags else "-", len(rates),
-            f"{min(rates.values()):.1f}-{max(rates.values()):.1f}" if rates else "-", skipped)
+            row.get("total_loss", float("nan")),
+            row.get("pg_loss", float("nan")),
+            row.get("baseline_loss", float("nan")),
+            row.get("entropy_loss", float("nan")),
+            f"{row['policy_lag']:.1f}" if report.lags else "-",
+            len(rates),
+            f"{min(rates.values()):.1f}-{max(rates.values()):.1f}" if rates else "-",
+            skipped,
+        )

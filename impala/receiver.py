@@ -26,8 +26,9 @@ from __future__ import annotations
 import queue
 import threading
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Callable, Mapping, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -59,8 +60,10 @@ class BatchBuffers:
     `keep` free sets are kept."""
 
     def __init__(self, spec: Mapping, batch_size: int, pin_memory: bool = False, keep: int = 4):
-        self.shapes = {name: ((shape[0], batch_size, *shape[1:]) if time_major else (batch_size, *shape), dtype)
-                       for name, (dtype, shape, time_major) in spec.items()}
+        self.shapes = {
+            name: ((shape[0], batch_size, *shape[1:]) if time_major else (batch_size, *shape), dtype)
+            for name, (dtype, shape, time_major) in spec.items()
+        }
         self.pin_memory, self.keep = pin_memory, keep
         self._free: queue.Queue = queue.Queue(maxsize=keep)
         self.made = 0  # sets allocated so far
@@ -70,8 +73,10 @@ class BatchBuffers:
             return self._free.get_nowait()
         except queue.Empty:
             self.made += 1
-            return {name: torch.empty(shape, dtype=_torch_dtype(dtype), pin_memory=self.pin_memory)
-                    for name, (shape, dtype) in self.shapes.items()}
+            return {
+                name: torch.empty(shape, dtype=_torch_dtype(dtype), pin_memory=self.pin_memory)
+                for name, (shape, dtype) in self.shapes.items()
+            }
 
     def give_back(self, tensors: dict[str, torch.Tensor]) -> None:
         """Returns a set taken earlier; its batch must not be used afterwards."""
@@ -190,8 +195,10 @@ class ActorBook:
         """Books a validated unroll of actor `task` that came over connection `peer`;
         `lag` is None when its parameter version is from an earlier learner."""
         done = arrays["done"][1:]  # step 0 repeats the previous unroll's last step
-        episodes = [Episode(level, float(r), int(n) * self.num_action_repeats)
-                    for r, n in zip(arrays["episode_return"][1:][done], arrays["episode_step"][1:][done])]
+        episodes = [
+            Episode(level, float(r), int(n) * self.num_action_repeats)
+            for r, n in zip(arrays["episode_return"][1:][done], arrays["episode_step"][1:][done])
+        ]
         actions = np.bincount(arrays["action"][1:].ravel(), minlength=self.num_actions)
         with self._lock:
             actor = self._actors.get(task)
@@ -199,8 +206,12 @@ class ActorBook:
                 logging.info("Actor %d connected (level %s).", task, level)
                 actor = self._actors[task] = ActorStats(peer)
             elif actor.silent or actor.peer != peer:
-                logging.info("Actor %d is back (level %s%s).", task, level,
-                             "" if actor.peer == peer else "; a new connection, so probably a restarted actor")
+                logging.info(
+                    "Actor %d is back (level %s%s).",
+                    task,
+                    level,
+                    "" if actor.peer == peer else "; a new connection, so probably a restarted actor",
+                )
                 actor.silent, actor.peer = False, peer
             actor.unrolls += 1
             actor.envs += arrays["reward"].shape[1]
@@ -310,9 +321,20 @@ class UnrollReceiver:
     """Handles the unroll socket's messages (in the 'unrolls' thread) and hands
     batches to the training thread through a bounded queue."""
 
-    def __init__(self, spec: Mapping, batch_size: int, num_actions: int, book: ActorBook, watch: Stopwatch,
-                 default_level: str, run_id: str, param_version: Callable[[], int], max_queued_batches: int,
-                 pin_memory: bool = False, limits: Limits | None = None):
+    def __init__(
+        self,
+        spec: Mapping,
+        batch_size: int,
+        num_actions: int,
+        book: ActorBook,
+        watch: Stopwatch,
+        default_level: str,
+        run_id: str,
+        param_version: Callable[[], int],
+        max_queued_batches: int,
+        pin_memory: bool = False,
+        limits: Limits | None = None,
+    ):
         self.spec, self.num_actions, self.book, self.watch = spec, num_actions, book, watch
         self.default_level, self.run_id, self.param_version = default_level, run_id, param_version
         self.limits = limits or Limits(num_actions, (default_level,), max_envs=batch_size, max_actors=1024)
@@ -338,16 +360,19 @@ class UnrollReceiver:
             raise unroll.UnrollError(f"task {message.task} is not below --max_actors={limits.max_actors}")
         num_envs = unroll.validate(message.arrays, self.spec)
         if num_envs > limits.max_envs:
-            raise unroll.UnrollError(f"unroll of {num_envs} environments; at most {limits.max_envs} are accepted "
-                                     "(--max_envs_per_unroll)")
+            raise unroll.UnrollError(
+                f"unroll of {num_envs} environments; at most {limits.max_envs} are accepted (--max_envs_per_unroll)"
+            )
         level = level_of(message.meta, limits.levels)
         check_values(message.arrays, limits)
         lag = None  # versions of an earlier learner (another run id) do not compare with ours
         if message.meta.get("run") == self.run_id:
             lag = self.param_version() - message.param_version
             if lag < 0:
-                raise unroll.UnrollError(f"unroll acted with parameter version {message.param_version}, newer "
-                                         f"than the learner's {lag + message.param_version}")
+                raise unroll.UnrollError(
+                    f"unroll acted with parameter version {message.param_version}, newer "
+                    f"than the learner's {lag + message.param_version}"
+                )
         seconds = self._actor_seconds(message.task, message.meta.get("seconds"))
         self.book.record(message.task, identity, level, message.arrays, lag)
         for part, value in seconds.items():

@@ -19,7 +19,8 @@ copy; nothing reads the shared table at run time.
 from __future__ import annotations
 
 import re
-from typing import Iterable, NamedTuple, Sequence
+from collections.abc import Iterable, Sequence
+from typing import NamedTuple
 
 import numpy as np
 
@@ -98,24 +99,63 @@ ATARI57: dict[str, tuple[float, float]] = {
 # ALE's CamelCase game names -> the table's keys, written out rather than derived, so
 # that look-alikes (Pitfall2, Atlantis2, Pacman vs MsPacman) can never match by accident.
 ALE_GAMES: dict[str, str] = {
-    "Alien": "alien", "Amidar": "amidar", "Assault": "assault", "Asterix": "asterix",
-    "Asteroids": "asteroids", "Atlantis": "atlantis", "BankHeist": "bank_heist",
-    "BattleZone": "battle_zone", "BeamRider": "beam_rider", "Berzerk": "berzerk",
-    "Bowling": "bowling", "Boxing": "boxing", "Breakout": "breakout", "Centipede": "centipede",
-    "ChopperCommand": "chopper_command", "CrazyClimber": "crazy_climber", "Defender": "defender",
-    "DemonAttack": "demon_attack", "DoubleDunk": "double_dunk", "Enduro": "enduro",
-    "FishingDerby": "fishing_derby", "Freeway": "freeway", "Frostbite": "frostbite",
-    "Gopher": "gopher", "Gravitar": "gravitar", "Hero": "hero", "IceHockey": "ice_hockey",
-    "Jamesbond": "jamesbond", "Kangaroo": "kangaroo", "Krull": "krull",
-    "KungFuMaster": "kung_fu_master", "MontezumaRevenge": "montezuma_revenge",
-    "MsPacman": "ms_pacman", "NameThisGame": "name_this_game", "Phoenix": "phoenix",
-    "Pitfall": "pitfall", "Pong": "pong", "PrivateEye": "private_eye", "Qbert": "qbert",
-    "Riverraid": "riverraid", "RoadRunner": "road_runner", "Robotank": "robotank",
-    "Seaquest": "seaquest", "Skiing": "skiing", "Solaris": "solaris",
-    "SpaceInvaders": "space_invaders", "StarGunner": "star_gunner", "Surround": "surround",
-    "Tennis": "tennis", "TimePilot": "time_pilot", "Tutankham": "tutankham", "UpNDown": "up_n_down",
-    "Venture": "venture", "VideoPinball": "video_pinball", "WizardOfWor": "wizard_of_wor",
-    "YarsRevenge": "yars_revenge", "Zaxxon": "zaxxon",
+    "Alien": "alien",
+    "Amidar": "amidar",
+    "Assault": "assault",
+    "Asterix": "asterix",
+    "Asteroids": "asteroids",
+    "Atlantis": "atlantis",
+    "BankHeist": "bank_heist",
+    "BattleZone": "battle_zone",
+    "BeamRider": "beam_rider",
+    "Berzerk": "berzerk",
+    "Bowling": "bowling",
+    "Boxing": "boxing",
+    "Breakout": "breakout",
+    "Centipede": "centipede",
+    "ChopperCommand": "chopper_command",
+    "CrazyClimber": "crazy_climber",
+    "Defender": "defender",
+    "DemonAttack": "demon_attack",
+    "DoubleDunk": "double_dunk",
+    "Enduro": "enduro",
+    "FishingDerby": "fishing_derby",
+    "Freeway": "freeway",
+    "Frostbite": "frostbite",
+    "Gopher": "gopher",
+    "Gravitar": "gravitar",
+    "Hero": "hero",
+    "IceHockey": "ice_hockey",
+    "Jamesbond": "jamesbond",
+    "Kangaroo": "kangaroo",
+    "Krull": "krull",
+    "KungFuMaster": "kung_fu_master",
+    "MontezumaRevenge": "montezuma_revenge",
+    "MsPacman": "ms_pacman",
+    "NameThisGame": "name_this_game",
+    "Phoenix": "phoenix",
+    "Pitfall": "pitfall",
+    "Pong": "pong",
+    "PrivateEye": "private_eye",
+    "Qbert": "qbert",
+    "Riverraid": "riverraid",
+    "RoadRunner": "road_runner",
+    "Robotank": "robotank",
+    "Seaquest": "seaquest",
+    "Skiing": "skiing",
+    "Solaris": "solaris",
+    "SpaceInvaders": "space_invaders",
+    "StarGunner": "star_gunner",
+    "Surround": "surround",
+    "Tennis": "tennis",
+    "TimePilot": "time_pilot",
+    "Tutankham": "tutankham",
+    "UpNDown": "up_n_down",
+    "Venture": "venture",
+    "VideoPinball": "video_pinball",
+    "WizardOfWor": "wizard_of_wor",
+    "YarsRevenge": "yars_revenge",
+    "Zaxxon": "zaxxon",
 }
 
 _ALE_ID = re.compile(r"^ALE/(?P<game>[A-Za-z0-9]+?)(?:-ram)?-v\d+$")
@@ -143,7 +183,7 @@ def atari_game(level_name: str) -> str | None:
 
 def reference_scores(level_name: str) -> ReferenceScores | None:
     """Random and human scores for a level name, or None if it has none."""
-    name = level_name[len("dmlab:"):] if level_name.startswith("dmlab:") else level_name
+    name = level_name[len("dmlab:") :] if level_name.startswith("dmlab:") else level_name
     test = dmlab30.test_name(name)
     if test is not None:
         return ReferenceScores(test, dmlab30.RANDOM_SCORES[test], dmlab30.HUMAN_SCORES[test])
@@ -177,6 +217,5 @@ def summary(level_results: Iterable[dict]) -> dict:
     scored = [r for r in levels if "human_normalized_score" in r]
     if scored:
         out["mean_human_normalized_score"] = float(np.mean([r["human_normalized_score"] for r in scored]))
-        out["mean_human_normalized_score_capped"] = float(
-            np.mean([r["human_normalized_score_capped"] for r in scored]))
+        out["mean_human_normalized_score_capped"] = float(np.mean([r["human_normalized_score_capped"] for r in scored]))
     return out

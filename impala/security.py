@@ -62,8 +62,7 @@ def generate(keys_dir: str | os.PathLike, name: str = ACTOR) -> Path:
     Never overwrites a key (KeysError)."""
     keys_dir = Path(keys_dir)
     if not NAME.fullmatch(name) or name in (LEARNER, AUTHORIZED):
-        raise KeysError(f"--name={name!r}: use letters, digits, '.', '_' or '-' (not {LEARNER!r} "
-                        f"or {AUTHORIZED!r})")
+        raise KeysError(f"--name={name!r}: use letters, digits, '.', '_' or '-' (not {LEARNER!r} or {AUTHORIZED!r})")
     authorized = keys_dir / AUTHORIZED
     actor_dir = keys_dir if name == ACTOR else keys_dir / name
     for path in (actor_dir / f"{ACTOR}.key_secret", authorized / f"{name}.key"):
@@ -117,8 +116,10 @@ def local_keys(logdir: str | os.PathLike) -> str:
 def _load(path: Path) -> tuple[bytes, bytes | None]:
     if not path.is_file():
         folder = "" if path.parent.is_dir() else f" (no folder {path.parent})"
-        raise KeysError(f"no key file {path}{folder}: make keys with `python -m impala.security "
-                        "--keys_dir=DIR` (docs/distributed.md says which files go to which box)")
+        raise KeysError(
+            f"no key file {path}{folder}: make keys with `python -m impala.security "
+            "--keys_dir=DIR` (docs/distributed.md says which files go to which box)"
+        )
     try:
         return zmq.auth.load_certificate(str(path))
     except (OSError, ValueError) as e:
@@ -156,8 +157,11 @@ class _AllowedActors:
         if client_key in allowed:
             return True
         self.refused += 1
-        logging.warning("Refused a connection with an unknown CurveZMQ key %s (%d refused so far).",
-                        client_key.decode(errors="replace"), self.refused)
+        logging.warning(
+            "Refused a connection with an unknown CurveZMQ key %s (%d refused so far).",
+            client_key.decode(errors="replace"),
+            self.refused,
+        )
         return False
 
 
@@ -196,21 +200,27 @@ def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m impala.security",
         description="Make CurveZMQ keys: the learner pair (once) and an actor pair whose public key the "
-                    "learner accepts. See impala/security.py for what goes where and how to revoke a pair.")
+        "learner accepts. See impala/security.py for what goes where and how to revoke a pair.",
+    )
     parser.add_argument("--keys_dir", required=True, help="folder to create the keys in (made if missing)")
-    parser.add_argument("--name", default=ACTOR,
-                        help=f"name of the actor pair (default {ACTOR}: written to KEYS_DIR itself); another "
-                             "name makes KEYS_DIR/NAME/, a ready --keys_dir for that actor box, and "
-                             f"KEYS_DIR/{AUTHORIZED}/NAME.key, so pairs can be revoked one by one")
+    parser.add_argument(
+        "--name",
+        default=ACTOR,
+        help=f"name of the actor pair (default {ACTOR}: written to KEYS_DIR itself); another "
+        "name makes KEYS_DIR/NAME/, a ready --keys_dir for that actor box, and "
+        f"KEYS_DIR/{AUTHORIZED}/NAME.key, so pairs can be revoked one by one",
+    )
     args = parser.parse_args(argv)
     try:
         actor_dir = generate(args.keys_dir, args.name)
     except (KeysError, OSError) as e:
         print(f"impala: error: {e}".replace("\n", " "), file=sys.stderr)
         sys.exit(2)
-    print(f"Keys written to {args.keys_dir}. Learner box: {LEARNER}.key_secret and {AUTHORIZED}/. "
-          f"Actor boxes: {actor_dir}/ ({ACTOR}.key_secret and {LEARNER}.key) as --keys_dir. "
-          f"Revoke this pair by deleting {Path(args.keys_dir) / AUTHORIZED / (args.name + '.key')}.")
+    print(
+        f"Keys written to {args.keys_dir}. Learner box: {LEARNER}.key_secret and {AUTHORIZED}/. "
+        f"Actor boxes: {actor_dir}/ ({ACTOR}.key_secret and {LEARNER}.key) as --keys_dir. "
+        f"Revoke this pair by deleting {Path(args.keys_dir) / AUTHORIZED / (args.name + '.key')}."
+    )
 
 
 if __name__ == "__main__":

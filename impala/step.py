@@ -27,8 +27,9 @@ This module does not import torch: the env workers use it.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping, NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -57,9 +58,10 @@ class EnvSpec:
     instruction_length: int = 0  # > 0: levels with instructions (DMLab)
 
     @classmethod
-    def of(cls, env: Any) -> "EnvSpec":
-        return cls(tuple(env.observation_shape), np.dtype(env.observation_dtype), int(env.num_actions),
-                   instruction_length(env))
+    def of(cls, env: Any) -> EnvSpec:
+        return cls(
+            tuple(env.observation_shape), np.dtype(env.observation_dtype), int(env.num_actions), instruction_length(env)
+        )
 
 
 def fields(spec: EnvSpec) -> dict[str, Field]:

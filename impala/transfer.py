@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import queue
 import threading
-from typing import Callable, Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 from absl import logging
@@ -35,8 +35,9 @@ class BatchFeed:
     """Batches on `device` from `next_batch` (host batches, pinned for a GPU), each
     given back through `release` once the update that used it is over."""
 
-    def __init__(self, next_batch: Callable[[float], Batch | None], release: Callable[[Batch], None],
-                 device: torch.device):
+    def __init__(
+        self, next_batch: Callable[[float], Batch | None], release: Callable[[Batch], None], device: torch.device
+    ):
         self._next_batch, self._release, self.device = next_batch, release, device
         self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self._ahead: tuple[Batch, Batch, torch.cuda.Event | None] | None = None  # copy under way
@@ -85,8 +86,13 @@ class SnapshotPublisher(threading.Thread):
     """Publishes snapshots of `state` (the agent's state_dict: tensors that share
     the parameters' memory) through `publish(arrays, version)` on its own thread."""
 
-    def __init__(self, state: Mapping[str, torch.Tensor], publish: Callable[[Mapping[str, torch.Tensor], int], None],
-                 stop: threading.Event, device: torch.device):
+    def __init__(
+        self,
+        state: Mapping[str, torch.Tensor],
+        publish: Callable[[Mapping[str, torch.Tensor], int], None],
+        stop: threading.Event,
+        device: torch.device,
+    ):
         super().__init__(name="publisher", daemon=True)
         self._live, self._publish, self.stop, self.device = dict(state), publish, stop, device
         cuda = device.type == "cuda"

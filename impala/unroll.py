@@ -16,7 +16,7 @@ bootstraps from the value at step T.
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -51,8 +51,14 @@ def unroll_spec(
 
 def spec_of(unroll_length: int, env: step.EnvSpec, state_sizes: Sequence[int] = ()) -> dict:
     """`unroll_spec` for environments like `env`."""
-    return unroll_spec(unroll_length, env.observation_shape, env.observation_dtype, env.num_actions, state_sizes,
-                       instruction_length=env.instruction_length)
+    return unroll_spec(
+        unroll_length,
+        env.observation_shape,
+        env.observation_dtype,
+        env.num_actions,
+        state_sizes,
+        instruction_length=env.instruction_length,
+    )
 
 
 def new_unroll(spec: Mapping, num_envs: int) -> Unroll:
@@ -89,7 +95,5 @@ def validate(arrays: Mapping[str, np.ndarray], spec: Mapping) -> int:
         array = arrays[name]
         expected = (shape[0], num_envs, *shape[1:]) if time_major else (num_envs, *shape)
         if array.dtype != dtype or array.shape != expected:
-            raise UnrollError(
-                f"unroll '{name}' is {array.dtype}{list(array.shape)}, expected {dtype}{list(expected)}"
-            )
+            raise UnrollError(f"unroll '{name}' is {array.dtype}{list(array.shape)}, expected {dtype}{list(expected)}")
     return num_envs

@@ -101,8 +101,10 @@ def log_probs_from_logits_and_actions(policy_logits: ArrayLike, actions: ArrayLi
     _assert_rank("policy_logits", policy_logits, 3)
     _assert_rank("actions", actions, 2)
     if policy_logits.shape[:2] != actions.shape:  # sparse_softmax_cross_entropy's own check
-        raise ValueError(f"policy_logits [T, B, A] of shape {tuple(policy_logits.shape)} do not match "
-                         f"actions [T, B] of shape {tuple(actions.shape)}")
+        raise ValueError(
+            f"policy_logits [T, B, A] of shape {tuple(policy_logits.shape)} do not match "
+            f"actions [T, B] of shape {tuple(actions.shape)}"
+        )
     log_probs = F.log_softmax(policy_logits, dim=-1)
     return log_probs.gather(-1, actions.long().unsqueeze(-1)).squeeze(-1)
 
@@ -140,8 +142,9 @@ def from_logits(
       ``target_policy_logits``.
     """
     del name
-    device = _device_of(behaviour_policy_logits, target_policy_logits, actions, discounts, rewards, values,
-                        bootstrap_value)
+    device = _device_of(
+        behaviour_policy_logits, target_policy_logits, actions, discounts, rewards, values, bootstrap_value
+    )
     behaviour_policy_logits = _as_float(behaviour_policy_logits, device)
     target_policy_logits = _as_float(target_policy_logits, device)
     actions = _as_actions(actions, device)
@@ -221,7 +224,8 @@ def from_importance_weights(
     del name
     device = _device_of(log_rhos, discounts, rewards, values, bootstrap_value)
     log_rhos, discounts, rewards, values, bootstrap_value = (
-        _as_float(x, device) for x in (log_rhos, discounts, rewards, values, bootstrap_value))
+        _as_float(x, device) for x in (log_rhos, discounts, rewards, values, bootstrap_value)
+    )
     clip_rho_threshold = _threshold("clip_rho_threshold", clip_rho_threshold)
     clip_pg_rho_threshold = _threshold("clip_pg_rho_threshold", clip_pg_rho_threshold)
 
@@ -234,16 +238,20 @@ def from_importance_weights(
     _assert_rank("discounts", discounts, rho_rank)
     _assert_rank("rewards", rewards, rho_rank)
     # Shapes the original's ops reject (it checks them when the graph runs).
-    shapes = {n: tuple(x.shape) for n, x in
-              (("log_rhos", log_rhos), ("discounts", discounts), ("rewards", rewards), ("values", values))}
+    shapes = {
+        n: tuple(x.shape)
+        for n, x in (("log_rhos", log_rhos), ("discounts", discounts), ("rewards", rewards), ("values", values))
+    }
     try:
         full = tuple(torch.broadcast_shapes(*shapes.values()))
     except RuntimeError:
         raise ValueError(f"V-trace input shapes do not broadcast: {shapes}") from None
     if tuple(bootstrap_value.shape) != full[1:] or tuple(values.shape[1:]) != full[1:]:
         # concat([values[1:], bootstrap_value[None]]) and concat([vs[1:], ...]).
-        raise ValueError(f"bootstrap_value of shape {tuple(bootstrap_value.shape)} and values of shape "
-                         f"{shapes['values']} must match the inputs' broadcast shape {full} after T")
+        raise ValueError(
+            f"bootstrap_value of shape {tuple(bootstrap_value.shape)} and values of shape "
+            f"{shapes['values']} must match the inputs' broadcast shape {full} after T"
+        )
     if not log_rhos.shape[0] == discounts.shape[0] == full[0]:  # the scan runs over T in all three
         raise ValueError(f"log_rhos and discounts must have the full T = {full[0]}, got {shapes}")
 
@@ -258,7 +266,8 @@ def from_importance_weights(
 
     with torch.no_grad():
         log_rhos, discounts, rewards, values, bootstrap_value = (
-            x.to(work_dtype) for x in (log_rhos, discounts, rewards, values, bootstrap_value))
+            x.to(work_dtype) for x in (log_rhos, discounts, rewards, values, bootstrap_value)
+        )
         rhos = torch.exp(log_rhos)
         clipped_rhos = _clip(rhos, clip_rho_threshold)
         cs = torch.clamp(rhos, max=1.0)

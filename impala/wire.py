@@ -67,9 +67,7 @@ _DTYPES: Mapping[str, np.dtype] = MappingProxyType(
         "float64": np.dtype("<f8"),
     }
 )
-_HEADER_KEYS = frozenset(
-    {"proto", "v", "kind", "task", "param_version", "meta", "arrays"}
-)
+_HEADER_KEYS = frozenset({"proto", "v", "kind", "task", "param_version", "meta", "arrays"})
 # Limits for the header unpacker: a hostile header cannot make msgpack
 # allocate much more than the (already bounded) header itself.
 _UNPACK_LIMITS = dict(
@@ -252,9 +250,7 @@ def _unpack_header(view: memoryview) -> tuple[dict, int]:
     if header.get("proto") != PROTO_NAME:
         raise WireError(f"foreign protocol {_short(header.get('proto'))}, expected {PROTO_NAME!r}")
     if header.get("v") != PROTOCOL_VERSION or type(header.get("v")) is not int:
-        raise WireError(
-            f"protocol version mismatch: got {_short(header.get('v'))}, expected {PROTOCOL_VERSION}"
-        )
+        raise WireError(f"protocol version mismatch: got {_short(header.get('v'))}, expected {PROTOCOL_VERSION}")
     if set(header) != _HEADER_KEYS:
         raise WireError(f"header keys {_short(sorted(map(str, header)), 200)} != {sorted(_HEADER_KEYS)}")
     return header, _PREFIX.size + size
@@ -396,9 +392,7 @@ def split_envelope(frames: Sequence[Any]) -> tuple[list, list]:
     return list(frames[:1]), list(frames[1:])
 
 
-def recv_routed(
-    socket: zmq.Socket, *, flags: int = 0, **decode_kw: Any
-) -> tuple[bytes, Message]:
+def recv_routed(socket: zmq.Socket, *, flags: int = 0, **decode_kw: Any) -> tuple[bytes, Message]:
     """Receive on a ROUTER socket: (peer identity, message).
 
     A bad payload raises RoutedWireError carrying the identity, so the caller
@@ -407,9 +401,7 @@ def recv_routed(
     frames, count = _recv_frames(socket, flags, 2)
     identity = frames[0].bytes
     if count != 2:
-        raise RoutedWireError(
-            f"message has {count - 1} frames after the peer's identity, expected 1", identity
-        )
+        raise RoutedWireError(f"message has {count - 1} frames after the peer's identity, expected 1", identity)
     try:
         return identity, decode(frames[1:], **decode_kw)
     except WireError as exc:

@@ -27,8 +27,9 @@ import math
 import os
 import statistics
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, NamedTuple, Sequence
+from typing import Any, NamedTuple
 
 RESULTS_FILE = "test_results.json"
 HNS = "human_normalized_score"
@@ -99,13 +100,15 @@ def table(paths: Sequence[str | os.PathLike]) -> list[Row]:
         scores = [_number(r.get(HNS)) for r in runs]
         if any(s is None for s in scores) and any(s is not None for s in scores):
             raise TableError(f"{level} has a {HNS} in some runs but not in others")
-        rows.append(Row(
-            level=level,
-            runs=len(runs),
-            episodes=sum(len(r["episode_returns"]) for r in runs),
-            mean_return=statistics.fmean(float(r["mean_return"]) for r in runs),
-            human_normalized_score=None if scores[0] is None else statistics.fmean(scores),
-        ))
+        rows.append(
+            Row(
+                level=level,
+                runs=len(runs),
+                episodes=sum(len(r["episode_returns"]) for r in runs),
+                mean_return=statistics.fmean(float(r["mean_return"]) for r in runs),
+                human_normalized_score=None if scores[0] is None else statistics.fmean(scores),
+            )
+        )
     return rows
 
 
@@ -126,8 +129,15 @@ def to_csv(rows: Sequence[Row]) -> str:
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(HEADER)
     for r in rows:
-        writer.writerow([r.level, r.runs, r.episodes, repr(r.mean_return),
-                         "" if r.human_normalized_score is None else repr(r.human_normalized_score)])
+        writer.writerow(
+            [
+                r.level,
+                r.runs,
+                r.episodes,
+                repr(r.mean_return),
+                "" if r.human_normalized_score is None else repr(r.human_normalized_score),
+            ]
+        )
     _, median, mean = summary(rows)
     for name, value in (("median", median), ("mean", mean)):
         writer.writerow([name, "", "", "", "" if value is None else repr(value)])
@@ -144,8 +154,10 @@ def to_markdown(rows: Sequence[Row]) -> str:
         "| level | runs | episodes | mean return | human-normalised score (%) |",
         "|:--|--:|--:|--:|--:|",
     ]
-    lines += [f"| {r.level} | {r.runs} | {r.episodes} | {_fmt(r.mean_return)} "
-              f"| {_fmt(r.human_normalized_score)} |" for r in rows]
+    lines += [
+        f"| {r.level} | {r.runs} | {r.episodes} | {_fmt(r.mean_return)} | {_fmt(r.human_normalized_score)} |"
+        for r in rows
+    ]
     lines.append(f"| **median over {count} levels** | | | | **{_fmt(median)}** |")
     lines.append(f"| **mean over {count} levels** | | | | **{_fmt(mean)}** |")
     return "\n".join(lines) + "\n"
@@ -154,8 +166,12 @@ def to_markdown(rows: Sequence[Row]) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("paths", nargs="+", help=f"{RESULTS_FILE} files or logdirs holding one")
-    parser.add_argument("--format", choices=("markdown", "csv"), default="markdown",
-                        help="markdown: rounded, for reading (default); csv: full precision")
+    parser.add_argument(
+        "--format",
+        choices=("markdown", "csv"),
+        default="markdown",
+        help="markdown: rounded, for reading (default); csv: full precision",
+    )
     parser.add_argument("--output", "-o", help="file to write (default: stdout)")
     args = parser.parse_args(argv)
     try:

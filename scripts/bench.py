@@ -71,8 +71,7 @@ def progress(message: str) -> None:
 
 
 def _make_env(config: config_lib.Config, seed: int) -> envs.Environment:
-    return envs.make(config.level_name, seed=seed, num_action_repeats=config.num_action_repeats,
-                     **envs.options(config))
+    return envs.make(config.level_name, seed=seed, num_action_repeats=config.num_action_repeats, **envs.options(config))
 
 
 def environment_steps_per_second(config: config_lib.Config, seconds: float) -> float:
@@ -170,13 +169,18 @@ def learner_samples_per_second(config: config_lib.Config, seconds: float) -> flo
     device = _device(config.device)
     agent, spec = _agent_and_spec(config)
     agent = agent.to(device)
-    optimizer = RMSPropTF(agent.parameters(), lr=config.learning_rate, decay=config.decay,
-                          momentum=config.momentum, epsilon=config.epsilon)
-    batch = _random_inputs(spec, agent, config.unroll_length + 1, config.batch_size,
-                           np.random.default_rng(config.seed))
+    optimizer = RMSPropTF(
+        agent.parameters(),
+        lr=config.learning_rate,
+        decay=config.decay,
+        momentum=config.momentum,
+        epsilon=config.epsilon,
+    )
+    batch = _random_inputs(spec, agent, config.unroll_length + 1, config.batch_size, np.random.default_rng(config.seed))
     batch = {name: t.to(device) for name, t in batch.items()}  # learn_step waits for the device at its end
-    return config.batch_size * config.unroll_length / _timed(lambda: learn_step(agent, optimizer, batch, config),
-                                                             seconds)
+    return (
+        config.batch_size * config.unroll_length / _timed(lambda: learn_step(agent, optimizer, batch, config), seconds)
+    )
 
 
 def learner_dtypes(config: config_lib.Config, dtypes: list[str], seconds: float, rounds: int) -> None:
@@ -187,9 +191,11 @@ def learner_dtypes(config: config_lib.Config, dtypes: list[str], seconds: float,
     from impala.learner import _device
 
     progress(f"learner step in {', '.join(dtypes)}: {rounds} rounds of {seconds:g} s each")
-    print(f"learner step: {config.level_name}, {config.network} network{' + LSTM' if config.use_lstm else ''}, "
-          f"batch {config.batch_size} x unroll {config.unroll_length}, device {_device(config.device)}, "
-          f"{torch.get_num_threads()} torch thread(s), {time.strftime('%Y-%m-%d')}; samples/s")
+    print(
+        f"learner step: {config.level_name}, {config.network} network{' + LSTM' if config.use_lstm else ''}, "
+        f"batch {config.batch_size} x unroll {config.unroll_length}, device {_device(config.device)}, "
+        f"{torch.get_num_threads()} torch thread(s), {time.strftime('%Y-%m-%d')}; samples/s"
+    )
     print(f"{'round':>5s} " + " ".join(f"{d:>12s}" for d in dtypes))
     rates: dict[str, list[float]] = {d: [] for d in dtypes}
     for r in range(1, rounds + 1):
@@ -199,24 +205,37 @@ def learner_dtypes(config: config_lib.Config, dtypes: list[str], seconds: float,
         print(f"{r:5d} " + " ".join(f"{rates[d][-1]:12,.0f}" for d in dtypes), flush=True)
     medians = {d: float(np.median(v)) for d, v in rates.items()}
     print(f"{'median':>5s} " + " ".join(f"{medians[d]:12,.0f}" for d in dtypes))
-    print(f"{'ratio':>5s} " + " ".join(f"{medians[d] / medians[dtypes[0]]:11.2f}x" for d in dtypes)
-          + "  (of the medians)")
+    print(
+        f"{'ratio':>5s} " + " ".join(f"{medians[d] / medians[dtypes[0]]:11.2f}x" for d in dtypes) + "  (of the medians)"
+    )
     paired = {d: float(np.median(np.array(rates[d]) / np.array(rates[dtypes[0]]))) for d in dtypes}
-    print(f"{'ratio':>5s} " + " ".join(f"{paired[d]:11.2f}x" for d in dtypes)
-          + "  (median of each round's ratio: load that drifts hits both formats of a round)")
+    print(
+        f"{'ratio':>5s} "
+        + " ".join(f"{paired[d]:11.2f}x" for d in dtypes)
+        + "  (median of each round's ratio: load that drifts hits both formats of a round)"
+    )
 
 
-def training_run(impala_flags: list[str], config: config_lib.Config, warmup: float,
-                 duration: float) -> tuple[float, dict[str, float], dict]:
+def training_run(
+    impala_flags: list[str], config: config_lib.Config, warmup: float, duration: float
+) -> tuple[float, dict[str, float], dict]:
     """Runs local training in a subprocess on all cores. Returns agent steps/s
     after the warm-up, the mean of each 'time/...' metric over the same window
     (seconds per second), and the last metrics row."""
     with tempfile.TemporaryDirectory(prefix="impala-bench-") as logdir:
-        command = [sys.executable, "-m", "impala.experiment", *impala_flags, f"--logdir={logdir}",
-                   "--total_environment_frames=1000000000000", "--log_interval_s=1",
-                   "--checkpoint_interval_s=1e9"]
-        process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                   text=True, start_new_session=True)
+        command = [
+            sys.executable,
+            "-m",
+            "impala.experiment",
+            *impala_flags,
+            f"--logdir={logdir}",
+            "--total_environment_frames=1000000000000",
+            "--log_interval_s=1",
+            "--checkpoint_interval_s=1e9",
+        ]
+        process = subprocess.Popen(
+            command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True
+        )
         metrics = Path(logdir) / "metrics.jsonl"
         try:
             # The clock starts at the first update, so process start-up is not counted.
@@ -248,7 +267,7 @@ def training_run(impala_flags: list[str], config: config_lib.Config, warmup: flo
         seconds = last["wall_time"] - first["wall_time"]
         # Row i's time/... values cover the interval ending at row i: rows 1.. of the window.
         parts = sorted({k for r in window for k in r if k.startswith("time/")})
-        busy = {k[len("time/"):]: float(np.mean([r.get(k) or 0.0 for r in window[1:]])) for k in parts}
+        busy = {k[len("time/") :]: float(np.mean([r.get(k) or 0.0 for r in window[1:]])) for k in parts}
         return frames / seconds / config.num_action_repeats, busy, last
 
 
@@ -280,20 +299,26 @@ def throughput(config: config_lib.Config, impala_flags: list[str], args: argpars
     progress(f"4/4 the training run, {args.warmup:g} s warm-up + {args.duration:g} s")
     limit = cores / (1 / env + 1 / inference + 1 / learner)
     steps, busy, last = training_run(impala_flags, config, args.warmup, args.duration)
-    actors = (f"{config.num_actors} actors x {config.num_envs_per_actor} envs"
-              + (f" in {config.env_workers_per_actor} env workers each" if config.env_workers_per_actor else
-                 " (lock-step)"))
-    print(f"{config.level_name}, {config.network} network{' + LSTM' if config.use_lstm else ''}, {actors}, "
-          f"batch {config.batch_size} x unroll {config.unroll_length}, {cores} cores, "
-          f"{time.strftime('%Y-%m-%d')}")
+    actors = f"{config.num_actors} actors x {config.num_envs_per_actor} envs" + (
+        f" in {config.env_workers_per_actor} env workers each" if config.env_workers_per_actor else " (lock-step)"
+    )
+    print(
+        f"{config.level_name}, {config.network} network{' + LSTM' if config.use_lstm else ''}, {actors}, "
+        f"batch {config.batch_size} x unroll {config.unroll_length}, {cores} cores, "
+        f"{time.strftime('%Y-%m-%d')}"
+    )
     print(f"{'part (one core, one torch thread)':58s} {'per second':>12s} {'us/agent step':>14s}")
-    for name, rate in ((f"environment alone (agent steps)", env),
-                       (f"inference at batch {batch} (samples)", inference),
-                       (f"learner step, {config.batch_size} x {config.unroll_length} (samples)", learner)):
+    for name, rate in (
+        ("environment alone (agent steps)", env),
+        (f"inference at batch {batch} (samples)", inference),
+        (f"learner step, {config.batch_size} x {config.unroll_length} (samples)", learner),
+    ):
         print(f"  {name:56s} {rate:12,.0f} {1e6 / rate:14.0f}")
     print(f"{f'limit: {cores} cores / (sum of the three)':58s} {limit:12,.0f} agent steps/s")
-    print(f"{f'training run ({args.duration:g} s after {args.warmup:g} s warm-up)':58s} {steps:12,.0f} agent steps/s "
-          f"({steps * config.num_action_repeats:,.0f} frames/s)")
+    print(
+        f"{f'training run ({args.duration:g} s after {args.warmup:g} s warm-up)':58s} {steps:12,.0f} agent steps/s "
+        f"({steps * config.num_action_repeats:,.0f} frames/s)"
+    )
     print(f"{'ratio to the limit':58s} {steps / limit:12.1%}")
     print(f"{'policy lag at the end (updates)':58s} {last.get('policy_lag') or 0:12.1f}")
     print(f"{'where the time went in the run':58s} {'cores busy':>12s} {'us/agent step':>14s}")
@@ -302,10 +327,12 @@ def throughput(config: config_lib.Config, impala_flags: list[str], args: argpars
             print(f"  {name:56s} {busy[part]:12.2f} {busy[part] / steps * 1e6:14.0f}")
     work = sum(v for k, v in busy.items() if k not in ("learner_wait", "learner_queue_full", "actor_send", "actor_act"))
     print(f"  {'(work above, excluding waits)':56s} {work:12.2f}")
-    print("'cores busy' is wall-clock seconds inside each part per second, summed over the learner's\n"
-          "threads and the actor processes (impala.metrics.Stopwatch), not CPU time: a thread that\n"
-          f"waits for one of the {cores} cores, or for Python's GIL, inside a part still counts, so with\n"
-          f"more runnable threads than cores the sum can exceed {cores}.")
+    print(
+        "'cores busy' is wall-clock seconds inside each part per second, summed over the learner's\n"
+        "threads and the actor processes (impala.metrics.Stopwatch), not CPU time: a thread that\n"
+        f"waits for one of the {cores} cores, or for Python's GIL, inside a part still counts, so with\n"
+        f"more runnable threads than cores the sum can exceed {cores}."
+    )
 
 
 def _random_stepper(config: config_lib.Config, seeds: list[int], seconds: float, start, results) -> None:
@@ -364,8 +391,10 @@ def _in_processes(config: config_lib.Config, seconds: float, target) -> float:
     context = multiprocessing.get_context("spawn")
     seeds = np.array_split(np.arange(config.num_envs_per_actor) + config.seed, config.env_workers_per_actor)
     start, results = context.Event(), context.Queue()
-    processes = [context.Process(target=target, daemon=True,
-                                 args=(config, group.tolist(), seconds, start, results)) for group in seeds]
+    processes = [
+        context.Process(target=target, daemon=True, args=(config, group.tolist(), seconds, start, results))
+        for group in seeds
+    ]
     for process in processes:
         process.start()
     try:
@@ -436,8 +465,13 @@ def actor_host_steps_per_second(config: config_lib.Config, seconds: float) -> tu
     n, steps_per_unroll = config.num_envs_per_actor, config.unroll_length
     with ActorHost.from_config(config, config.level_name, config.seed) as host:
         agent = make_agent(config, host.observation_shape, host.num_actions, acting=True)
-        spec = unroll.unroll_spec(steps_per_unroll, host.observation_shape, host.observation_dtype,
-                                  host.num_actions, [s.shape[1] for s in agent.initial_state(1)])
+        spec = unroll.unroll_spec(
+            steps_per_unroll,
+            host.observation_shape,
+            host.observation_dtype,
+            host.num_actions,
+            [s.shape[1] for s in agent.initial_state(1)],
+        )
         buffer = unroll.new_unroll(spec, n)
         host.initial(buffer)
         state = agent.initial_state(n)
@@ -449,8 +483,11 @@ def actor_host_steps_per_second(config: config_lib.Config, seconds: float) -> tu
         threads = os.listdir(f"/proc/{os.getpid()}/task")
 
         def cpu() -> list[float]:
-            return ([sum(_cpu_seconds(pid) for pid in host.worker_pids)]
-                    + [_cpu_seconds(os.getpid(), int(t)) for t in threads] + [_idle_cores_seconds()])
+            return (
+                [sum(_cpu_seconds(pid) for pid in host.worker_pids)]
+                + [_cpu_seconds(os.getpid(), int(t)) for t in threads]
+                + [_idle_cores_seconds()]
+            )
 
         before = cpu()
         steps, begin = 0, time.perf_counter()
@@ -460,9 +497,12 @@ def actor_host_steps_per_second(config: config_lib.Config, seconds: float) -> tu
             steps += steps_per_unroll * n
         elapsed = time.perf_counter() - begin
         used = [(b - a) / steps * 1e6 for a, b in zip(before, cpu())]
-        where = {"env workers": used[0], "actor threads": sum(used[1:-1]),
-                 "of which inference": host.stopwatch.take().get("inference", 0.0) / steps * 1e6,
-                 "idle cores": used[-1]}
+        where = {
+            "env workers": used[0],
+            "actor threads": sum(used[1:-1]),
+            "of which inference": host.stopwatch.take().get("inference", 0.0) / steps * 1e6,
+            "idle cores": used[-1],
+        }
         return steps / elapsed, host.rows / max(host.batches, 1), where
 
 
@@ -472,12 +512,16 @@ def actor_side(config: config_lib.Config, seconds: float, rounds: int) -> None:
         config = config.replace(env_workers_per_actor=min(os.cpu_count() or 1, config.num_envs_per_actor))
     maximum = actor_batch_size(config)
     unbatched = config.replace(inference_minimum_batch_size=1, inference_maximum_batch_size=1)
-    print(f"actor side: {config.level_name}, {config.network} network, {config.num_envs_per_actor} envs in "
-          f"{config.env_workers_per_actor} env workers, unroll {config.unroll_length}, batches of "
-          f"{config.inference_minimum_batch_size}..{maximum} rows, timeout {config.inference_timeout_ms:g} ms, "
-          f"{os.cpu_count()} cores; agent steps/s")
-    print(f"{'round':>5s} {'raw envs':>10s} {'host':>10s} {'ratio':>7s} {'rows/batch':>10s} "
-          f"{'host, batch 1':>13s} {'speed-up':>8s} {'lock-step':>10s} {'ratio':>7s}")
+    print(
+        f"actor side: {config.level_name}, {config.network} network, {config.num_envs_per_actor} envs in "
+        f"{config.env_workers_per_actor} env workers, unroll {config.unroll_length}, batches of "
+        f"{config.inference_minimum_batch_size}..{maximum} rows, timeout {config.inference_timeout_ms:g} ms, "
+        f"{os.cpu_count()} cores; agent steps/s"
+    )
+    print(
+        f"{'round':>5s} {'raw envs':>10s} {'host':>10s} {'ratio':>7s} {'rows/batch':>10s} "
+        f"{'host, batch 1':>13s} {'speed-up':>8s} {'lock-step':>10s} {'ratio':>7s}"
+    )
     ratios, speedups, lock_ratios = [], [], []
     for r in range(1, rounds + 1):
         progress(f"actor side, round {r}/{rounds}: 1/5 raw environments, {seconds:g} s")
@@ -493,39 +537,65 @@ def actor_side(config: config_lib.Config, seconds: float, rounds: int) -> None:
         ratios.append(batched / raw)
         speedups.append(batched / single)
         lock_ratios.append(lock_step / raw)
-        print(f"{r:5d} {raw:10,.0f} {batched:10,.0f} {batched / raw:7.1%} {rows:10.1f} {single:13,.0f} "
-              f"{batched / single:7.2f}x {lock_step:10,.0f} {lock_step / raw:7.1%}", flush=True)
-    print(f"{'median':>5s} {'':10s} {'':10s} {float(np.median(ratios)):7.1%} {'':10s} {'':13s} "
-          f"{float(np.median(speedups)):7.2f}x {'':10s} {float(np.median(lock_ratios)):7.1%}")
-    print("where the CPU went in the host, last round (us per agent step; wall time of the "
-          f"{os.cpu_count()} cores: {(os.cpu_count() or 1) / batched * 1e6:,.0f}): "
-          + ", ".join(f"{k} {v:,.0f}" for k, v in where.items()))
+        print(
+            f"{r:5d} {raw:10,.0f} {batched:10,.0f} {batched / raw:7.1%} {rows:10.1f} {single:13,.0f} "
+            f"{batched / single:7.2f}x {lock_step:10,.0f} {lock_step / raw:7.1%}",
+            flush=True,
+        )
+    print(
+        f"{'median':>5s} {'':10s} {'':10s} {float(np.median(ratios)):7.1%} {'':10s} {'':13s} "
+        f"{float(np.median(speedups)):7.2f}x {'':10s} {float(np.median(lock_ratios)):7.1%}"
+    )
+    print(
+        "where the CPU went in the host, last round (us per agent step; wall time of the "
+        f"{os.cpu_count()} cores: {(os.cpu_count() or 1) / batched * 1e6:,.0f}): "
+        + ", ".join(f"{k} {v:,.0f}" for k, v in where.items())
+    )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
         epilog="Every other argument is a flag of python -m impala.experiment (e.g. "
-               "--flagfile=configs/pong.cfg); the measured run uses them. Progress goes to stderr, results "
-               "to stdout. The module docstring (scripts/bench.py) says what each number is.")
-    parser.add_argument("--measure", choices=("all", "training", "actor", "learner"), default="training",
-                        help="training (default): the one-core parts, the limit and the training run; "
-                             "actor: the actor side; all: both; learner: the learner step in each of "
-                             "--learner_dtypes")
-    parser.add_argument("--duration", type=float, default=60.0,
-                        help="seconds of training measured after the warm-up (default 60)")
-    parser.add_argument("--warmup", type=float, default=20.0,
-                        help="seconds of training at the start that are not counted (default 20)")
-    parser.add_argument("--part_seconds", type=float, default=10.0,
-                        help="seconds of each one-core measurement: environment, inference, learner (default 10)")
-    parser.add_argument("--actor_seconds", type=float, default=10.0,
-                        help="seconds of each actor-side measurement (default 10)")
+        "--flagfile=configs/pong.cfg); the measured run uses them. Progress goes to stderr, results "
+        "to stdout. The module docstring (scripts/bench.py) says what each number is.",
+    )
+    parser.add_argument(
+        "--measure",
+        choices=("all", "training", "actor", "learner"),
+        default="training",
+        help="training (default): the one-core parts, the limit and the training run; "
+        "actor: the actor side; all: both; learner: the learner step in each of "
+        "--learner_dtypes",
+    )
+    parser.add_argument(
+        "--duration", type=float, default=60.0, help="seconds of training measured after the warm-up (default 60)"
+    )
+    parser.add_argument(
+        "--warmup", type=float, default=20.0, help="seconds of training at the start that are not counted (default 20)"
+    )
+    parser.add_argument(
+        "--part_seconds",
+        type=float,
+        default=10.0,
+        help="seconds of each one-core measurement: environment, inference, learner (default 10)",
+    )
+    parser.add_argument(
+        "--actor_seconds", type=float, default=10.0, help="seconds of each actor-side measurement (default 10)"
+    )
     parser.add_argument("--actor_rounds", type=int, default=2, help="rounds of actor-side measurements (default 2)")
-    parser.add_argument("--learner_dtypes", default="float32,bfloat16",
-                        help="--measure=learner: the --learner_dtype values compared, comma separated; ratios "
-                             "are to the first (default float32,bfloat16)")
-    parser.add_argument("--learner_rounds", type=int, default=5,
-                        help="--measure=learner: rounds, each measuring every format once (default 5)")
+    parser.add_argument(
+        "--learner_dtypes",
+        default="float32,bfloat16",
+        help="--measure=learner: the --learner_dtype values compared, comma separated; ratios "
+        "are to the first (default float32,bfloat16)",
+    )
+    parser.add_argument(
+        "--learner_rounds",
+        type=int,
+        default=5,
+        help="--measure=learner: rounds, each measuring every format once (default 5)",
+    )
     args, impala_flags = parser.parse_known_args()
     flag_values = flags.FlagValues()
     config_lib.define_flags(flag_values)

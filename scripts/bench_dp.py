@@ -70,8 +70,14 @@ def _unroll_arrays(config: config_lib.Config) -> dict:
     spec_env = env_spec(config)
     agent = make_agent(config, spec_env.observation_shape, spec_env.num_actions, spec_env.instruction_length)
     sizes = tuple(s.shape[1] for s in agent.initial_state(1))
-    spec = unroll.unroll_spec(config.unroll_length, spec_env.observation_shape, spec_env.observation_dtype,
-                              spec_env.num_actions, sizes, instruction_length=spec_env.instruction_length)
+    spec = unroll.unroll_spec(
+        config.unroll_length,
+        spec_env.observation_shape,
+        spec_env.observation_dtype,
+        spec_env.num_actions,
+        sizes,
+        instruction_length=spec_env.instruction_length,
+    )
     rng = np.random.default_rng(0)
     arrays = unroll.new_unroll(spec, config.num_envs_per_actor)
     observation = arrays["observation"]
@@ -102,28 +108,61 @@ def _feed(unroll_address: str, task: int, arrays: dict, level: str, keys_dir: st
     s.close(linger=0)
 
 
-def measure(ranks: int, impala_flags: list[str], config: config_lib.Config, arrays: dict, warmup: float,
-            duration: float, workdir: Path) -> float:
+def measure(
+    ranks: int,
+    impala_flags: list[str],
+    config: config_lib.Config,
+    arrays: dict,
+    warmup: float,
+    duration: float,
+    workdir: Path,
+) -> float:
     """Samples/s of `ranks` learner ranks."""
     logdir = workdir / f"ranks{ranks}-{time.monotonic_ns()}"
     port, master = _free_ports(ranks + 1), _free_ports(1)
     learner_address = f"tcp://127.0.0.1:{port}"
-    command = [sys.executable, "-m", "impala.experiment", *impala_flags, "--job_name=learner",
-               f"--learner_ranks={ranks}", f"--learner_address={learner_address}", f"--logdir={logdir}",
-               "--log_interval_s=2", "--checkpoint_interval_s=100000", "--learner_threads=1"]
+    command = [
+        sys.executable,
+        "-m",
+        "impala.experiment",
+        *impala_flags,
+        "--job_name=learner",
+        f"--learner_ranks={ranks}",
+        f"--learner_address={learner_address}",
+        f"--logdir={logdir}",
+        "--log_interval_s=2",
+        "--checkpoint_interval_s=100000",
+        "--learner_threads=1",
+    ]
     processes = []
     for rank in range(ranks):
         env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
         if ranks > 1:
-            env.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(ranks), MASTER_ADDR="127.0.0.1",
-                       MASTER_PORT=str(master))
+            env.update(
+                RANK=str(rank),
+                LOCAL_RANK=str(rank),
+                WORLD_SIZE=str(ranks),
+                MASTER_ADDR="127.0.0.1",
+                MASTER_PORT=str(master),
+            )
         with open(workdir / f"ranks{ranks}-rank{rank}.log", "w") as log:  # the child keeps its own copy
             processes.append(subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT))
     stop = threading.Event()
-    feeders = [threading.Thread(target=_feed, daemon=True,
-                                args=(address.learner_addresses(learner_address, task, ranks)[0], task, arrays,
-                                      config.level_name, security.local_keys(logdir), stop))
-               for task in range(ranks * TASKS_PER_RANK)]
+    feeders = [
+        threading.Thread(
+            target=_feed,
+            daemon=True,
+            args=(
+                address.learner_addresses(learner_address, task, ranks)[0],
+                task,
+                arrays,
+                config.level_name,
+                security.local_keys(logdir),
+                stop,
+            ),
+        )
+        for task in range(ranks * TASKS_PER_RANK)
+    ]
     for t in feeders:
         t.start()
     metrics = logdir / "metrics.jsonl"
@@ -149,8 +188,11 @@ def measure(ranks: int, impala_flags: list[str], config: config_lib.Config, arra
     if len(rows) < 2:
         log = (workdir / f"ranks{ranks}-rank0.log").read_text()[-3000:]
         raise SystemExit(f"{ranks} rank(s): too few metrics rows; rank 0's log ends:\n{log}")
-    return (rows[-1]["frames"] - rows[0]["frames"]) / config.num_action_repeats / (
-        rows[-1]["wall_time"] - rows[0]["wall_time"])
+    return (
+        (rows[-1]["frames"] - rows[0]["frames"])
+        / config.num_action_repeats
+        / (rows[-1]["wall_time"] - rows[0]["wall_time"])
+    )
 
 
 def _interrupt(signum, frame) -> None:
@@ -181,8 +223,10 @@ def main() -> None:
     print(f"\n{config.level_name}, batch {config.batch_size} x unroll {config.unroll_length}, {os.cpu_count()} CPUs:")
     for n in counts:
         mean = np.mean(results[n])
-        print(f"  {n} rank(s): {mean:,.0f} samples/s (rounds: {', '.join(f'{r:,.0f}' for r in results[n])}); "
-              f"{mean / base:.2f}x {counts[0]} rank(s)")
+        print(
+            f"  {n} rank(s): {mean:,.0f} samples/s (rounds: {', '.join(f'{r:,.0f}' for r in results[n])}); "
+            f"{mean / base:.2f}x {counts[0]} rank(s)"
+        )
 
 
 if __name__ == "__main__":

@@ -79,7 +79,8 @@ def measure(mode: str, num_envs: int, seconds: float) -> tuple[float, float]:
     socket.setsockopt(zmq.RCVHWM, 4)
     port = socket.bind_to_random_port("tcp://127.0.0.1")
     process = multiprocessing.get_context("spawn").Process(
-        target=_sender, args=(f"tcp://127.0.0.1:{port}", mode, num_envs, seconds))
+        target=_sender, args=(f"tcp://127.0.0.1:{port}", mode, num_envs, seconds)
+    )
     process.start()
     count, start = 0, None
     warmup_end = time.monotonic() + 1.0
@@ -127,8 +128,17 @@ def receive_cpu(mode: str, num_envs: int, count: int = 50) -> float:
         frames = wire.encode("unroll", arrays, task=0, param_version=1, meta={"level": "ALE/Pong-v5"})
     # "receiver": the learner's whole receive path (impala/receiver.py: decode, layout and
     # value checks, the actor book, batch assembly), one batch per unroll.
-    receiver = UnrollReceiver(spec, 1, ACTIONS, ActorBook(ACTIONS, 4), Stopwatch(), default_level="ALE/Pong-v5",
-                              run_id="bench", param_version=lambda: 1, max_queued_batches=count + 1)
+    receiver = UnrollReceiver(
+        spec,
+        1,
+        ACTIONS,
+        ActorBook(ACTIONS, 4),
+        Stopwatch(),
+        default_level="ALE/Pong-v5",
+        run_id="bench",
+        param_version=lambda: 1,
+        max_queued_batches=count + 1,
+    )
     for _ in range(count):
         dealer.send_multipart(frames, copy=False)
     router.poll()
@@ -151,26 +161,34 @@ def report(seconds: float, num_envs: int, repeats: int = 3) -> float:
     so that a burst of other load on the machine does not decide the ratio."""
     runs = {"bare": [], "wire": []}
     # Progress on stderr (the results go to stdout): the whole takes minutes.
-    print(f"bench_wire.py: measuring bare pyzmq and impala's wire {repeats} times each, {seconds:g} s "
-          "apiece after a 1 s warm-up", file=sys.stderr, flush=True)
+    print(
+        f"bench_wire.py: measuring bare pyzmq and impala's wire {repeats} times each, {seconds:g} s "
+        "apiece after a 1 s warm-up",
+        file=sys.stderr,
+        flush=True,
+    )
     for repeat in range(1, repeats + 1):
         for mode in runs:
             runs[mode].append(measure(mode, num_envs, seconds))
-            print(f"bench_wire.py: {mode} {repeat}/{repeats}: {runs[mode][-1][0]:,.0f} unrolls/s",
-                  file=sys.stderr, flush=True)
+            print(
+                f"bench_wire.py: {mode} {repeat}/{repeats}: {runs[mode][-1][0]:,.0f} unrolls/s",
+                file=sys.stderr,
+                flush=True,
+            )
     bare, ours = (sorted(runs[m])[len(runs[m]) // 2] for m in ("bare", "wire"))
     size = sum(a.nbytes for a in pong_unroll(num_envs)[1].values()) / 1e6
     print(f"wire on loopback: Pong unrolls of {num_envs} env(s) x {UNROLL_LENGTH + 1} steps, {size:.2f} MB each")
     print(f"{'bare pyzmq (same bytes, raw frames)':48s} {bare[0]:10,.0f} unrolls/s {bare[1]:10,.0f} MB/s")
     print(f"{'impala wire (header, decode, validate)':48s} {ours[0]:10,.0f} unrolls/s {ours[1]:10,.0f} MB/s")
     print(f"{'ratio':48s} {ours[0] / bare[0]:10.1%}")
-    cpu = {m: sorted(receive_cpu(m, num_envs) for _ in range(2 * repeats + 1))[repeats]
-           for m in (*runs, "receiver")}
+    cpu = {m: sorted(receive_cpu(m, num_envs) for _ in range(2 * repeats + 1))[repeats] for m in (*runs, "receiver")}
     for mode, what in (("bare", "bare pyzmq"), ("wire", "impala wire"), ("receiver", "learner's receiver")):
         print(f"{what + ', receive CPU (inproc, median)':48s} {cpu[mode] * 1e6:10,.0f} us/unroll")
     arrays = pong_unroll(num_envs)[1]
-    encode = min(timeit.repeat(lambda: wire.encode("unroll", arrays, meta={"level": "ALE/Pong-v5"}),
-                               number=200, repeat=5)) / 200
+    encode = (
+        min(timeit.repeat(lambda: wire.encode("unroll", arrays, meta={"level": "ALE/Pong-v5"}), number=200, repeat=5))
+        / 200
+    )
     print(f"{'wire.encode, sender side (best of 5 x 200)':48s} {encode * 1e6:10,.0f} us/unroll")
     return ours[0] / bare[0]
 
@@ -197,7 +215,8 @@ def _hostile_receiver(count: int, size: int, results: multiprocessing.Queue) -> 
     port = socket.bind_to_random_port("tcp://127.0.0.1")
     base = _rss_mb()
     sender = multiprocessing.get_context("spawn").Process(
-        target=_hostile_sender, args=(f"tcp://127.0.0.1:{port}", count, size))
+        target=_hostile_sender, args=(f"tcp://127.0.0.1:{port}", count, size)
+    )
     sender.start()
     socket.poll()
     buffered = _rss_mb() - base  # the whole message, held by ZeroMQ before frame 1 is readable
@@ -222,19 +241,30 @@ def hostile() -> None:
         receiver.start()
         buffered, peak, cpu, outcome = results.get()
         receiver.join()
-        print(f"{name}: held by ZeroMQ before reading {buffered:,.0f} MB; receiver's peak "
-              f"{peak:,.0f} MB over its start; {cpu:.2f} s CPU to receive; {outcome[:100]}")
+        print(
+            f"{name}: held by ZeroMQ before reading {buffered:,.0f} MB; receiver's peak "
+            f"{peak:,.0f} MB over its start; {cpu:.2f} s CPU to receive; {outcome[:100]}"
+        )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seconds", type=float, default=5.0,
-                        help="seconds each measurement receives for, after a 1 s warm-up (default 5)")
+    parser.add_argument(
+        "--seconds",
+        type=float,
+        default=5.0,
+        help="seconds each measurement receives for, after a 1 s warm-up (default 5)",
+    )
     parser.add_argument("--envs", type=int, default=1, help="environments per unroll (default 1)")
-    parser.add_argument("--repeats", type=int, default=3,
-                        help="measurements of each kind, alternating; the medians are reported (default 3)")
-    parser.add_argument("--hostile", action="store_true",
-                        help="measure rejecting issue 18's oversized and many-frame messages instead")
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=3,
+        help="measurements of each kind, alternating; the medians are reported (default 3)",
+    )
+    parser.add_argument(
+        "--hostile", action="store_true", help="measure rejecting issue 18's oversized and many-frame messages instead"
+    )
     args = parser.parse_args()
     if args.hostile:
         hostile()

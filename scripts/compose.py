@@ -65,17 +65,26 @@ volumes:
 
 
 def render(actors: int, flagfile: str) -> str:
-    return (HEADER.format(actors=actors, flagfile=flagfile)
-            + "".join(ACTOR.format(task=task, flagfile=flagfile) for task in range(actors))
-            + FOOTER)
+    return (
+        HEADER.format(actors=actors, flagfile=flagfile)
+        + "".join(ACTOR.format(task=task, flagfile=flagfile) for task in range(actors))
+        + FOOTER
+    )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog="Prints compose.yaml on stdout.")
-    parser.add_argument("--actors", type=int, default=48,
-                        help="actor services, one environment each, tasks 0..N-1 (default 48, as in the paper)")
-    parser.add_argument("--flagfile", default="configs/pong.cfg",
-                        help="flagfile every job reads, as a path inside the image (default configs/pong.cfg)")
+    parser.add_argument(
+        "--actors",
+        type=int,
+        default=48,
+        help="actor services, one environment each, tasks 0..N-1 (default 48, as in the paper)",
+    )
+    parser.add_argument(
+        "--flagfile",
+        default="configs/pong.cfg",
+        help="flagfile every job reads, as a path inside the image (default configs/pong.cfg)",
+    )
     args = parser.parse_args()
     print(render(args.actors, args.flagfile), end="")
 

@@ -86,7 +86,7 @@ def _session_pids(sid: int) -> list[int]:
                 stat = (entry / "stat").read_text()
             except OSError:
                 continue
-            if int(stat[stat.rindex(")") + 2:].split()[3]) == sid:
+            if int(stat[stat.rindex(")") + 2 :].split()[3]) == sid:
                 pids.append(int(entry.name))
     return pids
 
@@ -116,8 +116,9 @@ def run(actors: int, workdir: Path, after_all_s: float, timeout_s: float) -> dic
     try:
         for name, cmd in cmds.items():  # learner first, as depends_on does not order them
             with open(workdir / f"{name}.log", "w") as log:
-                jobs[name] = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                              start_new_session=True)
+                jobs[name] = subprocess.Popen(
+                    cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+                )
         all_training = None
         while time.monotonic() - start < timeout_s:
             time.sleep(1.0)
@@ -136,16 +137,18 @@ def run(actors: int, workdir: Path, after_all_s: float, timeout_s: float) -> dic
         rows = _rows(workdir)[first_full:]
         learner_pids = _session_pids(jobs["learner"].pid)
         all_pids = [pid for p in jobs.values() for pid in _session_pids(p.pid)]
-        report.update({
-            "actors": actors,
-            "connected_actors": max((r["connected_actors"] for r in rows), default=None),
-            "seconds_until_all_training": round(all_training, 1),
-            "frames_per_s": round(sum(r["fps"] for r in rows) / len(rows), 1) if rows else None,
-            "param_version": rows[-1]["param_version"] if rows else None,
-            "learner_rss_mib": round(sum(_rss_kb(p, "VmRSS") for p in learner_pids) / 1024),
-            "total_rss_mib": round(sum(_rss_kb(p, "VmRSS") for p in all_pids) / 1024),
-            "total_pss_mib": round(sum(_rss_kb(p, "Pss") for p in all_pids) / 1024),
-        })
+        report.update(
+            {
+                "actors": actors,
+                "connected_actors": max((r["connected_actors"] for r in rows), default=None),
+                "seconds_until_all_training": round(all_training, 1),
+                "frames_per_s": round(sum(r["fps"] for r in rows) / len(rows), 1) if rows else None,
+                "param_version": rows[-1]["param_version"] if rows else None,
+                "learner_rss_mib": round(sum(_rss_kb(p, "VmRSS") for p in learner_pids) / 1024),
+                "total_rss_mib": round(sum(_rss_kb(p, "VmRSS") for p in all_pids) / 1024),
+                "total_pss_mib": round(sum(_rss_kb(p, "Pss") for p in all_pids) / 1024),
+            }
+        )
     finally:
         for p in jobs.values():
             if p.poll() is None:
@@ -165,9 +168,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--actors", type=int, default=48, help="actor services of compose.yaml to run (its first N)")
     parser.add_argument("--workdir", type=Path, required=True, help="keys/, logs/ and one log per job")
-    parser.add_argument("--after_all_s", type=float, default=60.0,
-                        help="seconds to keep running once all actors are training")
-    parser.add_argument("--timeout_s", type=float, default=1800.0, help="give up if not every actor is training by then")
+    parser.add_argument(
+        "--after_all_s", type=float, default=60.0, help="seconds to keep running once all actors are training"
+    )
+    parser.add_argument(
+        "--timeout_s", type=float, default=1800.0, help="give up if not every actor is training by then"
+    )
     args = parser.parse_args()
     print(json.dumps(run(args.actors, args.workdir, args.after_all_s, args.timeout_s)))
 

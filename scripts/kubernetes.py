@@ -39,8 +39,10 @@ KEYS, LOGS = "/keys", "/logs"
 TASK_ENV = "IMPALA_TASK"  # the pod's index in the Indexed Job, as --task
 INDEX_ANNOTATION = "metadata.annotations['batch.kubernetes.io/job-completion-index']"
 # Secret keys may not contain '/': each names its file under /keys by `path`.
-LEARNER_KEYS = {"learner.key_secret": "learner.key_secret",
-                "authorized-actors.actor.key": "authorized_actors/actor.key"}
+LEARNER_KEYS = {
+    "learner.key_secret": "learner.key_secret",
+    "authorized-actors.actor.key": "authorized_actors/actor.key",
+}
 ACTOR_KEYS = {"actor.key_secret": "actor.key_secret", "learner.key": "learner.key"}
 
 
@@ -57,18 +59,33 @@ def read_keys(keys_dir: str | None) -> dict[str, str]:
 
 
 def _labels(name: str, component: str) -> dict[str, str]:
-    return {"app.kubernetes.io/name": "impala", "app.kubernetes.io/instance": name,
-            "app.kubernetes.io/component": component}
+    return {
+        "app.kubernetes.io/name": "impala",
+        "app.kubernetes.io/instance": name,
+        "app.kubernetes.io/component": component,
+    }
 
 
 def _keys_volume(name: str, items: dict[str, str]) -> dict:
-    return {"name": "keys", "secret": {"secretName": f"{name}-keys", "defaultMode": 0o400,
-                                       "items": [{"key": k, "path": p} for k, p in items.items()]}}
+    return {
+        "name": "keys",
+        "secret": {
+            "secretName": f"{name}-keys",
+            "defaultMode": 0o400,
+            "items": [{"key": k, "path": p} for k, p in items.items()],
+        },
+    }
 
 
 def _container(image: str, args: list[str], resources: dict, mounts: list[dict], **extra) -> dict:
-    return {"name": "impala", "image": image, "args": args, "resources": resources,
-            "volumeMounts": [{"name": "keys", "mountPath": KEYS, "readOnly": True}, *mounts], **extra}
+    return {
+        "name": "impala",
+        "image": image,
+        "args": args,
+        "resources": resources,
+        "volumeMounts": [{"name": "keys", "mountPath": KEYS, "readOnly": True}, *mounts],
+        **extra,
+    }
 
 
 def _resources(cpus: float, memory: str, gpus: int = 0) -> dict:
@@ -79,8 +96,11 @@ def _resources(cpus: float, memory: str, gpus: int = 0) -> dict:
 
 def learner_ports(ranks: int) -> list[tuple[str, int]]:
     """(name, port) of every port the learner's ranks bind (impala/address.py's rule)."""
-    return [("unrolls", PORT), ("params", params_port(PORT)),
-            *((f"unrolls-r{r}", unroll_port(PORT, r)) for r in range(1, ranks))]
+    return [
+        ("unrolls", PORT),
+        ("params", params_port(PORT)),
+        *((f"unrolls-r{r}", unroll_port(PORT, r)) for r in range(1, ranks)),
+    ]
 
 
 def learner_objects(args: argparse.Namespace) -> list[dict]:
@@ -91,38 +111,79 @@ def learner_objects(args: argparse.Namespace) -> list[dict]:
     /dev/shm). All ranks run in one pod, so the Service's ports (one unroll port per
     rank) all lead to it, and the actors find their rank by the address rule."""
     name, labels = f"{args.name}-learner", _labels(args.name, "learner")
-    flags = [f"--flagfile={args.flagfile}", "--job_name=learner", f"--learner_address=tcp://0.0.0.0:{PORT}",
-             f"--keys_dir={KEYS}", f"--logdir={LOGS}/run", *_rank_flags(args), *args.flag]
-    pvc = {"apiVersion": "v1", "kind": "PersistentVolumeClaim",
-           "metadata": {"name": f"{args.name}-logs", "labels": labels},
-           "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": args.logs_size}},
-                    **({"storageClassName": args.storage_class} if args.storage_class else {})}}
+    flags = [
+        f"--flagfile={args.flagfile}",
+        "--job_name=learner",
+        f"--learner_address=tcp://0.0.0.0:{PORT}",
+        f"--keys_dir={KEYS}",
+        f"--logdir={LOGS}/run",
+        *_rank_flags(args),
+        *args.flag,
+    ]
+    pvc = {
+        "apiVersion": "v1",
+        "kind": "PersistentVolumeClaim",
+        "metadata": {"name": f"{args.name}-logs", "labels": labels},
+        "spec": {
+            "accessModes": ["ReadWriteOnce"],
+            "resources": {"requests": {"storage": args.logs_size}},
+            **({"storageClassName": args.storage_class} if args.storage_class else {}),
+        },
+    }
     ranks = args.learner_ranks
     mounts, volumes, extra = [{"name": "logs", "mountPath": LOGS}], [], {}
     if ranks > 1:
-        extra["command"] = ["python", "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}",
-                            "-m", "impala.experiment"]
+        extra["command"] = [
+            "python",
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={ranks}",
+            "-m",
+            "impala.experiment",
+        ]
         mounts.append({"name": "shm", "mountPath": "/dev/shm"})
         volumes.append({"name": "shm", "emptyDir": {"medium": "Memory"}})
     container = _container(
-        args.learner_image or args.image, flags, _resources(args.learner_cpus, args.learner_memory, args.learner_gpus),
-        mounts, ports=[{"name": n, "containerPort": p} for n, p in learner_ports(ranks)], **extra)
+        args.learner_image or args.image,
+        flags,
+        _resources(args.learner_cpus, args.learner_memory, args.learner_gpus),
+        mounts,
+        ports=[{"name": n, "containerPort": p} for n, p in learner_ports(ranks)],
+        **extra,
+    )
     deployment = {
-        "apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": name, "labels": labels},
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": name, "labels": labels},
         "spec": {
             "replicas": 1,
             "strategy": {"type": "Recreate"},  # never two learners on one logdir
             "selector": {"matchLabels": labels},
-            "template": {"metadata": {"labels": labels}, "spec": {
-                # SIGTERM writes a checkpoint before exit; give it time.
-                "terminationGracePeriodSeconds": 120,
-                "containers": [container],
-                "volumes": [_keys_volume(args.name, LEARNER_KEYS),
-                            {"name": "logs", "persistentVolumeClaim": {"claimName": f"{args.name}-logs"}},
-                            *volumes]}}}}
-    service = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": name, "labels": labels},
-               "spec": {"selector": labels, "ports": [
-                   {"name": n, "port": p, "targetPort": p} for n, p in learner_ports(ranks)]}}
+            "template": {
+                "metadata": {"labels": labels},
+                "spec": {
+                    # SIGTERM writes a checkpoint before exit; give it time.
+                    "terminationGracePeriodSeconds": 120,
+                    "containers": [container],
+                    "volumes": [
+                        _keys_volume(args.name, LEARNER_KEYS),
+                        {"name": "logs", "persistentVolumeClaim": {"claimName": f"{args.name}-logs"}},
+                        *volumes,
+                    ],
+                },
+            },
+        },
+    }
+    service = {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": name, "labels": labels},
+        "spec": {
+            "selector": labels,
+            "ports": [{"name": n, "port": p, "targetPort": p} for n, p in learner_ports(ranks)],
+        },
+    }
     return [pvc, deployment, service]
 
 
@@ -131,23 +192,42 @@ def actor_job(args: argparse.Namespace) -> dict:
     the DMLab-30 level i mod 30). Actors wait for the learner and reconnect after its
     restarts; a crashed actor pod restarts in place with the same index."""
     labels = _labels(args.name, "actors")
-    flags = [f"--flagfile={args.flagfile}", "--job_name=actor", f"--task=$({TASK_ENV})",
-             f"--num_envs_per_actor={args.envs_per_actor}",
-             f"--learner_address=tcp://{args.name}-learner:{PORT}", f"--keys_dir={KEYS}", *_rank_flags(args),
-             *args.flag]
-    container = _container(args.image, flags, _resources(args.actor_cpus, args.actor_memory), [],
-                           env=[{"name": TASK_ENV, "valueFrom": {"fieldRef": {"fieldPath": INDEX_ANNOTATION}}}])
+    flags = [
+        f"--flagfile={args.flagfile}",
+        "--job_name=actor",
+        f"--task=$({TASK_ENV})",
+        f"--num_envs_per_actor={args.envs_per_actor}",
+        f"--learner_address=tcp://{args.name}-learner:{PORT}",
+        f"--keys_dir={KEYS}",
+        *_rank_flags(args),
+        *args.flag,
+    ]
+    container = _container(
+        args.image,
+        flags,
+        _resources(args.actor_cpus, args.actor_memory),
+        [],
+        env=[{"name": TASK_ENV, "valueFrom": {"fieldRef": {"fieldPath": INDEX_ANNOTATION}}}],
+    )
     return {
-        "apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": f"{args.name}-actors", "labels": labels},
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {"name": f"{args.name}-actors", "labels": labels},
         "spec": {
             "completionMode": "Indexed",
             "completions": args.actors,
             "parallelism": args.actors,
             "backoffLimit": 10 * args.actors,
-            "template": {"metadata": {"labels": labels}, "spec": {
-                "restartPolicy": "OnFailure",
-                "containers": [container],
-                "volumes": [_keys_volume(args.name, ACTOR_KEYS)]}}}}
+            "template": {
+                "metadata": {"labels": labels},
+                "spec": {
+                    "restartPolicy": "OnFailure",
+                    "containers": [container],
+                    "volumes": [_keys_volume(args.name, ACTOR_KEYS)],
+                },
+            },
+        },
+    }
 
 
 def _rank_flags(args: argparse.Namespace) -> list[str]:
@@ -157,9 +237,13 @@ def _rank_flags(args: argparse.Namespace) -> list[str]:
 
 
 def manifests(args: argparse.Namespace, keys: dict[str, str]) -> list[dict]:
-    secret = {"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
-              "metadata": {"name": f"{args.name}-keys", "labels": _labels(args.name, "keys")},
-              "stringData": keys}
+    secret = {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "type": "Opaque",
+        "metadata": {"name": f"{args.name}-keys", "labels": _labels(args.name, "keys")},
+        "stringData": keys,
+    }
     return [secret, *learner_objects(args), actor_job(args)]
 
 
@@ -177,8 +261,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--learner_cpus", type=float, default=4, help="CPU cores the learner pod requests")
     p.add_argument("--learner_memory", default="8Gi", help="memory the learner pod requests")
     p.add_argument("--learner_gpus", type=int, default=0, help="nvidia.com/gpu the learner requests")
-    p.add_argument("--learner_ranks", type=int, default=1,
-                   help="data-parallel learner ranks in the learner pod (torchrun; one per GPU)")
+    p.add_argument(
+        "--learner_ranks",
+        type=int,
+        default=1,
+        help="data-parallel learner ranks in the learner pod (torchrun; one per GPU)",
+    )
     p.add_argument("--logs_size", default="10Gi", help="size of the PersistentVolumeClaim for --logdir")
     p.add_argument("--storage_class", default="", help="the PVC's storage class; default: the cluster's")
     p.add_argument("--keys_dir", default=None, help="existing keys (python -m impala.security); default: new")

@@ -65,8 +65,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 # Light imports only: the sender processes import this module, and need no torch.
-from impala import config as config_lib
-from impala import security, step, unroll, wire
+from impala import config as config_lib  # noqa: E402 (after the sys.path line above)
+from impala import security, step, unroll, wire  # noqa: E402
 
 OBS_WINDOWS = 4  # precomputed observation windows per sender process
 MEAN_EPISODE_STEPS = 400  # agent steps; episodes end at random with this mean
@@ -93,8 +93,7 @@ def column_crc(arrays: Mapping[str, Any], spec: Mapping, column: int, observatio
             crc = zlib.crc32(np.ascontiguousarray(observation[t, column]), crc)
     for name, (_, _, time_major) in spec.items():
         if name != "observation":
-            crc = zlib.crc32(np.ascontiguousarray(arrays[name][:, column] if time_major else arrays[name][column]),
-                             crc)
+            crc = zlib.crc32(np.ascontiguousarray(arrays[name][:, column] if time_major else arrays[name][column]), crc)
     return crc
 
 
@@ -116,8 +115,10 @@ class Observations:
         else:
             frames = rng.standard_normal(frames_shape).astype(dtype)
         count = frames.shape[0]
-        self.windows = [np.ascontiguousarray(frames[[(k * (steps - 1) + t) % count for t in range(steps)]])
-                        for k in range(OBS_WINDOWS)]
+        self.windows = [
+            np.ascontiguousarray(frames[[(k * (steps - 1) + t) % count for t in range(steps)]])
+            for k in range(OBS_WINDOWS)
+        ]
         self.crcs = [[column_crc({"observation": w}, {}, e) for e in range(num_envs)] for w in self.windows]
 
 
@@ -125,8 +126,15 @@ class UnrollMaker:
     """One connection's stream of unrolls: plausible, consecutive (step 0 repeats the
     previous unroll's step T), each different from every other."""
 
-    def __init__(self, spec: Mapping, num_envs: int, num_actions: int, connection: int,
-                 observations: Observations, rng: np.random.Generator):
+    def __init__(
+        self,
+        spec: Mapping,
+        num_envs: int,
+        num_actions: int,
+        connection: int,
+        observations: Observations,
+        rng: np.random.Generator,
+    ):
         self.spec, self.num_envs, self.num_actions, self.connection = spec, num_envs, num_actions, connection
         self.observations, self.rng = observations, rng
         self.fresh = {name: layout for name, layout in spec.items() if name != "observation"}
@@ -161,7 +169,7 @@ class UnrollMaker:
             out["episode_step"][t] = self.episode_step
             self.episode_return[out["done"][t]] = 0.0
             self.episode_step[out["done"][t]] = 0
-        for name, (_, shape, time_major) in self.spec.items():
+        for name, (_, shape, _time_major) in self.spec.items():
             if name.startswith("core_state_"):  # LSTM h in (-1, 1), c of moderate size
                 values = rng.standard_normal((n, *shape)).astype(np.float32)
                 out[name] = np.tanh(values) if name.endswith("_0") else 0.5 * values
@@ -172,8 +180,21 @@ class UnrollMaker:
         return out, meta
 
 
-def _sender(address: str, connections: list[int], spec: dict, num_envs: int, num_actions: int, level: str,
-            keys_dir: str, seed: int, max_unrolls: int, inject: str, sndhwm: int, stop: Any, results: Any) -> None:
+def _sender(
+    address: str,
+    connections: list[int],
+    spec: dict,
+    num_envs: int,
+    num_actions: int,
+    level: str,
+    keys_dir: str,
+    seed: int,
+    max_unrolls: int,
+    inject: str,
+    sndhwm: int,
+    stop: Any,
+    results: Any,
+) -> None:
     """One sender process: a DEALER socket per connection, each sent to as fast as it
     takes messages, until `stop` is set or each sent `max_unrolls` (0: no limit). Puts
     {connection: unrolls sent} on `results`."""
@@ -198,8 +219,9 @@ def _sender(address: str, connections: list[int], spec: dict, num_envs: int, num
 
     def message(i: int) -> list:
         arrays, meta = makers[i].next()
-        frames = wire.encode("unroll", arrays, task=connections[i], param_version=0,
-                             meta={"level": level, META_KEY: meta})
+        frames = wire.encode(
+            "unroll", arrays, task=connections[i], param_version=0, meta={"level": level, META_KEY: meta}
+        )
         if inject and connections[i] == 0 and meta["s"] == 1:  # deliberate faults, for the tests
             if inject == "duplicate":  # sent here and again by the caller
                 sockets[i].send_multipart(frames, copy=False)
@@ -208,8 +230,9 @@ def _sender(address: str, connections: list[int], spec: dict, num_envs: int, num
                 return message(i)
             elif inject == "corrupt":  # an in-range change the checksum must notice
                 arrays["action"][1, 0] = (arrays["action"][1, 0] + 1) % num_actions
-                frames = wire.encode("unroll", arrays, task=connections[i], param_version=0,
-                                     meta={"level": level, META_KEY: meta})
+                frames = wire.encode(
+                    "unroll", arrays, task=connections[i], param_version=0, meta={"level": level, META_KEY: meta}
+                )
         return frames
 
     while not stop.is_set():
@@ -301,8 +324,10 @@ class Ledger:
                 got = column_crc(arrays, self.spec, b)
                 if got != crc:
                     with self._lock:
-                        self.problem(f"batch column {b} (connection {connection}, unroll {sequence}, env {e}): "
-                                     f"checksum {got:08x}, sent {crc:08x}")
+                        self.problem(
+                            f"batch column {b} (connection {connection}, unroll {sequence}, env {e}): "
+                            f"checksum {got:08x}, sent {crc:08x}"
+                        )
             with self._lock:
                 self.checked_columns += size
 
@@ -394,9 +419,9 @@ def receive_cpu_s() -> float:
             stat = (task / "stat").read_text()
         except OSError:  # the thread ended
             continue
-        name = stat[stat.index("(") + 1:stat.rindex(")")]
+        name = stat[stat.index("(") + 1 : stat.rindex(")")]
         if int(task.name) in unrolls or name.startswith("ZMQbg/IO"):
-            fields = stat[stat.rindex(")") + 2:].split()
+            fields = stat[stat.rindex(")") + 2 :].split()
             total += int(fields[11]) + int(fields[12])  # utime, stime
     return total / os.sysconf("SC_CLK_TCK")
 
@@ -427,11 +452,28 @@ def measure(config: config_lib.Config, args: argparse.Namespace, env: Any, train
     context = multiprocessing.get_context("spawn")
     stop, results = context.Event(), context.Queue()
     connections = args.processes * args.sockets
-    senders = [context.Process(
-        target=_sender, daemon=True,
-        args=(learner.unroll_address, list(range(p * args.sockets, (p + 1) * args.sockets)), spec,
-              config.num_envs_per_actor, env.num_actions, config.level_name, config.keys_dir, config.seed + p,
-              args.unrolls, args.inject, UNROLL_SNDHWM, stop, results)) for p in range(args.processes)]
+    senders = [
+        context.Process(
+            target=_sender,
+            daemon=True,
+            args=(
+                learner.unroll_address,
+                list(range(p * args.sockets, (p + 1) * args.sockets)),
+                spec,
+                config.num_envs_per_actor,
+                env.num_actions,
+                config.level_name,
+                config.keys_dir,
+                config.seed + p,
+                args.unrolls,
+                args.inject,
+                UNROLL_SNDHWM,
+                stop,
+                results,
+            ),
+        )
+        for p in range(args.processes)
+    ]
     for s in senders:
         s.start()
     watch = MemoryWatch([s.pid for s in senders], args.max_rss_mb, stop)
@@ -448,8 +490,9 @@ def measure(config: config_lib.Config, args: argparse.Namespace, env: Any, train
             if len(ledger.next_sequence) == connections:
                 mark("connected")
             elif time.monotonic() - start > STARTUP_S:
-                ledger.problem(f"only {len(ledger.next_sequence)} of {connections} connections sent an unroll "
-                               f"in {STARTUP_S:.0f} s")
+                ledger.problem(
+                    f"only {len(ledger.next_sequence)} of {connections} connections sent an unroll in {STARTUP_S:.0f} s"
+                )
                 stop.set()
         now = time.monotonic() - marks["connected"][0] if "connected" in marks else -1.0
         if "warm" not in marks and now >= args.warmup:
@@ -511,8 +554,12 @@ def measure(config: config_lib.Config, args: argparse.Namespace, env: Any, train
     unroll_bytes = sum(np.dtype(d).itemsize * np.prod(shape) for d, shape, _ in spec.values())
     message_mb = unroll_bytes * config.num_envs_per_actor / 2**20
     batch_mb = unroll_bytes * config.batch_size / 2**20
-    bound = (base + connections * (learner_lib.UNROLL_RCVHWM + 1) * message_mb
-             + (config.max_queued_batches + 3) * batch_mb + args.rss_allowance_mb)
+    bound = (
+        base
+        + connections * (learner_lib.UNROLL_RCVHWM + 1) * message_mb
+        + (config.max_queued_batches + 3) * batch_mb
+        + args.rss_allowance_mb
+    )
     if watch.over:
         problems.append(watch.over)
     if "warm" not in marks and not args.unrolls:
@@ -525,13 +572,22 @@ def measure(config: config_lib.Config, args: argparse.Namespace, env: Any, train
     elapsed = max(t1 - t0, 1e-9)
     return {
         "cpu_per_unroll": (c1 - c0) / max(u1 - u0, 1),
-        "elapsed": elapsed, "unrolls_per_s": (u1 - u0) / elapsed,
+        "elapsed": elapsed,
+        "unrolls_per_s": (u1 - u0) / elapsed,
         "steps_per_s": (e1 - e0) * config.unroll_length / elapsed,
         "trained_steps_per_s": (f1 - f0) / config.num_action_repeats / elapsed,
-        "unrolls": ledger.unrolls, "sent": sum(sent.values()), "taken_columns": ledger.taken_columns,
-        "checked_columns": ledger.checked_columns, "trained_frames": learner.frames,
-        "base_mb": base, "peak_mb": watch.peak, "peak_total_mb": watch.peak_total, "bound_mb": bound,
-        "message_mb": message_mb, "problems": problems, "problem_count": count,
+        "unrolls": ledger.unrolls,
+        "sent": sum(sent.values()),
+        "taken_columns": ledger.taken_columns,
+        "checked_columns": ledger.checked_columns,
+        "trained_frames": learner.frames,
+        "base_mb": base,
+        "peak_mb": watch.peak,
+        "peak_total_mb": watch.peak_total,
+        "bound_mb": bound,
+        "message_mb": message_mb,
+        "problems": problems,
+        "problem_count": count,
     }
 
 
@@ -546,32 +602,68 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, config_lib.Config]:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
         epilog="Every other argument is a flag of python -m impala.experiment (e.g. --flagfile=configs/pong.cfg, "
-               "--num_envs_per_actor, --unroll_length, --keys_dir); the learner and the unrolls' shape follow "
-               "them. The module docstring (scripts/load.py) says what each number and check is.")
+        "--num_envs_per_actor, --unroll_length, --keys_dir); the learner and the unrolls' shape follow "
+        "them. The module docstring (scripts/load.py) says what each number and check is.",
+    )
     parser.add_argument("--processes", type=int, default=2, help="sender processes (default 2)")
-    parser.add_argument("--sockets", type=int, default=4,
-                        help="connections (DEALER sockets, one actor task each) per sender process (default 4)")
-    parser.add_argument("--measure", choices=("receive", "learner", "both"), default="both",
-                        help="receive: the receive path with training replaced by draining; learner: the real "
-                             "learner training; both (default): one after the other, and their ratio")
+    parser.add_argument(
+        "--sockets",
+        type=int,
+        default=4,
+        help="connections (DEALER sockets, one actor task each) per sender process (default 4)",
+    )
+    parser.add_argument(
+        "--measure",
+        choices=("receive", "learner", "both"),
+        default="both",
+        help="receive: the receive path with training replaced by draining; learner: the real "
+        "learner training; both (default): one after the other, and their ratio",
+    )
     parser.add_argument("--seconds", type=float, default=20.0, help="seconds measured after the warm-up (default 20)")
-    parser.add_argument("--warmup", type=float, default=10.0,
-                        help="seconds at the start that are not counted: processes start, queues fill (default 10)")
-    parser.add_argument("--unrolls", type=int, default=0,
-                        help="unrolls each connection sends, then it stops (0, the default: send until the end)")
-    parser.add_argument("--check_every", type=int, default=1,
-                        help="checksum the columns of every Nth batch taken (default 1: all); all are counted")
-    parser.add_argument("--max_rss_mb", type=float, default=8192.0,
-                        help="stop (and fail) when the learner's and the senders' RSS together pass this "
-                             "(default 8192): the machine is shared")
-    parser.add_argument("--rss_allowance_mb", type=float, default=1024.0,
-                        help="learner RSS allowed beyond its queues' bound: allocator slack and training "
-                             "activations (default 1024; Pong's shallow network at batch 32 takes about 500)")
-    parser.add_argument("--logdir", default="",
-                        help="the learner's logdir (metrics.jsonl); default: a fresh temporary folder, removed after")
-    parser.add_argument("--inject", choices=("", "duplicate", "drop", "corrupt"), default="",
-                        help="for the tests: connection 0 sends its unroll 1 twice, skips it, or changes an action "
-                             "after its checksum; the checks must then fail")
+    parser.add_argument(
+        "--warmup",
+        type=float,
+        default=10.0,
+        help="seconds at the start that are not counted: processes start, queues fill (default 10)",
+    )
+    parser.add_argument(
+        "--unrolls",
+        type=int,
+        default=0,
+        help="unrolls each connection sends, then it stops (0, the default: send until the end)",
+    )
+    parser.add_argument(
+        "--check_every",
+        type=int,
+        default=1,
+        help="checksum the columns of every Nth batch taken (default 1: all); all are counted",
+    )
+    parser.add_argument(
+        "--max_rss_mb",
+        type=float,
+        default=8192.0,
+        help="stop (and fail) when the learner's and the senders' RSS together pass this "
+        "(default 8192): the machine is shared",
+    )
+    parser.add_argument(
+        "--rss_allowance_mb",
+        type=float,
+        default=1024.0,
+        help="learner RSS allowed beyond its queues' bound: allocator slack and training "
+        "activations (default 1024; Pong's shallow network at batch 32 takes about 500)",
+    )
+    parser.add_argument(
+        "--logdir",
+        default="",
+        help="the learner's logdir (metrics.jsonl); default: a fresh temporary folder, removed after",
+    )
+    parser.add_argument(
+        "--inject",
+        choices=("", "duplicate", "drop", "corrupt"),
+        default="",
+        help="for the tests: connection 0 sends its unroll 1 twice, skips it, or changes an action "
+        "after its checksum; the checks must then fail",
+    )
     args, impala_flags = parser.parse_known_args(argv)
     for name in ("processes", "sockets", "check_every"):
         if getattr(args, name) < 1:
@@ -594,19 +686,27 @@ def load_average() -> str:
 
 
 def report(name: str, result: dict) -> None:
-    print(f"{name}: {result['unrolls_per_s']:,.0f} unrolls/s, {result['steps_per_s']:,.0f} agent steps/s received"
-          + (f"; {result['trained_steps_per_s']:,.0f} agent steps/s trained on" if name == "learner" else "")
-          + f" ({result['elapsed']:.1f} s measured)")
+    print(
+        f"{name}: {result['unrolls_per_s']:,.0f} unrolls/s, {result['steps_per_s']:,.0f} agent steps/s received"
+        + (f"; {result['trained_steps_per_s']:,.0f} agent steps/s trained on" if name == "learner" else "")
+        + f" ({result['elapsed']:.1f} s measured)"
+    )
     if name == "receive" and result["cpu_per_unroll"] > 0:
         per_core = 1 / result["cpu_per_unroll"]
-        print(f"  receive path CPU (the 'unrolls' thread and ZeroMQ's I/O thread): "
-              f"{result['cpu_per_unroll'] * 1e6:,.0f} us per unroll, so one core of them takes {per_core:,.0f} "
-              f"unrolls/s, {per_core * result['steps_per_s'] / max(result['unrolls_per_s'], 1e-9):,.0f} agent steps/s")
-    print(f"  {result['sent']:,} unrolls sent, {result['unrolls']:,} received; {result['taken_columns']:,} env "
-          f"columns taken from the queue, {result['checked_columns']:,} checksummed"
-          + (f"; {result['trained_frames']:,} frames trained" if name == "learner" else ""))
-    print(f"  learner RSS {result['base_mb']:,.0f} MB at the start, peak {result['peak_mb']:,.0f} MB (bound "
-          f"{result['bound_mb']:,.0f} MB); with the senders, peak {result['peak_total_mb']:,.0f} MB")
+        print(
+            f"  receive path CPU (the 'unrolls' thread and ZeroMQ's I/O thread): "
+            f"{result['cpu_per_unroll'] * 1e6:,.0f} us per unroll, so one core of them takes {per_core:,.0f} "
+            f"unrolls/s, {per_core * result['steps_per_s'] / max(result['unrolls_per_s'], 1e-9):,.0f} agent steps/s"
+        )
+    print(
+        f"  {result['sent']:,} unrolls sent, {result['unrolls']:,} received; {result['taken_columns']:,} env "
+        f"columns taken from the queue, {result['checked_columns']:,} checksummed"
+        + (f"; {result['trained_frames']:,} frames trained" if name == "learner" else "")
+    )
+    print(
+        f"  learner RSS {result['base_mb']:,.0f} MB at the start, peak {result['peak_mb']:,.0f} MB (bound "
+        f"{result['bound_mb']:,.0f} MB); with the senders, peak {result['peak_total_mb']:,.0f} MB"
+    )
     if result["problem_count"]:
         print(f"  FAILED: {result['problem_count']} problem(s):")
         for problem in result["problems"]:
@@ -628,15 +728,24 @@ def main(argv: list[str]) -> int:
         print(f"load.py: error: {str(e).splitlines()[0]}", file=sys.stderr)
         return 2
     with tempfile.TemporaryDirectory(prefix="impala-load-") as scratch:
-        config = config.replace(logdir=args.logdir or scratch, total_environment_frames=2**62,
-                                checkpoint_interval_s=1e9, log_interval_s=max(config.log_interval_s, 5.0))
-        spec = unroll.spec_of(config.unroll_length, step.EnvSpec(env.observation_shape, env.observation_dtype,
-                                                                   env.num_actions, env.instruction_length))
+        config = config.replace(
+            logdir=args.logdir or scratch,
+            total_environment_frames=2**62,
+            checkpoint_interval_s=1e9,
+            log_interval_s=max(config.log_interval_s, 5.0),
+        )
+        spec = unroll.spec_of(
+            config.unroll_length,
+            step.EnvSpec(env.observation_shape, env.observation_dtype, env.num_actions, env.instruction_length),
+        )
         steps = spec["reward"][1][0]
-        print(f"load.py: {config.level_name}, unrolls of {config.num_envs_per_actor} env(s) x {steps} steps; "
-              f"{connections} connections ({args.processes} processes x {args.sockets} sockets), "
-              f"{'CurveZMQ' if config.keys_dir else 'plain TCP'}; learner batch {config.batch_size}, "
-              f"device {config.device}, {config.learner_threads} torch thread(s); {load_average()}", flush=True)
+        print(
+            f"load.py: {config.level_name}, unrolls of {config.num_envs_per_actor} env(s) x {steps} steps; "
+            f"{connections} connections ({args.processes} processes x {args.sockets} sockets), "
+            f"{'CurveZMQ' if config.keys_dir else 'plain TCP'}; learner batch {config.batch_size}, "
+            f"device {config.device}, {config.learner_threads} torch thread(s); {load_average()}",
+            flush=True,
+        )
         results = {}
         try:
             for name in ("receive", "learner"):

@@ -20,8 +20,8 @@ import argparse
 import math
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import matplotlib
 
@@ -162,8 +162,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("paths", nargs="+", help="metrics.jsonl files or logdirs holding one")
     parser.add_argument("--output", "-o", required=True, help="PNG file to write (its folder is made if missing)")
     parser.add_argument("--labels", help="comma-separated legend labels, one per path")
-    parser.add_argument("--smoothing", type=float, default=0.9,
-                        help="exponential moving average weight in [0, 1) (default 0.9)")
+    parser.add_argument(
+        "--smoothing", type=float, default=0.9, help="exponential moving average weight in [0, 1) (default 0.9)"
+    )
     parser.add_argument("--title", help="title above the plot (default: none)")
     parser.add_argument("--x", choices=X_AXES, default="frames", help="x axis (default frames)")
     args = parser.parse_args(argv)

@@ -47,12 +47,19 @@ def summarize(rows: list[dict], target: float, window: int = 100, max_gap_s: flo
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("logdir", help="the run's --logdir, or its metrics.jsonl file")
-    parser.add_argument("--target", type=float, required=True,
-                        help="the mean return to look for (e.g. 18 for Pong, 475 for CartPole-v1)")
+    parser.add_argument(
+        "--target",
+        type=float,
+        required=True,
+        help="the mean return to look for (e.g. 18 for Pong, 475 for CartPole-v1)",
+    )
     parser.add_argument("--window", type=int, default=100, help="episodes in the running mean (default 100)")
-    parser.add_argument("--max_gap_s", type=float, default=60.0,
-                        help="gaps between rows longer than this many seconds are not counted as training "
-                             "time (default 60)")
+    parser.add_argument(
+        "--max_gap_s",
+        type=float,
+        default=60.0,
+        help="gaps between rows longer than this many seconds are not counted as training time (default 60)",
+    )
     args = parser.parse_args()
     path = Path(args.logdir)
     file = path / "metrics.jsonl" if path.is_dir() else path
@@ -64,12 +71,16 @@ def main() -> None:
         sys.exit(2)
     s = summarize(rows, args.target, args.window, args.max_gap_s)
     last = f"{s['last_mean']:.1f}" if s["last_mean"] is not None else "-"
-    print(f"end: {s['frames']:,} frames, {s['wall_s'] / 3600:.2f} h training, "
-          f"mean of the last {args.window} episodes {last}")
+    print(
+        f"end: {s['frames']:,} frames, {s['wall_s'] / 3600:.2f} h training, "
+        f"mean of the last {args.window} episodes {last}"
+    )
     if s["reached"]:
         r = s["reached"]
-        print(f"mean of the last {args.window} episodes first >= {args.target:g} at {r['frames']:,} frames, "
-              f"{r['wall_s'] / 3600:.2f} h training ({r['mean']:.1f})")
+        print(
+            f"mean of the last {args.window} episodes first >= {args.target:g} at {r['frames']:,} frames, "
+            f"{r['wall_s'] / 3600:.2f} h training ({r['mean']:.1f})"
+        )
     else:
         print(f"mean of the last {args.window} episodes never reached {args.target:g}")
 

@@ -19,8 +19,15 @@ def command(*flags: str) -> list[str]:
 def start(*flags: str, **kwargs) -> subprocess.Popen:
     """Starts the program in its own session, so that every process it spawns
     can be found (and must be gone) afterwards."""
-    return subprocess.Popen(command(*flags), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True, **kwargs)
+    return subprocess.Popen(
+        command(*flags),
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+        **kwargs,
+    )
 
 
 def run(*flags: str, timeout: float = 240) -> subprocess.CompletedProcess:
@@ -42,7 +49,7 @@ def session_pids(sid: int) -> list[int]:
             stat = (entry / "stat").read_text()
         except OSError:
             continue
-        fields = stat[stat.rindex(")") + 2:].split()
+        fields = stat[stat.rindex(")") + 2 :].split()
         if int(fields[3]) == sid and fields[0] != "Z":
             pids.append(int(entry.name))
     return pids

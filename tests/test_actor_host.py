@@ -76,8 +76,13 @@ def _argmax(logits: torch.Tensor) -> torch.Tensor:
 
 
 def _spec(environment_like, agent) -> dict:
-    return unroll_spec(T, environment_like.observation_shape, environment_like.observation_dtype,
-                       environment_like.num_actions, [s.shape[1] for s in agent.initial_state(1)])
+    return unroll_spec(
+        T,
+        environment_like.observation_shape,
+        environment_like.observation_dtype,
+        environment_like.num_actions,
+        [s.shape[1] for s in agent.initial_state(1)],
+    )
 
 
 def _lock_step_unrolls(make_env, seeds, agent, count):
@@ -122,11 +127,16 @@ def _host_unrolls(host, agent, count):
     return unrolls
 
 
-@pytest.mark.parametrize("make_env,minimum,maximum,timeout_ms", [
-    (SHORT_CARTPOLE, 1, 2, 1), (CARTPOLE, 1, 2, 1),
-    (CARTPOLE, 4, 4, 1),  # the last envs of an unroll are fewer than the minimum
-    (CARTPOLE, 1, 3, 600_000),  # 5 envs never fill batches of 3 evenly, and nobody waits 10 minutes
-], ids=["3_step_episodes", "cartpole", "minimum_4_of_5_envs", "no_waiting_for_rows_that_cannot_come"])
+@pytest.mark.parametrize(
+    "make_env,minimum,maximum,timeout_ms",
+    [
+        (SHORT_CARTPOLE, 1, 2, 1),
+        (CARTPOLE, 1, 2, 1),
+        (CARTPOLE, 4, 4, 1),  # the last envs of an unroll are fewer than the minimum
+        (CARTPOLE, 1, 3, 600_000),  # 5 envs never fill batches of 3 evenly, and nobody waits 10 minutes
+    ],
+    ids=["3_step_episodes", "cartpole", "minimum_4_of_5_envs", "no_waiting_for_rows_that_cannot_come"],
+)
 def test_host_unrolls_equal_the_lock_step_actors(make_env, minimum, maximum, timeout_ms, monkeypatch):
     monkeypatch.setattr(impala.actor, "sample_actions", _argmax)
     monkeypatch.setattr(impala.actor_host, "sample_actions", _argmax)
@@ -135,8 +145,9 @@ def test_host_unrolls_equal_the_lock_step_actors(make_env, minimum, maximum, tim
     # 5 envs over 2 workers (3 + 2), small batches: rows of different workers and
     # times share batches in whatever order they arrive. When no env is being
     # stepped, the rows waiting are all that can come: the host must not wait for more.
-    with ActorHost(make_env, seeds, num_workers=2, minimum_batch_size=minimum, maximum_batch_size=maximum,
-                   timeout_ms=timeout_ms) as host:
+    with ActorHost(
+        make_env, seeds, num_workers=2, minimum_batch_size=minimum, maximum_batch_size=maximum, timeout_ms=timeout_ms
+    ) as host:
         got = _in_thread(lambda: _host_unrolls(host, StepCounter(), count))
         assert host.batches > count * T  # really batched many times, not once per step
     for k, (want, have) in enumerate(zip(expected, got)):
@@ -168,8 +179,7 @@ def test_host_unrolls_with_a_real_agent_overlap_replay_and_match_the_learner(dty
                 out = env.step(int(u["action"][t, i]))
                 np.testing.assert_array_equal(u["observation"][t, i], out.observation)
                 assert (u["reward"][t, i], u["done"][t, i]) == (out.reward, out.done)
-                assert (u["episode_return"][t, i], u["episode_step"][t, i]) == (out.episode_return,
-                                                                              out.episode_step)
+                assert (u["episode_return"][t, i], u["episode_step"][t, i]) == (out.episode_return, out.episode_step)
         env.close()
     assert first["done"][1:].sum() == 2 * len(seeds)  # steps 3 and 6 of 7
     # The behaviour logits are what the learner computes from the unroll's initial
@@ -246,8 +256,14 @@ if __name__ == "__main__":
 
 def test_workers_die_with_their_actor_even_when_it_is_killed():
     before = _shared_segments()
-    actor = subprocess.Popen([sys.executable, "-c", _ORPHAN_SCRIPT], cwd=cli.ROOT, stdout=subprocess.PIPE,
-                             stderr=subprocess.DEVNULL, text=True, start_new_session=True)
+    actor = subprocess.Popen(
+        [sys.executable, "-c", _ORPHAN_SCRIPT],
+        cwd=cli.ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        start_new_session=True,
+    )
     try:
         worker_pids = json.loads(actor.stdout.readline())
         assert len(worker_pids) == 2 and all(_alive(p) for p in worker_pids)
@@ -262,9 +278,16 @@ def test_workers_die_with_their_actor_even_when_it_is_killed():
 
 def test_training_with_env_workers_runs_and_stops_every_process(tmp_path):
     # bfloat16 acting too: the actor's agent loads the learner's float32 parameters.
-    process = cli.start("--flagfile=configs/cartpole.cfg", "--num_actors=1", "--num_envs_per_actor=4",
-                        "--env_workers_per_actor=2", "--inference_dtype=bfloat16", "--total_environment_frames=6000",
-                        "--log_interval_s=1", f"--logdir={tmp_path}")
+    process = cli.start(
+        "--flagfile=configs/cartpole.cfg",
+        "--num_actors=1",
+        "--num_envs_per_actor=4",
+        "--env_workers_per_actor=2",
+        "--inference_dtype=bfloat16",
+        "--total_environment_frames=6000",
+        "--log_interval_s=1",
+        f"--logdir={tmp_path}",
+    )
     try:
         out, _ = process.communicate(timeout=240)
         assert process.returncode == 0, out[-3000:]

@@ -19,8 +19,15 @@ from impala.actor import run_actor
 from impala.config import Config
 from impala.nets import make_agent
 
-CONFIG = Config(level_name="CartPole-v1", network="mlp", use_lstm=False, mlp_sizes="16", num_action_repeats=1,
-                num_envs_per_actor=2, unroll_length=5)
+CONFIG = Config(
+    level_name="CartPole-v1",
+    network="mlp",
+    use_lstm=False,
+    mlp_sizes="16",
+    num_action_repeats=1,
+    num_envs_per_actor=2,
+    unroll_length=5,
+)
 GOOD_LOGITS = np.array([0.0, 5.0], np.float32)  # what the good parameters make of any input
 WINDOW_S = 6.0  # how long the hostile replies go on
 # Requests the actor may make in WINDOW_S of bad replies: its back-off (1 s, then 2 s, 4 s,
@@ -67,9 +74,17 @@ def _oversized() -> list:
 
 def _overflowing_shape() -> list:
     """An empty array claiming shape [0, 2**63] (numpy refuses to reshape to it)."""
-    header = msgpack.packb({"proto": "impala", "v": wire.PROTOCOL_VERSION, "kind": "params", "task": 0,
-                            "param_version": 2, "meta": {"run": "hostile"},
-                            "arrays": [["policy.bias", "float32", [0, 2**63]]]})
+    header = msgpack.packb(
+        {
+            "proto": "impala",
+            "v": wire.PROTOCOL_VERSION,
+            "kind": "params",
+            "task": 0,
+            "param_version": 2,
+            "meta": {"run": "hostile"},
+            "arrays": [["policy.bias", "float32", [0, 2**63]]],
+        }
+    )
     return [len(header).to_bytes(4, "little") + header]
 
 
@@ -119,8 +134,11 @@ def warnings(monkeypatch):
     return lines
 
 
-@pytest.mark.parametrize("bad", [_nan, _huge, _wrong_shapes, _int8, _oversized, _overflowing_shape],
-                         ids=["nan", "1e30", "wrong_shapes", "int8", "oversized", "shape_0_2**63"])
+@pytest.mark.parametrize(
+    "bad",
+    [_nan, _huge, _wrong_shapes, _int8, _oversized, _overflowing_shape],
+    ids=["nan", "1e30", "wrong_shapes", "int8", "oversized", "shape_0_2**63"],
+)
 def test_an_actor_keeps_its_parameters_against_bad_replies(bad, warnings):
     learner = HostileLearner(bad())
     stop, errors = threading.Event(), []
@@ -146,8 +164,9 @@ def test_an_actor_keeps_its_parameters_against_bad_replies(bad, warnings):
         later = [m for t, m in learner.unrolls if t > start + 0.5]
         assert later
         for message in later:  # acted with the good parameters all along
-            np.testing.assert_array_equal(message.arrays["policy_logits"][1:],
-                                          np.broadcast_to(GOOD_LOGITS, (CONFIG.unroll_length, 2, 2)))
+            np.testing.assert_array_equal(
+                message.arrays["policy_logits"][1:], np.broadcast_to(GOOD_LOGITS, (CONFIG.unroll_length, 2, 2))
+            )
             assert message.param_version == 1
         bad_lines = [line for line in warnings if "bad reply" in line]
         assert len(bad_lines) <= 1, bad_lines  # one line, however many bad replies

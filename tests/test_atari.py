@@ -22,8 +22,7 @@ def _gray84(rgb):
 def _reference_screens(level, seed, noops, actions, repeats=4):
     """RGB screens, one per emulator frame (index 0: right after reset), of a second
     env seeded like AtariEnvironment's, stepped one frame at a time by hand."""
-    env = gymnasium.make(level, frameskip=1, repeat_action_probability=0.0,
-                         max_num_frames_per_episode=0)
+    env = gymnasium.make(level, frameskip=1, repeat_action_probability=0.0, max_num_frames_per_episode=0)
     env.reset(seed=seed)
     ale, action_set = env.unwrapped.ale, env.unwrapped.ale.getMinimalActionSet()
     screens = [ale.getScreenRGB()]

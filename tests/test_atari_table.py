@@ -42,19 +42,29 @@ def runs(tmp_path):
     """Three runs: a logdir with two games, a file with Pong again (a second seed)
     and a level without reference scores, and a logdir with two more games."""
     a = tmp_path / "a"
-    _write(a / "test_results.json", [
-        _level("ALE/Pong-v5", [20.0, 21.0, 19.0], hns=120.0),
-        _level("ALE/Breakout-v5", [400.0, 410.0], hns=1000.0),
-    ], mean_human_normalized_score=560.0)  # the files' own summaries are ignored
-    b = _write(tmp_path / "b" / "seed2.json", [
-        _level("ALE/Pong-v5", [17.0, 19.0], hns=100.0),
-        _level("CartPole-v1", [500.0]),
-    ])
+    _write(
+        a / "test_results.json",
+        [
+            _level("ALE/Pong-v5", [20.0, 21.0, 19.0], hns=120.0),
+            _level("ALE/Breakout-v5", [400.0, 410.0], hns=1000.0),
+        ],
+        mean_human_normalized_score=560.0,
+    )  # the files' own summaries are ignored
+    b = _write(
+        tmp_path / "b" / "seed2.json",
+        [
+            _level("ALE/Pong-v5", [17.0, 19.0], hns=100.0),
+            _level("CartPole-v1", [500.0]),
+        ],
+    )
     c = tmp_path / "c"
-    _write(c / "test_results.json", [
-        _level("ALE/SpaceInvaders-v5", [900.0, 1100.0], hns=50.0),
-        _level("ALE/MsPacman-v5", [1500.0], hns=20.0),
-    ])
+    _write(
+        c / "test_results.json",
+        [
+            _level("ALE/SpaceInvaders-v5", [900.0, 1100.0], hns=50.0),
+            _level("ALE/MsPacman-v5", [1500.0], hns=20.0),
+        ],
+    )
     return [a, b, c]
 
 
@@ -63,8 +73,15 @@ def test_csv_holds_exact_values(runs, capsys):
     rows = list(csv.reader(io.StringIO(capsys.readouterr().out)))
     assert rows[0] == ["level", "runs", "episodes", "mean_return", "human_normalized_score_percent"]
     body = {r[0]: r[1:] for r in rows[1:]}
-    assert [r[0] for r in rows[1:]] == ["ALE/Breakout-v5", "ALE/MsPacman-v5", "ALE/Pong-v5",
-                                        "ALE/SpaceInvaders-v5", "CartPole-v1", "median", "mean"]
+    assert [r[0] for r in rows[1:]] == [
+        "ALE/Breakout-v5",
+        "ALE/MsPacman-v5",
+        "ALE/Pong-v5",
+        "ALE/SpaceInvaders-v5",
+        "CartPole-v1",
+        "median",
+        "mean",
+    ]
     assert body["ALE/Breakout-v5"] == ["1", "2", "405.0", "1000.0"]
     assert body["ALE/Pong-v5"] == ["2", "5", "19.0", "110.0"]  # means over its two runs
     assert body["CartPole-v1"] == ["1", "1", "500.0", ""]  # no reference: no score
@@ -96,20 +113,28 @@ def test_levels_without_scores_have_no_summary(tmp_path, capsys):
     assert capsys.readouterr().out.splitlines()[-1] == "| **mean over 0 levels** | | | | **-** |"
 
 
-@pytest.mark.parametrize("content, message", [
-    (None, "no results file"),
-    ("{not json", "cannot read"),
-    ('{"levels": []}', "no list of levels"),
-    ('[1, 2]', "no list of levels"),
-    ('{"levels": [{"episode_returns": [1], "mean_return": 1}]}', "no level name"),
-    ('{"levels": [{"level": "P", "episode_returns": [1]}]}', "no numeric mean_return"),
-    ('{"levels": [{"level": "P", "episode_returns": [1], "mean_return": null}]}', "no numeric mean_return"),
-    ('{"levels": [{"level": "P", "mean_return": 1}]}', "no list of episode_returns"),
-    ('{"levels": [{"level": "P", "episode_returns": [1], "mean_return": 1, '
-     '"human_normalized_score": "high"}]}', "non-numeric"),
-    ('{"levels": [{"level": "P", "episode_returns": [1], "mean_return": 1, "human_normalized_score": 5}, '
-     '{"level": "P", "episode_returns": [1], "mean_return": 1}]}', "in some runs but not in others"),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (None, "no results file"),
+        ("{not json", "cannot read"),
+        ('{"levels": []}', "no list of levels"),
+        ("[1, 2]", "no list of levels"),
+        ('{"levels": [{"episode_returns": [1], "mean_return": 1}]}', "no level name"),
+        ('{"levels": [{"level": "P", "episode_returns": [1]}]}', "no numeric mean_return"),
+        ('{"levels": [{"level": "P", "episode_returns": [1], "mean_return": null}]}', "no numeric mean_return"),
+        ('{"levels": [{"level": "P", "mean_return": 1}]}', "no list of episode_returns"),
+        (
+            '{"levels": [{"level": "P", "episode_returns": [1], "mean_return": 1, "human_normalized_score": "high"}]}',
+            "non-numeric",
+        ),
+        (
+            '{"levels": [{"level": "P", "episode_returns": [1], "mean_return": 1, "human_normalized_score": 5}, '
+            '{"level": "P", "episode_returns": [1], "mean_return": 1}]}',
+            "in some runs but not in others",
+        ),
+    ],
+)
 def test_bad_input_is_a_one_line_error(tmp_path, capsys, content, message):
     if content is not None:
         (tmp_path / "test_results.json").write_text(content)
@@ -121,14 +146,17 @@ def test_bad_input_is_a_one_line_error(tmp_path, capsys, content, message):
 
 
 def test_command_line_end_to_end(runs, tmp_path):
-    ok = subprocess.run([sys.executable, str(SCRIPT), *map(str, runs)],
-                        capture_output=True, text=True, timeout=60)
+    ok = subprocess.run([sys.executable, str(SCRIPT), *map(str, runs)], capture_output=True, text=True, timeout=60)
     assert ok.returncode == 0 and "| ALE/Breakout-v5 | 1 | 2 | 405.0 | 1000.0 |" in ok.stdout
-    bad = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path / "missing")],
-                         capture_output=True, text=True, timeout=60)
+    bad = subprocess.run(
+        [sys.executable, str(SCRIPT), str(tmp_path / "missing")], capture_output=True, text=True, timeout=60
+    )
     assert bad.returncode == 2 and bad.stdout == ""
     assert bad.stderr.strip().count("\n") == 0 and "no results file" in bad.stderr
-    unwritable = subprocess.run([sys.executable, str(SCRIPT), str(runs[0]), "--output",
-                                 str(tmp_path / "no" / "such" / "dir" / "t.md")],
-                                capture_output=True, text=True, timeout=60)
+    unwritable = subprocess.run(
+        [sys.executable, str(SCRIPT), str(runs[0]), "--output", str(tmp_path / "no" / "such" / "dir" / "t.md")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert unwritable.returncode == 2 and unwritable.stderr.startswith("atari_table.py: error: ")

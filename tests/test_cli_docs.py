@@ -97,8 +97,11 @@ def test_run_summary_on_a_missing_path_is_one_line(tmp_path):
 
 def test_plot_says_where_the_file_went(tmp_path):
     metrics = tmp_path / "metrics.jsonl"
-    metrics.write_text("".join(json.dumps({"frames": 100 * i, "wall_time": 10.0 * i, "mean_episode_return": i})
-                               + "\n" for i in range(1, 4)))
+    metrics.write_text(
+        "".join(
+            json.dumps({"frames": 100 * i, "wall_time": 10.0 * i, "mean_episode_return": i}) + "\n" for i in range(1, 4)
+        )
+    )
     output = tmp_path / "out" / "curve.png"
     result = _run(str(ROOT / "scripts" / "plot.py"), str(tmp_path), "--output", str(output))
     assert result.returncode == 0, result.stderr
@@ -159,9 +162,9 @@ def _arguments(command: str, program: re.Pattern) -> str | None:
     match = program.search(command)
     if not match:
         return None
-    rest = re.sub(r"(^|\s)#.*$", "", command[match.end():])  # a trailing shell comment
+    rest = re.sub(r"(^|\s)#.*$", "", command[match.end() :])  # a trailing shell comment
     end = COMMAND_END.search(" " + rest)
-    return rest[:end.start()] if end else rest
+    return rest[: end.start()] if end else rest
 
 
 def _doc_commands() -> list[tuple[str, str, str]]:
@@ -171,8 +174,9 @@ def _doc_commands() -> list[tuple[str, str, str]]:
     experiment = re.compile(r"impala\.experiment\b|" + IMAGE.pattern)
     for doc in DOCS:
         commands = _shell_commands(doc.read_text())
-        uses_variable = {v for c in commands if (a := _arguments(c, experiment)) is not None
-                         for v in re.findall(r"\$\{?(\w+)", a)}
+        uses_variable = {
+            v for c in commands if (a := _arguments(c, experiment)) is not None for v in re.findall(r"\$\{?(\w+)", a)
+        }
         for command in commands:
             if (args := _arguments(command, experiment)) is not None:
                 found.append((doc.name, "impala.experiment", args))
@@ -231,8 +235,16 @@ def test_every_flag_named_in_the_docs_prose_exists(monkeypatch):
     known = {f"--{name}" for name in _experiment_flags()[1]} | {"--name", "--keys_dir"}
     for script in SCRIPTS:
         known |= _options(script, monkeypatch)
-    other_tools = {"--build", "--target", "--rm", "--gres", "--ntasks", "--time",
-                   "--nproc_per_node", "--standalone"}  # torchrun
+    other_tools = {
+        "--build",
+        "--target",
+        "--rm",
+        "--gres",
+        "--ntasks",
+        "--time",
+        "--nproc_per_node",
+        "--standalone",
+    }  # torchrun
     problems = []
     for doc in DOCS:
         prose = FENCE.sub("", doc.read_text()).replace("\n", " ")
@@ -256,8 +268,11 @@ def test_the_dmlab_install_hint_names_the_image_the_docs_build():
 
 
 def test_the_ale_banner_is_not_printed():
-    result = _run("-c", "from impala import envs; env = envs.make('ALE/Pong-v5', seed=1, num_action_repeats=4); "
-                        "env.initial(); env.close(); print('made')")
+    result = _run(
+        "-c",
+        "from impala import envs; env = envs.make('ALE/Pong-v5', seed=1, num_action_repeats=4); "
+        "env.initial(); env.close(); print('made')",
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout == "made\n" and "A.L.E" not in result.stderr and "Stella" not in result.stderr
 

@@ -29,8 +29,9 @@ def test_only_paths_host_and_port_are_mapped(tmp_path):
         mapped = cmds[name][3:]
         assert len(mapped) == len(original)
         for before, after in zip(original, mapped):
-            undone = (after.replace(str(tmp_path), "").replace("127.0.0.1:40000", "learner:5555")
-                      .replace(":40000", ":5555"))
+            undone = (
+                after.replace(str(tmp_path), "").replace("127.0.0.1:40000", "learner:5555").replace(":40000", ":5555")
+            )
             assert undone == before, (before, after)
     assert f"--keys_dir={tmp_path}/keys" in cmds["actor-1"]
     assert f"--logdir={tmp_path}/logs/run" in cmds["learner"]

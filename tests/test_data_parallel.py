@@ -27,10 +27,24 @@ from tests import cli
 
 T, OBS, A = 5, (4,), 2  # CartPole-shaped unrolls
 RANKS, BATCH, UPDATES = 2, 4, 4
-FLAGS = dict(level_name="CartPole-v1", num_action_repeats=1, network="mlp", mlp_sizes="16", lstm_size=8,
-             unroll_length=T, batch_size=BATCH, learning_rate=0.01, entropy_cost=0.01, max_grad_norm=0.0,
-             total_environment_frames=UPDATES * BATCH * T, seed=3, learner_ranks=RANKS, log_interval_s=0.2,
-             checkpoint_interval_s=1000.0, rank_timeout_s=20.0)
+FLAGS = dict(
+    level_name="CartPole-v1",
+    num_action_repeats=1,
+    network="mlp",
+    mlp_sizes="16",
+    lstm_size=8,
+    unroll_length=T,
+    batch_size=BATCH,
+    learning_rate=0.01,
+    entropy_cost=0.01,
+    max_grad_norm=0.0,
+    total_environment_frames=UPDATES * BATCH * T,
+    seed=3,
+    learner_ranks=RANKS,
+    log_interval_s=0.2,
+    checkpoint_interval_s=1000.0,
+    rank_timeout_s=20.0,
+)
 
 
 def _free_ports(count: int) -> int:
@@ -58,15 +72,23 @@ def _free_ports(count: int) -> int:
 
 def _flags(config: Config, port: int, **extra) -> list[str]:
     values = {name: getattr(config, name) for name in FLAGS} | {"logdir": config.logdir} | extra
-    return ["--job_name=learner", f"--learner_address=tcp://127.0.0.1:{port}",
-            *(f"--{k}={v}" for k, v in values.items())]
+    return [
+        "--job_name=learner",
+        f"--learner_address=tcp://127.0.0.1:{port}",
+        *(f"--{k}={v}" for k, v in values.items()),
+    ]
 
 
 def _agent(config: Config):
     torch.manual_seed(1234)  # not the learners' seed: rank 1 must take rank 0's parameters
     agent = make_agent(config, OBS, A)
-    return agent, RMSPropTF(agent.parameters(), lr=config.learning_rate, decay=config.decay,
-                            momentum=config.momentum, epsilon=config.epsilon)
+    return agent, RMSPropTF(
+        agent.parameters(),
+        lr=config.learning_rate,
+        decay=config.decay,
+        momentum=config.momentum,
+        epsilon=config.epsilon,
+    )
 
 
 def _unrolls(spec: dict, count: int, rng: np.random.Generator) -> list[dict]:
@@ -119,8 +141,15 @@ def _combined(unrolls: list[dict], k: int) -> dict[str, torch.Tensor]:
 
 
 def _rank_env(rank: int, master_port: int) -> dict:
-    return {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(RANKS),
-            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(master_port), "PYTHONPATH": str(cli.ROOT)}
+    return {
+        **os.environ,
+        "RANK": str(rank),
+        "LOCAL_RANK": str(rank),
+        "WORLD_SIZE": str(RANKS),
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(master_port),
+        "PYTHONPATH": str(cli.ROOT),
+    }
 
 
 def _start_ranks(flags: list[str], master_port: int, tmp_path: Path, name: str) -> list[subprocess.Popen]:
@@ -128,9 +157,16 @@ def _start_ranks(flags: list[str], master_port: int, tmp_path: Path, name: str) 
     processes = []
     for rank in range(RANKS):
         with open(tmp_path / f"{name}-rank{rank}.log", "w") as log:  # the child keeps its own copy
-            processes.append(subprocess.Popen(cli.command(*flags), cwd=cli.ROOT, stdout=log,
-                                              stderr=subprocess.STDOUT, env=_rank_env(rank, master_port),
-                                              start_new_session=True))
+            processes.append(
+                subprocess.Popen(
+                    cli.command(*flags),
+                    cwd=cli.ROOT,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    env=_rank_env(rank, master_port),
+                    start_new_session=True,
+                )
+            )
     return processes
 
 
@@ -172,20 +208,34 @@ def test_two_ranks_equal_one_learner_on_the_whole_batch_across_a_sigterm_and_tor
     unrolls = _unrolls(spec, UPDATES * BATCH, np.random.default_rng(7))
     # The learners start from a checkpoint of these parameters; rank 0 restores it and
     # broadcasts it to rank 1 (whose own initialisation, from --seed, differs).
-    checkpoint.save(logdir, {"model": agent.state_dict(), "optimizer": optimizer.state_dict(), "frames": 0,
-                             "param_version": 0, "signature": checkpoint.network_signature(config, agent),
-                             "level_name": config.level_name}, 0)
+    checkpoint.save(
+        logdir,
+        {
+            "model": agent.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "frames": 0,
+            "param_version": 0,
+            "signature": checkpoint.network_signature(config, agent),
+            "level_name": config.level_name,
+        },
+        0,
+    )
     reference, averaged = _agent(config), _agent(config)
     for k in range(UPDATES):
         lr = learning_rate_at(k * config.frames_per_step, config)
         learn_step(*reference, _combined(unrolls, k), config, lr)
-        learn_step(*averaged, _combined(unrolls, k), config, lr, all_reduce=lambda sums, means: [
-            s.mul_(1 / RANKS) for s in sums])
+        learn_step(
+            *averaged,
+            _combined(unrolls, k),
+            config,
+            lr,
+            all_reduce=lambda sums, means: [s.mul_(1 / RANKS) for s in sums],
+        )
 
     # Phase 1: launched by hand, 2 updates, then SIGTERM to both ranks.
     port, master = _free_ports(RANKS + 1), _free_ports(1)
     ranks = _start_ranks(_flags(config, port), master, tmp_path, "phase1")
-    sockets = _send(port, unrolls[:2 * BATCH], logdir)
+    sockets = _send(port, unrolls[: 2 * BATCH], logdir)
     try:
         _wait_rows(logdir, 2 * config.frames_per_step, ranks)
         for p in ranks:
@@ -199,10 +249,24 @@ def test_two_ranks_equal_one_learner_on_the_whole_batch_across_a_sigterm_and_tor
     # Phase 2: torchrun, resumed from that checkpoint, the last 2 updates.
     port = _free_ports(RANKS + 1)
     run = subprocess.Popen(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={RANKS}",
-         "-m", "impala.experiment", *_flags(config, port)], cwd=cli.ROOT, stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONPATH": str(cli.ROOT)}, start_new_session=True)
-    sockets = _send(port, unrolls[2 * BATCH:], logdir)
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={RANKS}",
+            "-m",
+            "impala.experiment",
+            *_flags(config, port),
+        ],
+        cwd=cli.ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(cli.ROOT)},
+        start_new_session=True,
+    )
+    sockets = _send(port, unrolls[2 * BATCH :], logdir)
     try:
         out, _ = run.communicate(timeout=300)
     finally:
@@ -259,8 +323,13 @@ def test_a_killed_rank_stops_the_run_with_a_checkpoint(tmp_path):
 
 def _agreement_rank(rank: int, master_port: int, out: str) -> None:
     """One rank of test_ranks_decide_together (a spawned process)."""
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(RANKS), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(master_port))
+    os.environ.update(
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(RANKS),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(master_port),
+    )
     config = Config(**{**FLAGS, "use_lstm": False})
     ranks = distributed.Ranks.from_environment(config)
     ranks.start(torch.device("cpu"))
@@ -275,8 +344,10 @@ def _agreement_rank(rank: int, master_port: int, out: str) -> None:
             batch["reward"][1, 0] = float("nan")
         stats = learn_step(agent, optimizer, batch, config, all_reduce=ranks.all_reduce)
         results[step] = (stats["skipped"], stats["total_loss"], [p.detach().clone() for p in agent.parameters()])
-    results["agree"] = [ranks.agree(have_batch=rank == 0, stop=False, log=False),
-                        ranks.agree(have_batch=True, stop=rank == 1, log=rank == 0)]
+    results["agree"] = [
+        ranks.agree(have_batch=rank == 0, stop=False, log=False),
+        ranks.agree(have_batch=True, stop=rank == 1, log=rank == 0),
+    ]
     ranks.close()
     torch.save(results, out.format(rank))
 
@@ -293,8 +364,10 @@ def test_ranks_decide_together(tmp_path):
         assert np.isnan(r["poisoned"][1])  # the summed loss: NaN on the rank whose own loss was finite too
         for before, after in zip(r["clean"][2], r["poisoned"][2], strict=True):
             assert torch.equal(before, after)
-        assert r["agree"] == [distributed.Agreement(train=False, stop=False, log=False),
-                              distributed.Agreement(train=True, stop=True, log=True)]
+        assert r["agree"] == [
+            distributed.Agreement(train=False, stop=False, log=False),
+            distributed.Agreement(train=True, stop=True, log=True),
+        ]
     assert results[0]["clean"][1] == results[1]["clean"][1]  # the whole batch's loss on both
     for a, b in zip(results[0]["clean"][2], results[1]["clean"][2], strict=True):
         assert torch.equal(a, b)
@@ -304,8 +377,13 @@ def test_rank_settings_that_cannot_work_are_one_line_errors(tmp_path):
     with pytest.raises(ConfigError, match="divisible"):
         Config(batch_size=3, learner_ranks=2)
     # --learner_ranks=2 without torchrun: one line, status 2.
-    result = cli.run("--job_name=learner", "--learner_ranks=2", f"--logdir={tmp_path}",
-                     "--learner_address=tcp://127.0.0.1:7000", timeout=60)
+    result = cli.run(
+        "--job_name=learner",
+        "--learner_ranks=2",
+        f"--logdir={tmp_path}",
+        "--learner_address=tcp://127.0.0.1:7000",
+        timeout=60,
+    )
     assert result.returncode == 2
     assert result.stdout.strip().splitlines()[-1].startswith("impala: error: --learner_ranks=2 but this learner")
 

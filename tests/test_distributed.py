@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import time
@@ -55,9 +54,15 @@ class Jobs:
     def start(self, name: str, *flags: str, env: dict | None = None, prefix: list[str] = ()) -> subprocess.Popen:
         log = self.tmp_path / f"{name}-{uuid.uuid4().hex[:6]}.log"
         handle = open(log, "w")
-        process = subprocess.Popen([*prefix, *cli.command(*flags)], cwd=cli.ROOT, stdout=handle,
-                                   stderr=subprocess.STDOUT, text=True, start_new_session=True,
-                                   env={**os.environ, **(env or {})})
+        process = subprocess.Popen(
+            [*prefix, *cli.command(*flags)],
+            cwd=cli.ROOT,
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+            env={**os.environ, **(env or {})},
+        )
         self.processes.append(process)
         self.logs[process.pid] = log
         return process
@@ -105,30 +110,38 @@ def test_learner_and_actors_survive_kills_and_restarts(jobs, tmp_path):
     port = _free_port_pair()
     address = f"--learner_address=tcp://127.0.0.1:{port}"
     logdir = tmp_path / "run"
-    learner_flags = [*CARTPOLE, "--job_name=learner", address, f"--logdir={logdir}", BIG_BUDGET,
-                     "--checkpoint_interval_s=1"]
+    learner_flags = [
+        *CARTPOLE,
+        "--job_name=learner",
+        address,
+        f"--logdir={logdir}",
+        BIG_BUDGET,
+        "--checkpoint_interval_s=1",
+    ]
     # An actor started before its learner waits and retries.
     # On loopback both jobs take the automatic keys of their --logdir (docs/protocol.md).
     actor0 = jobs.start("actor0", *CARTPOLE, "--job_name=actor", "--task=0", address, f"--logdir={logdir}")
     time.sleep(3)
     learner = jobs.start("learner", *learner_flags)
     actor1 = jobs.start("actor1", *CARTPOLE, "--job_name=actor", "--task=1", address, f"--logdir={logdir}")
-    _wait(lambda: _frames_after(logdir, 0, actors=2), "two actors training", alive=[learner, actor0, actor1],
-          jobs=jobs)
+    _wait(lambda: _frames_after(logdir, 0, actors=2), "two actors training", alive=[learner, actor0, actor1], jobs=jobs)
     assert "waiting for the learner" in jobs.log(actor0)
 
     # SIGKILL an actor (mid-unroll, whatever it was doing): the learner carries on.
     actor0.kill()
     actor0.wait()
     frames = _rows(logdir)[-1]["frames"]
-    _wait(lambda: _frames_after(logdir, frames + 20000), "training without actor 0", alive=[learner, actor1],
-          jobs=jobs)
+    _wait(lambda: _frames_after(logdir, frames + 20000), "training without actor 0", alive=[learner, actor1], jobs=jobs)
     assert _rows(logdir)[-1]["actor_unrolls_per_s/0"] == 0
     # The same task rejoins.
     frames = _rows(logdir)[-1]["frames"]
     actor0 = jobs.start("actor0-again", *CARTPOLE, "--job_name=actor", "--task=0", address, f"--logdir={logdir}")
-    _wait(lambda: [r for r in _rows(logdir) if r["frames"] > frames and r.get("actor_unrolls_per_s/0", 0) > 0],
-          "actor 0 to rejoin", alive=[learner, actor0, actor1], jobs=jobs)
+    _wait(
+        lambda: [r for r in _rows(logdir) if r["frames"] > frames and r.get("actor_unrolls_per_s/0", 0) > 0],
+        "actor 0 to rejoin",
+        alive=[learner, actor0, actor1],
+        jobs=jobs,
+    )
 
     # SIGKILL the learner; start it again on the same logdir while the actors run on.
     _wait(lambda: checkpoint.latest(logdir), "a checkpoint")
@@ -137,13 +150,16 @@ def test_learner_and_actors_survive_kills_and_restarts(jobs, tmp_path):
     saved = checkpoint.load(checkpoint.latest(logdir))["frames"]
     time.sleep(2)
     learner = jobs.start("learner-again", *learner_flags)
-    row = _wait(lambda: _frames_after(logdir, saved + 20000, actors=2), "actors to reconnect to the new learner",
-                alive=[learner, actor0, actor1], jobs=jobs)
+    row = _wait(
+        lambda: _frames_after(logdir, saved + 20000, actors=2),
+        "actors to reconnect to the new learner",
+        alive=[learner, actor0, actor1],
+        jobs=jobs,
+    )
     log = jobs.log(learner)
     assert "Resumed from" in log
     assert actor1.poll() is None and actor0.poll() is None  # never restarted
-    _wait(lambda: "learner restarted" in jobs.log(actor1), "actor 1 to take the new learner's parameters",
-          timeout=30)
+    _wait(lambda: "learner restarted" in jobs.log(actor1), "actor 1 to take the new learner's parameters", timeout=30)
     frames = [r["frames"] for r in _rows(logdir)]
     assert frames == sorted(frames), "metrics frames must stay monotonic across a learner restart"
     assert row["policy_lag"] is None or row["policy_lag"] >= 0
@@ -152,8 +168,8 @@ def test_learner_and_actors_survive_kills_and_restarts(jobs, tmp_path):
 def _hostile_messages(good: list) -> list[list[bytes]]:
     [frame] = good  # docs/protocol.md: header length, msgpack header, arrays from the next multiple of 8
     size = int.from_bytes(frame[:4], "little")
-    header = msgpack.unpackb(frame[4:4 + size])
-    arrays = frame[4 + size + -(4 + size) % 8:]
+    header = msgpack.unpackb(frame[4 : 4 + size])
+    arrays = frame[4 + size + -(4 + size) % 8 :]
 
     def with_header(**changes) -> list[bytes]:
         raw = msgpack.packb({**header, **changes})
@@ -176,10 +192,18 @@ def test_hostile_traffic_is_dropped_and_counted(jobs, tmp_path):
     port = _free_port_pair()
     address = f"tcp://127.0.0.1:{port}"
     logdir = tmp_path / "run"
-    learner = jobs.start("learner", *CARTPOLE, "--job_name=learner", f"--learner_address={address}",
-                         f"--logdir={logdir}", BIG_BUDGET, "--max_message_mb=1")
-    actor = jobs.start("actor", *CARTPOLE, "--job_name=actor", "--task=0", f"--learner_address={address}",
-                       f"--logdir={logdir}")
+    learner = jobs.start(
+        "learner",
+        *CARTPOLE,
+        "--job_name=learner",
+        f"--learner_address={address}",
+        f"--logdir={logdir}",
+        BIG_BUDGET,
+        "--max_message_mb=1",
+    )
+    actor = jobs.start(
+        "actor", *CARTPOLE, "--job_name=actor", "--task=0", f"--learner_address={address}", f"--logdir={logdir}"
+    )
     _wait(lambda: _frames_after(logdir, 0), "training", alive=[learner, actor], jobs=jobs)
 
     context = zmq.Context.instance()
@@ -202,12 +226,20 @@ def test_hostile_traffic_is_dropped_and_counted(jobs, tmp_path):
     oversized.send_multipart([good[0] + b"\x00" * (2 * 2**20)])
     try:
         expected = len(hostile) + 3000
-        row = _wait(lambda: next((r for r in reversed(_rows(logdir)) if r["bad_messages"] >= expected), None),
-                    "the bad messages to be counted", alive=[learner, actor], jobs=jobs)
+        row = _wait(
+            lambda: next((r for r in reversed(_rows(logdir)) if r["bad_messages"] >= expected), None),
+            "the bad messages to be counted",
+            alive=[learner, actor],
+            jobs=jobs,
+        )
         assert row["bad_messages"] == expected
         # ...and the learner keeps serving the honest actor.
-        _wait(lambda: _frames_after(logdir, row["frames"] + 20000), "training after the attack",
-              alive=[learner, actor], jobs=jobs)
+        _wait(
+            lambda: _frames_after(logdir, row["frames"] + 20000),
+            "training after the attack",
+            alive=[learner, actor],
+            jobs=jobs,
+        )
         assert "Dropped a bad message" in jobs.log(learner)
     finally:
         peer.close()
@@ -215,8 +247,13 @@ def test_hostile_traffic_is_dropped_and_counted(jobs, tmp_path):
 
 
 def _make_keys(path: Path) -> Path:
-    result = subprocess.run(cli.command()[:2] + ["impala.security", f"--keys_dir={path}"], cwd=cli.ROOT,
-                            capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        cli.command()[:2] + ["impala.security", f"--keys_dir={path}"],
+        cwd=cli.ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 0, result.stderr
     return path
 
@@ -230,11 +267,11 @@ def test_only_actors_with_the_right_key_get_in(jobs, tmp_path):
     port = _free_port_pair()
     address = f"--learner_address=tcp://127.0.0.1:{port}"
     logdir = tmp_path / "run"
-    learner = jobs.start("learner", *CARTPOLE, "--job_name=learner", address, f"--logdir={logdir}", BIG_BUDGET,
-                         f"--keys_dir={keys}")
+    learner = jobs.start(
+        "learner", *CARTPOLE, "--job_name=learner", address, f"--logdir={logdir}", BIG_BUDGET, f"--keys_dir={keys}"
+    )
     bad = jobs.start("intruder", *CARTPOLE, "--job_name=actor", "--task=1", address, f"--keys_dir={intruder}")
-    _wait(lambda: "Refused a connection" in jobs.log(learner), "the refusal to be logged", alive=[learner],
-          jobs=jobs)
+    _wait(lambda: "Refused a connection" in jobs.log(learner), "the refusal to be logged", alive=[learner], jobs=jobs)
     good = jobs.start("actor", *CARTPOLE, "--job_name=actor", "--task=0", address, f"--keys_dir={keys}")
     row = _wait(lambda: _frames_after(logdir, 0), "the keyed actor to train", alive=[learner, good], jobs=jobs)
     assert row["connected_actors"] == 1 and row["refused_connections"] >= 1
@@ -244,14 +281,12 @@ def test_only_actors_with_the_right_key_get_in(jobs, tmp_path):
 
 def test_binding_beyond_loopback_needs_keys_or_insecure(jobs, tmp_path):
     port = _free_port_pair()
-    flags = [*CARTPOLE, "--job_name=learner", f"--learner_address=tcp://0.0.0.0:{port}",
-             f"--logdir={tmp_path / 'run'}"]
+    flags = [*CARTPOLE, "--job_name=learner", f"--learner_address=tcp://0.0.0.0:{port}", f"--logdir={tmp_path / 'run'}"]
     result = subprocess.run(cli.command(*flags), cwd=cli.ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert result.stderr.strip().count("\n") == 0 and "--keys_dir" in result.stderr and "--insecure" in result.stderr
     learner = jobs.start("insecure", *flags, "--insecure", BIG_BUDGET)
-    _wait(lambda: "WITHOUT authentication" in jobs.log(learner), "the --insecure warning", alive=[learner],
-          jobs=jobs)
+    _wait(lambda: "WITHOUT authentication" in jobs.log(learner), "the --insecure warning", alive=[learner], jobs=jobs)
 
 
 def _netns_available() -> bool:
@@ -289,10 +324,18 @@ def test_actor_in_another_network_namespace_reaches_the_learner_over_veth(jobs, 
         port = _free_port_pair()
         address = f"--learner_address=tcp://{host_ip}:{port}"
         logdir = tmp_path / "run"
-        learner = jobs.start("learner", *CARTPOLE, "--job_name=learner", address, f"--logdir={logdir}",
-                             BIG_BUDGET, f"--keys_dir={keys}")
-        actor = jobs.start("actor", *CARTPOLE, "--job_name=actor", "--task=0", address, f"--keys_dir={keys}",
-                           prefix=["ip", "netns", "exec", ns])
+        learner = jobs.start(
+            "learner", *CARTPOLE, "--job_name=learner", address, f"--logdir={logdir}", BIG_BUDGET, f"--keys_dir={keys}"
+        )
+        actor = jobs.start(
+            "actor",
+            *CARTPOLE,
+            "--job_name=actor",
+            "--task=0",
+            address,
+            f"--keys_dir={keys}",
+            prefix=["ip", "netns", "exec", ns],
+        )
         _wait(lambda: _frames_after(logdir, 0), "the namespaced actor to train", alive=[learner, actor], jobs=jobs)
     finally:
         jobs.close()

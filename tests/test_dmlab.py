@@ -82,16 +82,24 @@ def test_stand_in_wants_string_config(lab):
         lab.Lab("contributed/dmlab30/no_such_level", ["RGB_INTERLEAVED"])
     with pytest.raises(RuntimeError, match="held out"):
         lab.Lab("contributed/dmlab30/rooms_collect_good_objects_test", ["RGB_INTERLEAVED"])
-    lab.Lab("contributed/dmlab30/rooms_collect_good_objects_test", ["RGB_INTERLEAVED"],
-            config={"allowHoldOutLevels": "true"})
+    lab.Lab(
+        "contributed/dmlab30/rooms_collect_good_objects_test",
+        ["RGB_INTERLEAVED"],
+        config={"allowHoldOutLevels": "true"},
+    )
 
 
 def test_stand_in_wants_intc_actions_of_shape_7(lab):
     env = lab.Lab("seekavoid_arena_01", ["RGB_INTERLEAVED"])
     env.reset(seed=1)
     env.step(np.zeros(7, np.intc), num_steps=4)
-    for action in (np.zeros(7, np.int64), np.zeros(7, np.float32), np.zeros((1, 7), np.intc),
-                   np.zeros(6, np.intc), [0] * 7):
+    for action in (
+        np.zeros(7, np.int64),
+        np.zeros(7, np.float32),
+        np.zeros((1, 7), np.intc),
+        np.zeros(6, np.intc),
+        [0] * 7,
+    ):
         with pytest.raises(TypeError, match="intc"):
             env.step(action)
     with pytest.raises(ValueError):
@@ -173,14 +181,27 @@ def test_wrapper_config_is_strings_as_the_original_sets_it(spy, tmp_path):
     assert kwargs["config"] == {"width": "96", "height": "72", "logLevel": "WARN"}
     assert kwargs["renderer"] == "software" and kwargs["level_cache"] is None
 
-    envs.make("dmlab:contributed/dmlab30/language_select_located_object", seed=1, training=False,
-              width=32, height=24, dataset_path="/data/brady", renderer="hardware",
-              level_cache_dir=str(tmp_path / "cache")).close()
+    envs.make(
+        "dmlab:contributed/dmlab30/language_select_located_object",
+        seed=1,
+        training=False,
+        width=32,
+        height=24,
+        dataset_path="/data/brady",
+        renderer="hardware",
+        level_cache_dir=str(tmp_path / "cache"),
+    ).close()
     (level, observations), kwargs = spy["init"][-1]
     assert level == "contributed/dmlab30/language_select_located_object"
     assert observations == ["RGB_INTERLEAVED", "INSTR"]
-    assert kwargs["config"] == {"width": "32", "height": "24", "logLevel": "WARN", "datasetPath": "/data/brady",
-                                "allowHoldOutLevels": "true", "mixerSeed": str(0x600D5EED)}
+    assert kwargs["config"] == {
+        "width": "32",
+        "height": "24",
+        "logLevel": "WARN",
+        "datasetPath": "/data/brady",
+        "allowHoldOutLevels": "true",
+        "mixerSeed": str(0x600D5EED),
+    }
     assert all(isinstance(k, str) and isinstance(v, str) for k, v in kwargs["config"].items())
     assert kwargs["renderer"] == "hardware" and isinstance(kwargs["level_cache"], dmlab.LevelCache)
 
@@ -267,8 +288,9 @@ def test_level_cache_is_written_then_reused(lab, tmp_path):
     cache_dir = tmp_path / "cache"
 
     def play(seed):
-        env = envs.make("explore_goal_locations_small", seed=seed, num_action_repeats=8,
-                        level_cache_dir=str(cache_dir), **SMALL)
+        env = envs.make(
+            "explore_goal_locations_small", seed=seed, num_action_repeats=8, level_cache_dir=str(cache_dir), **SMALL
+        )
         env.initial()
         for _ in range(30):
             env.step(0)
@@ -285,17 +307,25 @@ def test_level_cache_is_written_then_reused(lab, tmp_path):
 
 
 def test_level_names():
-    for name in ("dmlab30", "rooms_watermaze", "rooms_collect_good_objects_test", "dmlab:seekavoid_arena_01",
-                 "dmlab:contributed/dmlab30/rooms_watermaze"):
+    for name in (
+        "dmlab30",
+        "rooms_watermaze",
+        "rooms_collect_good_objects_test",
+        "dmlab:seekavoid_arena_01",
+        "dmlab:contributed/dmlab30/rooms_watermaze",
+    ):
         assert envs.resolve_level(name) == "dmlab"
     assert dmlab.level_path("rooms_watermaze") == "contributed/dmlab30/rooms_watermaze"
     assert dmlab.level_path("dmlab:rooms_watermaze") == "contributed/dmlab30/rooms_watermaze"
     assert dmlab.level_path("dmlab:seekavoid_arena_01") == "seekavoid_arena_01"
     # Actor i plays DMLab-30 training level i mod 30, in the original's order.
     assert [envs.level_for_task("dmlab30", i) for i in (0, 1, 29, 30, 61)] == [
-        "rooms_collect_good_objects_train", "rooms_exploit_deferred_effects_train",
-        "explore_object_rewards_many", "rooms_collect_good_objects_train",
-        "rooms_exploit_deferred_effects_train"]
+        "rooms_collect_good_objects_train",
+        "rooms_exploit_deferred_effects_train",
+        "explore_object_rewards_many",
+        "rooms_collect_good_objects_train",
+        "rooms_exploit_deferred_effects_train",
+    ]
     assert envs.level_for_task("rooms_watermaze", 5) == "rooms_watermaze"
     for name, hint in (("rooms_watermase", "rooms_watermaze"), ("dmlab_30", "dmlab30")):
         with pytest.raises(envs.UnknownLevelError, match=hint) as e:
@@ -319,8 +349,13 @@ def test_missing_engine_is_a_one_line_error_in_process(monkeypatch):
 
 
 def test_missing_engine_is_a_one_line_error(tmp_path):
-    result = subprocess.run(cli.command("--level_name=dmlab30", f"--logdir={tmp_path}"), cwd=cli.ROOT,
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        cli.command("--level_name=dmlab30", f"--logdir={tmp_path}"),
+        cwd=cli.ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 2, result.stderr[-2000:]
     assert result.stderr.strip().count("\n") == 0, result.stderr
     assert "DeepMind Lab is not installed" in result.stderr and "docs/dmlab.md" in result.stderr
@@ -337,7 +372,8 @@ def test_unroll_layout_gets_instructions_only_when_asked():
     spec = unroll.unroll_spec(5, (3, 24, 32), np.uint8, 9, (8, 8), instruction_length=32)
     assert spec["instruction"] == (np.dtype(np.int32), (6, 32), True)
     assert {k: v for k, v in spec.items() if k != "instruction"} == unroll.unroll_spec(
-        5, (3, 24, 32), np.uint8, 9, (8, 8))
+        5, (3, 24, 32), np.uint8, 9, (8, 8)
+    )
 
 
 def test_instruction_encoder_reads_up_to_the_last_word():
@@ -347,7 +383,7 @@ def test_instruction_encoder_reads_up_to_the_last_word():
     out = encoder(tokens)
     assert out.shape == (4, 64)
     for row, length in ((0, 3), (3, 1)):
-        alone, _ = encoder.lstm(encoder.embedding(tokens[row:row + 1, :length]))
+        alone, _ = encoder.lstm(encoder.embedding(tokens[row : row + 1, :length]))
         torch.testing.assert_close(out[row], alone[0, -1])  # padding after the words changes nothing
     assert not out[1].any()  # an empty instruction: zeros
     torch.testing.assert_close(out[0], out[2])
@@ -357,7 +393,12 @@ def test_instruction_encoder_reads_up_to_the_last_word():
     without = Agent((4,), 3, network="mlp", use_lstm=False, hidden_sizes=(8,))
     assert with_encoder.policy.in_features == without.policy.in_features + 64
     assert without.instruction is None and without.instruction_length == 0
-    inputs = (torch.zeros(2, 4, 4), torch.zeros(2, 4, dtype=torch.long), torch.zeros(2, 4), torch.zeros(2, 4, dtype=torch.bool))
+    inputs = (
+        torch.zeros(2, 4, 4),
+        torch.zeros(2, 4, dtype=torch.long),
+        torch.zeros(2, 4),
+        torch.zeros(2, 4, dtype=torch.bool),
+    )
     with pytest.raises(ValueError, match="no instruction encoder"):
         without(*inputs, instruction=torch.zeros(2, 4, 5, dtype=torch.int32))
     output, _ = with_encoder(*inputs, instruction=tokens[:, None].expand(4, 2, 5).transpose(0, 1).reshape(2, 4, 5))
@@ -369,11 +410,21 @@ def test_actor_unrolls_carry_instructions_that_the_learner_trains_on(lab, tmp_pa
     level, T = "language_answer_quantitative_question", 6
     environments = [envs.make(level, seed=s, num_action_repeats=4, **SMALL) for s in (1, 2)]
     first = environments[0]
-    agent = Agent(first.observation_shape, first.num_actions, network="shallow", lstm_size=16,
-                  instruction_length=envs.instruction_length(first))
-    spec = unroll.unroll_spec(T, first.observation_shape, first.observation_dtype, first.num_actions,
-                              [s.shape[1] for s in agent.initial_state(1)],
-                              instruction_length=envs.instruction_length(first))
+    agent = Agent(
+        first.observation_shape,
+        first.num_actions,
+        network="shallow",
+        lstm_size=16,
+        instruction_length=envs.instruction_length(first),
+    )
+    spec = unroll.unroll_spec(
+        T,
+        first.observation_shape,
+        first.observation_dtype,
+        first.num_actions,
+        [s.shape[1] for s in agent.initial_state(1)],
+        instruction_length=envs.instruction_length(first),
+    )
     buffer = unroll.new_unroll(spec, 2)
     starts = [env.initial() for env in environments]
     for i, start in enumerate(starts):
@@ -392,11 +443,14 @@ def test_actor_unrolls_carry_instructions_that_the_learner_trains_on(lab, tmp_pa
         env = envs.make(level, seed=seed, num_action_repeats=4, **SMALL)
         env.initial()
         for t in range(1, T + 1):
-            np.testing.assert_array_equal(arrays["instruction"][t, i], env.step(int(arrays["action"][t, i])).instruction)
+            np.testing.assert_array_equal(
+                arrays["instruction"][t, i], env.step(int(arrays["action"][t, i])).instruction
+            )
         env.close()
 
-    config = Config(level_name=level, network="shallow", lstm_size=16, unroll_length=T, batch_size=2,
-                    logdir=str(tmp_path), **SMALL)
+    config = Config(
+        level_name=level, network="shallow", lstm_size=16, unroll_length=T, batch_size=2, logdir=str(tmp_path), **SMALL
+    )
     batch = {k: torch.from_numpy(v) for k, v in BatchAssembler(spec, 2).add(arrays)[0].items()}
     before = agent.instruction.embedding.weight.detach().clone()
     stats = learn_step(agent, torch.optim.SGD(agent.parameters(), lr=0.1), batch, config)
@@ -416,8 +470,13 @@ def test_env_workers_carry_instructions_to_the_unroll_and_the_agent(lab):
     make_env = functools.partial(envs.make, level, num_action_repeats=4, **SMALL)  # spawned workers call it
     with ActorHost(make_env, seeds, num_workers=2) as host:
         assert host.spec.instruction_length > 0
-        agent = Agent(host.spec.observation_shape, host.spec.num_actions, network="shallow", lstm_size=16,
-                      instruction_length=host.spec.instruction_length)
+        agent = Agent(
+            host.spec.observation_shape,
+            host.spec.num_actions,
+            network="shallow",
+            lstm_size=16,
+            instruction_length=host.spec.instruction_length,
+        )
         seen = []
         agent.instruction.register_forward_hook(lambda module, args, out: seen.append(args[0].clone()))
         spec = unroll.spec_of(T, host.spec, [s.shape[1] for s in agent.initial_state(1)])
@@ -426,7 +485,8 @@ def test_env_workers_carry_instructions_to_the_unroll_and_the_agent(lab):
         host.act(agent, buffer, agent.initial_state(len(seeds)), T)
     assert len(seen) >= T and all(tokens.any() for tokens in seen)  # every forward pass read instructions
     assert {tuple(row) for tokens in seen for row in tokens.reshape(-1, tokens.shape[-1]).tolist()} == {
-        tuple(row) for row in buffer["instruction"][:-1].reshape(-1, spec["instruction"][1][-1]).tolist()}
+        tuple(row) for row in buffer["instruction"][:-1].reshape(-1, spec["instruction"][1][-1]).tolist()
+    }
     for i, seed in enumerate(seeds):  # replaying the actions gives the unroll's steps, instructions included
         env = make_env(seed=seed)
         np.testing.assert_array_equal(buffer["instruction"][0, i], env.initial().instruction)
@@ -450,10 +510,24 @@ def test_agent_learns_the_rewarded_action_of_a_stand_in_level(lab, tmp_path, one
     torch.manual_seed(1)
     level, T, n = "rooms_watermaze", 10, 4  # index 3: FIRE (action 8) earns 1 per frame
     environments = [envs.make(level, seed=s, num_action_repeats=4, **SMALL) for s in range(n)]
-    config = Config(level_name=level, network="shallow", use_lstm=False, unroll_length=T, batch_size=n,
-                    learning_rate=0.002, entropy_cost=0.001, logdir=str(tmp_path), **SMALL)
-    agent = Agent(environments[0].observation_shape, 9, network="shallow", use_lstm=False,
-                  instruction_length=environments[0].instruction_length)
+    config = Config(
+        level_name=level,
+        network="shallow",
+        use_lstm=False,
+        unroll_length=T,
+        batch_size=n,
+        learning_rate=0.002,
+        entropy_cost=0.001,
+        logdir=str(tmp_path),
+        **SMALL,
+    )
+    agent = Agent(
+        environments[0].observation_shape,
+        9,
+        network="shallow",
+        use_lstm=False,
+        instruction_length=environments[0].instruction_length,
+    )
     optimizer = torch.optim.RMSprop(agent.parameters(), lr=config.learning_rate)
     spec = unroll.unroll_spec(T, agent.observation_shape, np.uint8, 9, (), instruction_length=agent.instruction_length)
     buffer = unroll.new_unroll(spec, n)
@@ -480,10 +554,22 @@ def test_agent_learns_the_rewarded_action_of_a_stand_in_level(lab, tmp_path, one
 
 def test_dmlab30_trains_end_to_end_with_returns_per_level(tmp_path):
     logdir = tmp_path / "dmlab30"
-    process = cli.start("--level_name=dmlab30", "--network=shallow", "--width=32", "--height=24",
-                        "--lstm_size=16", "--num_actors=2", "--num_envs_per_actor=2", "--unroll_length=10",
-                        "--batch_size=2", "--total_environment_frames=1600", "--log_interval_s=0.5",
-                        "--device=cpu", f"--logdir={logdir}", env=with_stand_in())
+    process = cli.start(
+        "--level_name=dmlab30",
+        "--network=shallow",
+        "--width=32",
+        "--height=24",
+        "--lstm_size=16",
+        "--num_actors=2",
+        "--num_envs_per_actor=2",
+        "--unroll_length=10",
+        "--batch_size=2",
+        "--total_environment_frames=1600",
+        "--log_interval_s=0.5",
+        "--device=cpu",
+        f"--logdir={logdir}",
+        env=with_stand_in(),
+    )
     try:
         out, _ = process.communicate(timeout=240)
     finally:
@@ -503,11 +589,23 @@ def test_dmlab30_trains_end_to_end_with_returns_per_level(tmp_path):
 def test_a_language_level_trains_with_env_workers(tmp_path):
     """Instructions through env workers, the actor host and a real learner."""
     logdir = tmp_path / "language"
-    process = cli.start("--level_name=language_answer_quantitative_question", "--network=shallow", "--width=32",
-                        "--height=24", "--lstm_size=16", "--num_actors=1", "--num_envs_per_actor=4",
-                        "--env_workers_per_actor=2", "--unroll_length=10", "--batch_size=2",
-                        "--total_environment_frames=400", "--log_interval_s=0.5", "--device=cpu",
-                        f"--logdir={logdir}", env=with_stand_in())
+    process = cli.start(
+        "--level_name=language_answer_quantitative_question",
+        "--network=shallow",
+        "--width=32",
+        "--height=24",
+        "--lstm_size=16",
+        "--num_actors=1",
+        "--num_envs_per_actor=4",
+        "--env_workers_per_actor=2",
+        "--unroll_length=10",
+        "--batch_size=2",
+        "--total_environment_frames=400",
+        "--log_interval_s=0.5",
+        "--device=cpu",
+        f"--logdir={logdir}",
+        env=with_stand_in(),
+    )
     try:
         out, _ = process.communicate(timeout=240)
     finally:

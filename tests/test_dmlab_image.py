@@ -18,10 +18,26 @@ DMLAB_REF = "b1db91af5b4d2f3a24466f4632a3e5e1b0829cca"
 # The names in DMLab's WORKSPACE at DMLAB_REF (its own and its repositories): the
 # replacement must declare them all.
 DMLAB_REPOSITORIES = {
-    "com_google_googletest", "bazel_skylib", "com_google_absl", "com_google_absl_py", "enum34_archive",
-    "funcsigs_archive", "eigen_archive", "glib_archive", "jpeg_archive", "libxml_archive", "png_archive",
-    "zlib_archive", "six_archive", "lua_archive", "dm_env_archive", "tree_archive", "pybind11_archive",
-    "sdl_system", "python_system", "org_deepmind_lab",
+    "com_google_googletest",
+    "bazel_skylib",
+    "com_google_absl",
+    "com_google_absl_py",
+    "enum34_archive",
+    "funcsigs_archive",
+    "eigen_archive",
+    "glib_archive",
+    "jpeg_archive",
+    "libxml_archive",
+    "png_archive",
+    "zlib_archive",
+    "six_archive",
+    "lua_archive",
+    "dm_env_archive",
+    "tree_archive",
+    "pybind11_archive",
+    "sdl_system",
+    "python_system",
+    "org_deepmind_lab",
 }
 MOVING = re.compile(r"\b(master|main|HEAD|latest|nightly|trunk)\b")
 # Hosts that no longer serve these archives (bitbucket dropped Mercurial in 2020; xmlsoft.org

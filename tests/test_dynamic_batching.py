@@ -34,8 +34,7 @@ class Recorder:
         assert self.gate.wait(WAIT_S)
         return x * 2, x + y[:, None]  # [B, 3] each: row j depends only on item j
 
-    def hold_next_call(self, batcher: Batcher, keys: list[int],
-                       results: dict | None = None) -> list[threading.Thread]:
+    def hold_next_call(self, batcher: Batcher, keys: list[int], results: dict | None = None) -> list[threading.Thread]:
         """Starts callers of these items, which make one batch that stays inside the
         function until `gate` is set."""
         self.gate.clear()

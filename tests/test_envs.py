@@ -98,10 +98,13 @@ def test_invalid_use_is_rejected():
         env.step(2)
 
 
-@pytest.mark.parametrize("name, suggestion", [
-    ("CartPole-v9", "CartPole-v1"),
-    ("ALE/Pongg-v5", "ALE/Pong-v5"),
-])
+@pytest.mark.parametrize(
+    "name, suggestion",
+    [
+        ("CartPole-v9", "CartPole-v1"),
+        ("ALE/Pongg-v5", "ALE/Pong-v5"),
+    ],
+)
 def test_unknown_level_suggests_close_matches(name, suggestion):
     with pytest.raises(UnknownLevelError, match=suggestion) as info:
         envs.resolve_level(name)

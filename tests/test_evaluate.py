@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from impala import checkpoint, dmlab30, envs, evaluate
-from impala.config import Config
 from impala.checkpoint import network_signature
+from impala.config import Config
 from impala.nets import make_agent
 from tests import cli
 
@@ -36,12 +36,16 @@ def stand_in(monkeypatch):
 def fresh_checkpoint(config: Config, seed: int = 0) -> Path:
     """A freshly initialised network for `config`, saved as a training run would."""
     torch.manual_seed(seed)
-    env = envs.make(config.level_name, seed=1, num_action_repeats=config.num_action_repeats,
-                    **envs.options(config))
+    env = envs.make(config.level_name, seed=1, num_action_repeats=config.num_action_repeats, **envs.options(config))
     agent = make_agent(config, env.observation_shape, env.num_actions, envs.instruction_length(env))
     env.close()
-    state = {"model": agent.state_dict(), "frames": 0, "param_version": 0,
-             "signature": network_signature(config, agent), "level_name": config.level_name}
+    state = {
+        "model": agent.state_dict(),
+        "frames": 0,
+        "param_version": 0,
+        "signature": network_signature(config, agent),
+        "level_name": config.level_name,
+    }
     return checkpoint.save(config.logdir, state, frames=0)
 
 
@@ -49,8 +53,9 @@ def run_test_mode(*flags: str, stand_in: bool = False) -> subprocess.CompletedPr
     env = dict(os.environ)
     if stand_in:
         env["PYTHONPATH"] = str(TESTS) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    return subprocess.run(cli.command("--mode=test", *flags), cwd=cli.ROOT, capture_output=True, text=True,
-                          timeout=240, env=env)
+    return subprocess.run(
+        cli.command("--mode=test", *flags), cwd=cli.ROOT, capture_output=True, text=True, timeout=240, env=env
+    )
 
 
 def dmlab30_reference() -> dict[str, tuple[float, float]]:
@@ -76,8 +81,9 @@ def test_dmlab30_test_mode_scores_all_30_levels(tmp_path, stand_in):
 
     config = Config(level_name="dmlab30", network="shallow", width=32, height=24, lstm_size=16, logdir=str(tmp_path))
     fresh_checkpoint(config)
-    result = run_test_mode("--level_name=dmlab30", *DMLAB_FLAGS, "--test_num_episodes=2", f"--logdir={tmp_path}",
-                           stand_in=True)
+    result = run_test_mode(
+        "--level_name=dmlab30", *DMLAB_FLAGS, "--test_num_episodes=2", f"--logdir={tmp_path}", stand_in=True
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     results = json.loads((tmp_path / "test_results.json").read_text())
     assert [r["level"] for r in results["levels"]] == list(dmlab30.TEST_LEVELS)
@@ -85,8 +91,13 @@ def test_dmlab30_test_mode_scores_all_30_levels(tmp_path, stand_in):
     table = dmlab30_reference()
     uncapped, capped = [], []
     for r in results["levels"]:
-        assert set(r) == {"level", "episode_returns", "mean_return", "human_normalized_score",
-                          "human_normalized_score_capped"}
+        assert set(r) == {
+            "level",
+            "episode_returns",
+            "mean_return",
+            "human_normalized_score",
+            "human_normalized_score_capped",
+        }
         returns = r["episode_returns"]
         assert len(returns) == 2 and r["mean_return"] == pytest.approx(np.mean(returns))
         path = "contributed/dmlab30/" + r["level"]  # returns that only this level's rules give
@@ -175,12 +186,26 @@ def test_test_levels():
 
 
 def test_format_table():
-    results = {"levels": [
-        {"level": "a", "episode_returns": [1.0], "mean_return": 1.0, "human_normalized_score": 50.0,
-         "human_normalized_score_capped": 50.0},
-        {"level": "rooms_watermaze", "episode_returns": [2.0, 4.0], "mean_return": 3.0,
-         "human_normalized_score": 150.0, "human_normalized_score_capped": 100.0}],
-        "mean_human_normalized_score": 100.0, "mean_human_normalized_score_capped": 75.0}
+    results = {
+        "levels": [
+            {
+                "level": "a",
+                "episode_returns": [1.0],
+                "mean_return": 1.0,
+                "human_normalized_score": 50.0,
+                "human_normalized_score_capped": 50.0,
+            },
+            {
+                "level": "rooms_watermaze",
+                "episode_returns": [2.0, 4.0],
+                "mean_return": 3.0,
+                "human_normalized_score": 150.0,
+                "human_normalized_score_capped": 100.0,
+            },
+        ],
+        "mean_human_normalized_score": 100.0,
+        "mean_human_normalized_score_capped": 75.0,
+    }
     lines = evaluate.format_table(results).splitlines()
     assert lines[0].split() == ["level", "episodes", "mean", "return", "human-normalised", "capped"]
     assert lines[3].split() == ["rooms_watermaze", "2", "3.00", "150.0%", "100.0%"]

@@ -12,7 +12,6 @@ import time
 import numpy as np
 import pytest
 import torch
-import zmq
 
 from impala import learner, losses, unroll, wire
 from impala.actor import run_actor
@@ -27,9 +26,22 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUD
 
 
 def _config(tmp_path, **kw) -> Config:
-    base = dict(level_name="CartPole-v1", num_action_repeats=1, network="mlp", use_lstm=False, mlp_sizes="16",
-                unroll_length=T, batch_size=B, logdir=str(tmp_path), entropy_cost=0.01, baseline_cost=0.5,
-                discounting=0.9, learning_rate=0.01, max_grad_norm=1.0, device="cpu")
+    base = dict(
+        level_name="CartPole-v1",
+        num_action_repeats=1,
+        network="mlp",
+        use_lstm=False,
+        mlp_sizes="16",
+        unroll_length=T,
+        batch_size=B,
+        logdir=str(tmp_path),
+        entropy_cost=0.01,
+        baseline_cost=0.5,
+        discounting=0.9,
+        learning_rate=0.01,
+        max_grad_norm=1.0,
+        device="cpu",
+    )
     base.update(kw)
     return Config(**base)
 
@@ -52,8 +64,13 @@ def _image_batch(rng: np.random.Generator, device: str = "cpu", lstm: int = 0) -
 def _agent_and_optimizer(config: Config, device: str = "cpu", seed: int = 0):
     torch.manual_seed(seed)
     agent = Agent((4, 36, 36), A, network="shallow", use_lstm=config.use_lstm, lstm_size=config.lstm_size).to(device)
-    return agent, RMSPropTF(agent.parameters(), lr=config.learning_rate, decay=config.decay,
-                            momentum=config.momentum, epsilon=config.epsilon)
+    return agent, RMSPropTF(
+        agent.parameters(),
+        lr=config.learning_rate,
+        decay=config.decay,
+        momentum=config.momentum,
+        epsilon=config.epsilon,
+    )
 
 
 def _reference_step(agent, optimizer, batch, config) -> dict[str, float]:
@@ -62,12 +79,18 @@ def _reference_step(agent, optimizer, batch, config) -> dict[str, float]:
     state = tuple(batch[f"core_state_{k}"] for k in range(2) if f"core_state_{k}" in batch)
     output, _ = agent(batch["observation"], batch["action"], batch["reward"], batch["done"], state)
     loss = losses.impala_loss(
-        target_logits=output.policy_logits[:-1], baseline=output.baseline[:-1], bootstrap_value=output.baseline[-1],
-        behaviour_logits=batch["policy_logits"][1:], actions=batch["action"][1:],
+        target_logits=output.policy_logits[:-1],
+        baseline=output.baseline[:-1],
+        bootstrap_value=output.baseline[-1],
+        behaviour_logits=batch["policy_logits"][1:],
+        actions=batch["action"][1:],
         rewards=losses.clip_rewards(batch["reward"][1:], config.reward_clipping),
-        discounts=(~batch["done"][1:]).float() * config.discounting, baseline_cost=config.baseline_cost,
-        entropy_cost=config.entropy_cost, clip_rho_threshold=config.clip_rho_threshold,
-        clip_pg_rho_threshold=config.clip_pg_rho_threshold)
+        discounts=(~batch["done"][1:]).float() * config.discounting,
+        baseline_cost=config.baseline_cost,
+        entropy_cost=config.entropy_cost,
+        clip_rho_threshold=config.clip_rho_threshold,
+        clip_pg_rho_threshold=config.clip_pg_rho_threshold,
+    )
     optimizer.zero_grad(set_to_none=True)
     loss.total.backward()
     grad_norm = torch.nn.utils.clip_grad_norm_(agent.parameters(), config.max_grad_norm)
@@ -118,8 +141,12 @@ def test_bfloat16_autocasts_the_network_only_and_stays_close_to_float32(tmp_path
     bf16, optimizer, bf16_stats = _run_steps(learner.learn_step, _config(tmp_path, learner_dtype="bfloat16"))
     assert seen and all(d == torch.float32 for call in seen for d in call.values()), seen
     assert all(p.dtype == torch.float32 and p.grad.dtype == torch.float32 for p in bf16.parameters())
-    assert all(t.dtype == torch.float32 for s in optimizer.state.values() for t in s.values()
-               if isinstance(t, torch.Tensor) and t.is_floating_point())
+    assert all(
+        t.dtype == torch.float32
+        for s in optimizer.state.values()
+        for t in s.values()
+        if isinstance(t, torch.Tensor) and t.is_floating_point()
+    )
     assert [s["total_loss"] for s in bf16_stats] != [s["total_loss"] for s in f32_stats]  # autocast happened
     for s, r in zip(bf16_stats, f32_stats):
         assert s["total_loss"] == pytest.approx(r["total_loss"], rel=0.05, abs=0.05)
@@ -154,16 +181,16 @@ def _ids(batch) -> list[int]:
 def test_batches_are_written_into_reused_buffers():
     buffers = BatchBuffers(SPEC, 2, keep=2)
     assembler = BatchAssembler(SPEC, 2, buffers)
-    first, = assembler.add(_marked(2, 0))
+    (first,) = assembler.add(_marked(2, 0))
     assert set(first.tensors) == set(SPEC) and first["reward"].base is not None  # a view of the tensors
     assert first.tensors["reward"].data_ptr() == first["reward"].ctypes.data
     pointer = first.tensors["observation"].data_ptr()
     buffers.give_back(first.tensors)
-    second, = assembler.add(_marked(2, 10))
+    (second,) = assembler.add(_marked(2, 10))
     assert second.tensors["observation"].data_ptr() == pointer and buffers.made == 1  # reused, rewritten
     assert _ids(second) == [10, 11] and second["core_state_0"][:, 0].tolist() == [10, 11]
     # Not given back: new memory, and the batch kept keeps its contents.
-    third, = assembler.add(_marked(2, 20))
+    (third,) = assembler.add(_marked(2, 20))
     assert buffers.made == 2 and _ids(second) == [10, 11] and _ids(third) == [20, 21]
     for batch in (second, third, first):
         buffers.give_back(batch.tensors)  # one more than `keep`: dropped
@@ -247,8 +274,12 @@ def test_a_failing_publisher_stops_the_run(tmp_path, monkeypatch):
 
     monkeypatch.setattr(server.publisher, "_publish", broken)
     stop = threading.Event()
-    actor = threading.Thread(target=run_actor, args=(config, 0, server.unroll_address, server.params_address),
-                             kwargs=dict(stop=stop), daemon=True)
+    actor = threading.Thread(
+        target=run_actor,
+        args=(config, 0, server.unroll_address, server.params_address),
+        kwargs=dict(stop=stop),
+        daemon=True,
+    )
     actor.start()
     try:
         with pytest.raises(learner.ServerThreadError, match="publisher thread failed: RuntimeError: injected") as e:
@@ -264,12 +295,17 @@ def _learner_serves_its_newest_parameters(tmp_path, **kw) -> None:
     """A real learner trained by a real actor: after run() its parameter socket
     serves the newest version, equal to the agent's parameters, and the batches'
     memory was reused."""
-    config = _config(tmp_path, batch_size=2, num_envs_per_actor=2, unroll_length=5,
-                     total_environment_frames=2 * 5 * 12, **kw)
+    config = _config(
+        tmp_path, batch_size=2, num_envs_per_actor=2, unroll_length=5, total_environment_frames=2 * 5 * 12, **kw
+    )
     server = learner.Learner(config)
     stop = threading.Event()
-    actor = threading.Thread(target=run_actor, args=(config, 0, server.unroll_address, server.params_address),
-                             kwargs=dict(stop=stop), daemon=True)
+    actor = threading.Thread(
+        target=run_actor,
+        args=(config, 0, server.unroll_address, server.params_address),
+        kwargs=dict(stop=stop),
+        daemon=True,
+    )
     actor.start()
     try:
         server.run()
@@ -344,8 +380,12 @@ def test_cuda_feed_copies_the_next_batch_ahead_and_releases_after_the_copy():
 def test_cuda_snapshot_is_the_parameters_at_the_offer():
     net = torch.nn.Linear(64, 64).cuda()
     stop, published = threading.Event(), []
-    publisher = SnapshotPublisher(net.state_dict(), lambda arrays, version: published.append(
-        (version, {k: v.clone() for k, v in arrays.items()})), stop, torch.device("cuda"))
+    publisher = SnapshotPublisher(
+        net.state_dict(),
+        lambda arrays, version: published.append((version, {k: v.clone() for k, v in arrays.items()})),
+        stop,
+        torch.device("cuda"),
+    )
     publisher.start()
     try:
         expected = {k: v.cpu() for k, v in net.state_dict().items()}

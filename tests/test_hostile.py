@@ -39,10 +39,19 @@ class Run:
         self.jobs, self.logdir = jobs, logdir
         self.unroll_address, self.params_address = f"tcp://127.0.0.1:{port}", f"tcp://127.0.0.1:{port + 1}"
         address = f"--learner_address={self.unroll_address}"
-        self.learner = jobs.start("learner", *CARTPOLE, "--job_name=learner", address, f"--logdir={logdir}",
-                                  BIG_BUDGET, f"--max_actors={MAX_ACTORS}", "--mlp_sizes=1024,1024")
-        self.actor = jobs.start("actor", *CARTPOLE, "--job_name=actor", "--task=0", address, f"--logdir={logdir}",
-                                "--mlp_sizes=1024,1024")
+        self.learner = jobs.start(
+            "learner",
+            *CARTPOLE,
+            "--job_name=learner",
+            address,
+            f"--logdir={logdir}",
+            BIG_BUDGET,
+            f"--max_actors={MAX_ACTORS}",
+            "--mlp_sizes=1024,1024",
+        )
+        self.actor = jobs.start(
+            "actor", *CARTPOLE, "--job_name=actor", "--task=0", address, f"--logdir={logdir}", "--mlp_sizes=1024,1024"
+        )
         self.context = zmq.Context.instance()
         self.sockets: list[zmq.Socket] = []
 
@@ -69,10 +78,19 @@ class Run:
         """Waits until the learner trained `frames` more with the honest actor
         reporting; checks both are alive and the parameters are finite."""
         start = _rows(self.logdir)[-1]["frames"] if _rows(self.logdir) else 0
-        row = _wait(lambda: next((r for r in reversed(_rows(self.logdir)) if r["frames"] > start + frames
-                                  and r.get("actor_unrolls_per_s/0", 0) > 0), None),
-                    f"training with the honest actor after {what}", alive=[self.learner, self.actor],
-                    jobs=self.jobs)
+        row = _wait(
+            lambda: next(
+                (
+                    r
+                    for r in reversed(_rows(self.logdir))
+                    if r["frames"] > start + frames and r.get("actor_unrolls_per_s/0", 0) > 0
+                ),
+                None,
+            ),
+            f"training with the honest actor after {what}",
+            alive=[self.learner, self.actor],
+            jobs=self.jobs,
+        )
         parameters = self.params().arrays
         assert all(np.isfinite(a).all() for a in parameters.values()), f"non-finite parameters after {what}"
         return row
@@ -82,8 +100,12 @@ class Run:
         return rows[-1]["bad_messages"] if rows else 0
 
     def counted(self, at_least: int, what: str) -> None:
-        _wait(lambda: self.bad_messages() >= at_least, f"{what} to be counted in bad_messages",
-              alive=[self.learner], jobs=self.jobs)
+        _wait(
+            lambda: self.bad_messages() >= at_least,
+            f"{what} to be counted in bad_messages",
+            alive=[self.learner],
+            jobs=self.jobs,
+        )
 
     def rss_mb(self) -> float:
         for line in Path(f"/proc/{self.learner.pid}/status").read_text().splitlines():
@@ -102,8 +124,13 @@ def run(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("hostile")
     r = Run(Jobs(tmp_path), tmp_path / "run", _free_port_pair())
     try:
-        _wait(lambda: [x for x in _rows(r.logdir) if x.get("actor_unrolls_per_s/0", 0) > 0], "training",
-              alive=[r.learner, r.actor], jobs=r.jobs, timeout=180)
+        _wait(
+            lambda: [x for x in _rows(r.logdir) if x.get("actor_unrolls_per_s/0", 0) > 0],
+            "training",
+            alive=[r.learner, r.actor],
+            jobs=r.jobs,
+            timeout=180,
+        )
         yield r
     finally:
         r.close()
@@ -147,7 +174,7 @@ def test_a_one_machine_learner_listens_only_in_a_private_directory(tmp_path):
     server = learner.Learner(config)
     try:
         assert server.unroll_address.startswith("ipc://") and server.params_address.startswith("ipc://")
-        folder = Path(server.unroll_address[len("ipc://"):]).parent
+        folder = Path(server.unroll_address[len("ipc://") :]).parent
         assert stat.S_IMODE(folder.stat().st_mode) == 0o700 and folder.stat().st_uid == os.getuid()
     finally:
         server.close(save=False)
@@ -171,9 +198,17 @@ def test_nan_logits_and_out_of_range_actions_are_dropped(run):
 
 
 def _overflowing_shape(kind: str) -> bytes:
-    header = msgpack.packb({"proto": "impala", "v": wire.PROTOCOL_VERSION, "kind": kind, "task": 1,
-                            "param_version": 0, "meta": {"version": -1, "run": None} if kind == "get_params" else {},
-                            "arrays": [["reward", "float32", [0, 2**63]]]})
+    header = msgpack.packb(
+        {
+            "proto": "impala",
+            "v": wire.PROTOCOL_VERSION,
+            "kind": kind,
+            "task": 1,
+            "param_version": 0,
+            "meta": {"version": -1, "run": None} if kind == "get_params" else {},
+            "arrays": [["reward", "float32", [0, 2**63]]],
+        }
+    )
     return len(header).to_bytes(4, "little") + header
 
 

@@ -54,8 +54,10 @@ def _pod(obj: dict) -> dict:
 
 
 @pytest.mark.parametrize("version", VERSIONS)
-@pytest.mark.parametrize("argv", [[], ["--learner_gpus=1", "--storage_class=fast", "--actors=200"],
-                                  ["--learner_gpus=4", "--learner_ranks=4"]])
+@pytest.mark.parametrize(
+    "argv",
+    [[], ["--learner_gpus=1", "--storage_class=fast", "--actors=200"], ["--learner_gpus=4", "--learner_ranks=4"]],
+)
 def test_every_object_is_valid_kubernetes(keys_dir, version, argv):
     objects = _objects(keys_dir, *argv)
     assert sorted(objects) == ["Deployment", "Job", "PersistentVolumeClaim", "Secret", "Service"]
@@ -88,8 +90,9 @@ def test_learner_and_actors_parse_and_agree(keys_dir):
 
     # The pod index becomes --task through an env var that Kubernetes expands in args.
     (env,) = actor_container["env"]
-    assert env["valueFrom"]["fieldRef"]["fieldPath"] == \
-        "metadata.annotations['batch.kubernetes.io/job-completion-index']"
+    assert (
+        env["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.annotations['batch.kubernetes.io/job-completion-index']"
+    )
     job = objects["Job"]["spec"]
     assert job["completionMode"] == "Indexed" and job["completions"] == job["parallelism"] == 5
     tasks = []
@@ -103,20 +106,27 @@ def test_learner_and_actors_parse_and_agree(keys_dir):
 
     # Keys: each pod gets the files impala.security reads, from the one Secret, at keys_dir.
     secret = objects["Secret"]["stringData"]
-    for pod, config, needed in [(learner_pod, learner, {"learner.key_secret", "authorized_actors/actor.key"}),
-                                (actor_pod, actor, {"actor.key_secret", "learner.key"})]:
+    for pod, config, needed in [
+        (learner_pod, learner, {"learner.key_secret", "authorized_actors/actor.key"}),
+        (actor_pod, actor, {"actor.key_secret", "learner.key"}),
+    ]:
         (mount,) = [m for m in pod["containers"][0]["volumeMounts"] if m["name"] == "keys"]
         assert mount["mountPath"] == config.keys_dir
         (volume,) = [v for v in pod["volumes"] if v["name"] == "keys"]
         assert volume["secret"]["secretName"] == objects["Secret"]["metadata"]["name"]
         items = {i["path"]: secret[i["key"]] for i in volume["secret"]["items"]}
         assert set(items) == needed
-    for path, text in {"learner.key_secret": secret["learner.key_secret"], "learner.key": secret["learner.key"],
-                       "actor.key_secret": secret["actor.key_secret"],
-                       "authorized.key": secret["authorized-actors.actor.key"]}.items():
+    for path, text in {
+        "learner.key_secret": secret["learner.key_secret"],
+        "learner.key": secret["learner.key"],
+        "actor.key_secret": secret["actor.key_secret"],
+        "authorized.key": secret["authorized-actors.actor.key"],
+    }.items():
         (keys_dir.parent / f"check-{path}").write_text(text)
-    public = {p: zmq.auth.load_certificate(str(keys_dir.parent / f"check-{p}"))[0]
-              for p in ("learner.key_secret", "learner.key", "actor.key_secret", "authorized.key")}
+    public = {
+        p: zmq.auth.load_certificate(str(keys_dir.parent / f"check-{p}"))[0]
+        for p in ("learner.key_secret", "learner.key", "actor.key_secret", "authorized.key")
+    }
     assert public["learner.key"] == public["learner.key_secret"]  # actors trust this learner
     assert public["authorized.key"] == public["actor.key_secret"]  # the learner accepts these actors
 
@@ -130,6 +140,7 @@ def test_learner_and_actors_parse_and_agree(keys_dir):
 def test_gpu_request_only_when_asked(keys_dir):
     def limits(*argv):
         return _pod(_objects(keys_dir, *argv)["Deployment"])["containers"][0]["resources"]["limits"]
+
     assert "nvidia.com/gpu" not in limits()
     assert limits("--learner_gpus=2")["nvidia.com/gpu"] == "2"
 

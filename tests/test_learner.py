@@ -12,20 +12,31 @@ import torch
 import zmq
 
 from impala import checkpoint, learner, unroll, wire
+from impala import receiver as receiver_module
 from impala.actor import run_actor
 from impala.config import Config
 from impala.metrics import read_jsonl
 from impala.nets import Agent
-from impala import receiver as receiver_module
 from impala.receiver import ActorBook
 
 T, B, A, OBS = 4, 3, 2, 3
 
 
 def _config(tmp_path, **kw) -> Config:
-    base = dict(level_name="CartPole-v1", num_action_repeats=1, network="mlp", use_lstm=False,
-                mlp_sizes="8", unroll_length=T, batch_size=B, logdir=str(tmp_path),
-                entropy_cost=0.01, baseline_cost=0.5, discounting=0.9, learning_rate=0.001)
+    base = dict(
+        level_name="CartPole-v1",
+        num_action_repeats=1,
+        network="mlp",
+        use_lstm=False,
+        mlp_sizes="8",
+        unroll_length=T,
+        batch_size=B,
+        logdir=str(tmp_path),
+        entropy_cost=0.01,
+        baseline_cost=0.5,
+        discounting=0.9,
+        learning_rate=0.001,
+    )
     base.update(kw)
     return Config(**base)
 
@@ -120,9 +131,8 @@ def test_gradient_norm_clipping(tmp_path):
     rng = np.random.default_rng(2)
     agent = Agent((OBS,), A, network="mlp", use_lstm=False, hidden_sizes=(8,))
     batch = _random_batch(rng)
-    learner.learn_step(agent, torch.optim.SGD(agent.parameters(), lr=0.0), batch,
-                       _config(tmp_path, max_grad_norm=1e-3))
-    norm = torch.sqrt(sum((p.grad ** 2).sum() for p in agent.parameters()))
+    learner.learn_step(agent, torch.optim.SGD(agent.parameters(), lr=0.0), batch, _config(tmp_path, max_grad_norm=1e-3))
+    norm = torch.sqrt(sum((p.grad**2).sum() for p in agent.parameters()))
     assert norm == pytest.approx(1e-3, rel=1e-3)
 
 
@@ -142,8 +152,12 @@ def test_learner_drops_bad_messages_and_keeps_serving(tmp_path):
         [wire.encode("unroll", good_shapes)[0][:-1]],  # a message cut short
     ]
     stop = threading.Event()
-    actor = threading.Thread(target=run_actor, args=(config, 7, server.unroll_address, server.params_address),
-                             kwargs=dict(stop=stop, max_unrolls=3), daemon=True)
+    actor = threading.Thread(
+        target=run_actor,
+        args=(config, 7, server.unroll_address, server.params_address),
+        kwargs=dict(stop=stop, max_unrolls=3),
+        daemon=True,
+    )
     try:
         for frames in bad:
             peer.send_multipart(frames)
@@ -261,8 +275,9 @@ def test_non_finite_unrolls_are_skipped_then_stop_the_run(tmp_path, monkeypatch)
     drops such unrolls (test_receiver.py); its value checks are turned off here to
     reach the guard behind them (defence in depth)."""
     monkeypatch.setattr(receiver_module, "check_values", lambda arrays, limits: None)
-    config = _config(tmp_path, batch_size=1, num_envs_per_actor=1, unroll_length=5, reward_clipping="none",
-                     log_interval_s=0.001)
+    config = _config(
+        tmp_path, batch_size=1, num_envs_per_actor=1, unroll_length=5, reward_clipping="none", log_interval_s=0.001
+    )
     server = learner.Learner(config)
     peer = zmq.Context.instance().socket(zmq.DEALER)
     peer.setsockopt(zmq.LINGER, 0)
@@ -290,8 +305,12 @@ def test_non_finite_unrolls_are_skipped_then_stop_the_run(tmp_path, monkeypatch)
 
 def _run_with_actor(config, server, body):
     stop = threading.Event()
-    actor = threading.Thread(target=run_actor, args=(config, 0, server.unroll_address, server.params_address),
-                             kwargs=dict(stop=stop), daemon=True)
+    actor = threading.Thread(
+        target=run_actor,
+        args=(config, 0, server.unroll_address, server.params_address),
+        kwargs=dict(stop=stop),
+        daemon=True,
+    )
     actor.start()
     try:
         body()
@@ -329,8 +348,7 @@ def test_an_error_handling_one_message_drops_only_that_message(tmp_path, monkeyp
     the first unrolls are booked, and one where the first parameter request is
     answered) drops that message: counted, one log line naming the task; both
     threads go on serving and training continues."""
-    config = _config(tmp_path, batch_size=2, num_envs_per_actor=2, unroll_length=5,
-                     total_environment_frames=4 * 2 * 5)
+    config = _config(tmp_path, batch_size=2, num_envs_per_actor=2, unroll_length=5, total_environment_frames=4 * 2 * 5)
     real_record, real_reply = ActorBook.record, learner.ParamServer.reply
     failures = {"record": 2, "reply": 1}
 

@@ -18,13 +18,28 @@ from tests import cli
 SCRIPT = cli.ROOT / "scripts" / "load.py"
 # Small and fast: CartPole's layout, 3 envs per unroll in batches of 4 (so unrolls are
 # split across batches), a few connections in two processes.
-SMALL = ["--level_name=CartPole-v1", "--num_envs_per_actor=3", "--unroll_length=5", "--batch_size=4",
-         "--mlp_sizes=16", "--lstm_size=8", "--processes", "2", "--sockets", "4", "--unrolls", "25", "--warmup", "0"]
+SMALL = [
+    "--level_name=CartPole-v1",
+    "--num_envs_per_actor=3",
+    "--unroll_length=5",
+    "--batch_size=4",
+    "--mlp_sizes=16",
+    "--lstm_size=8",
+    "--processes",
+    "2",
+    "--sockets",
+    "4",
+    "--unrolls",
+    "25",
+    "--warmup",
+    "0",
+]
 
 
 def _load(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(SCRIPT), *args], cwd=cli.ROOT, capture_output=True, text=True, check=False,
-                          timeout=300)
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), *args], cwd=cli.ROOT, capture_output=True, text=True, check=False, timeout=300
+    )
 
 
 def _module():
@@ -44,11 +59,14 @@ def test_every_unroll_reaches_the_receive_path_and_the_training_learner_once():
     assert "FAILED" not in out and "frames trained" in out
 
 
-@pytest.mark.parametrize("fault, problem", [
-    ("duplicate", "connection 0: unroll 1 received twice"),
-    ("drop", "connection 0: unroll 2 received after 0: 1 missing"),
-    ("corrupt", "(connection 0, unroll 1, env 0): checksum"),
-])
+@pytest.mark.parametrize(
+    "fault, problem",
+    [
+        ("duplicate", "connection 0: unroll 1 received twice"),
+        ("drop", "connection 0: unroll 2 received after 0: 1 missing"),
+        ("corrupt", "(connection 0, unroll 1, env 0): checksum"),
+    ],
+)
 def test_the_checks_catch_a_duplicated_dropped_or_changed_unroll(fault, problem):
     result = _load(*SMALL, "--processes", "1", "--sockets", "2", "--measure", "receive", "--inject", fault)
     assert result.returncode == 1, result.stdout + result.stderr

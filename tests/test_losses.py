@@ -48,8 +48,14 @@ def _hand_loss(baseline_cost, entropy_cost, clip_rho=1.0, clip_pg_rho=1.0):
     d_logits = (pi - onehot) * np.array([[adv0], [adv1]]) + entropy_cost * pi * (np.log(pi) - ent_rows)
     d_baseline = -baseline_cost * np.array([vs0 - v[0], vs1 - v[1]])
     return dict(
-        total=total, pg=pg, bl=bl, ent=ent, vs=np.array([vs0, vs1]), adv=np.array([adv0, adv1]),
-        d_logits=d_logits, d_baseline=d_baseline,
+        total=total,
+        pg=pg,
+        bl=bl,
+        ent=ent,
+        vs=np.array([vs0, vs1]),
+        adv=np.array([adv0, adv1]),
+        d_logits=d_logits,
+        d_baseline=d_baseline,
     )
 
 
@@ -71,14 +77,15 @@ def test_impala_loss_matches_hand_computation(clip_rho, clip_pg_rho):
     want = _hand_loss(baseline_cost=0.5, entropy_cost=0.01, clip_rho=clip_rho, clip_pg_rho=clip_pg_rho)
     x = _inputs()
     out = losses.impala_loss(
-        **x, baseline_cost=0.5, entropy_cost=0.01,
-        clip_rho_threshold=clip_rho, clip_pg_rho_threshold=clip_pg_rho,
+        **x,
+        baseline_cost=0.5,
+        entropy_cost=0.01,
+        clip_rho_threshold=clip_rho,
+        clip_pg_rho_threshold=clip_pg_rho,
     )
     assert isinstance(out, losses.LossOutput)
     np.testing.assert_allclose(out.vtrace_returns.vs[:, 0].detach().numpy(), want["vs"], rtol=1e-12)
-    np.testing.assert_allclose(
-        out.vtrace_returns.pg_advantages[:, 0].detach().numpy(), want["adv"], rtol=1e-12
-    )
+    np.testing.assert_allclose(out.vtrace_returns.pg_advantages[:, 0].detach().numpy(), want["adv"], rtol=1e-12)
     np.testing.assert_allclose(out.policy_gradient.item(), want["pg"], rtol=1e-12)
     np.testing.assert_allclose(out.baseline.item(), want["bl"], rtol=1e-12)
     np.testing.assert_allclose(out.entropy.item(), want["ent"], rtol=1e-12)

@@ -7,10 +7,10 @@ from torch import nn
 
 from impala.config import Config
 from impala.nets import (
-    SamePadMaxPool,
     Agent,
     DeepTorso,
     MLPTorso,
+    SamePadMaxPool,
     ShallowTorso,
     make_agent,
     resolve_network,
@@ -102,7 +102,7 @@ def test_same_pad_max_pool_matches_tensorflow_windows(n):
     for i in range(size):
         for j in range(size):
             r0, c0 = 2 * i - before, 2 * j - before
-            expected[i, j] = x[0, 0, max(r0, 0):r0 + 3, max(c0, 0):c0 + 3].max()
+            expected[i, j] = x[0, 0, max(r0, 0) : r0 + 3, max(c0, 0) : c0 + 3].max()
     assert torch.equal(out[0, 0], expected)
 
 
@@ -145,9 +145,16 @@ def test_resolve_network_auto():
     assert Agent(IMAGE, 2, use_lstm=False).network == "deep"
 
 
-@pytest.mark.parametrize("network,shape", [
-    ("mlp", IMAGE), ("mlp", (84, 84)), ("shallow", (4,)), ("deep", (4,)), ("deep", (84, 84)),
-])
+@pytest.mark.parametrize(
+    "network,shape",
+    [
+        ("mlp", IMAGE),
+        ("mlp", (84, 84)),
+        ("shallow", (4,)),
+        ("deep", (4,)),
+        ("deep", (84, 84)),
+    ],
+)
 def test_resolve_network_mismatch(network, shape):
     with pytest.raises(ValueError, match=network):
         resolve_network(network, shape)
@@ -181,7 +188,7 @@ def test_whole_unroll_equals_step_by_step():
     state = state0
     logits, baselines = [], []
     for t in range(steps):
-        out, state = agent(observation[t:t + 1], last_action[t:t + 1], reward[t:t + 1], done[t:t + 1], state)
+        out, state = agent(observation[t : t + 1], last_action[t : t + 1], reward[t : t + 1], done[t : t + 1], state)
         logits.append(out.policy_logits)
         baselines.append(out.baseline)
     torch.testing.assert_close(torch.cat(logits), whole.policy_logits)
@@ -202,8 +209,9 @@ def test_done_resets_the_core_state(reset_at):
 
     out, _ = agent(observation, last_action, reward, done, state0)
     carried, _ = agent(observation, last_action, reward, no_done, state0)
-    fresh, _ = agent(observation[reset_at:], last_action[reset_at:], reward[reset_at:],
-                     no_done[reset_at:], agent.initial_state(B))
+    fresh, _ = agent(
+        observation[reset_at:], last_action[reset_at:], reward[reset_at:], no_done[reset_at:], agent.initial_state(B)
+    )
 
     # Env 0 from the reset on: exactly a fresh episode from a zero state.
     torch.testing.assert_close(out.policy_logits[reset_at:, 0], fresh.policy_logits[:, 0])
@@ -297,12 +305,16 @@ def test_shallow_torso_computes_the_papers_network_on_scaled_pixels():
     torch.testing.assert_close(torso(x), expected, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("network, observation_shape, use_lstm, mlp_sizes", [
-    ("shallow", IMAGE, False, ""), ("deep", (3, 16, 16), True, ""), ("mlp", (4,), True, "8"), ("mlp", (4,), True, "")])
-def test_a_bfloat16_acting_agent_takes_float32_parameters_and_gives_float32_outputs(network, observation_shape,
-                                                                                   use_lstm, mlp_sizes):
-    config = Config(network=network, use_lstm=use_lstm, lstm_size=LSTM_SIZE, mlp_sizes=mlp_sizes,
-                    inference_dtype="bfloat16")
+@pytest.mark.parametrize(
+    "network, observation_shape, use_lstm, mlp_sizes",
+    [("shallow", IMAGE, False, ""), ("deep", (3, 16, 16), True, ""), ("mlp", (4,), True, "8"), ("mlp", (4,), True, "")],
+)
+def test_a_bfloat16_acting_agent_takes_float32_parameters_and_gives_float32_outputs(
+    network, observation_shape, use_lstm, mlp_sizes
+):
+    config = Config(
+        network=network, use_lstm=use_lstm, lstm_size=LSTM_SIZE, mlp_sizes=mlp_sizes, inference_dtype="bfloat16"
+    )
     learner_agent = make_agent(config, observation_shape, 3)
     actor_agent = make_agent(config, observation_shape, 3, acting=True)
     assert {p.dtype for p in learner_agent.parameters()} == {torch.float32}
@@ -366,8 +378,10 @@ def test_lstms_start_as_lstm_block_cell_with_forget_bias_one(lstm_of):
     lstm = lstm_of(agent)
     H = lstm.hidden_size
     params = dict(lstm.named_parameters())
-    w_ih, w_hh, b_ih, b_hh = (next(v for k, v in params.items() if k.startswith(prefix))
-                              for prefix in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"))
+    w_ih, w_hh, b_ih, b_hh = (
+        next(v for k, v in params.items() if k.startswith(prefix))
+        for prefix in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
+    )
     # One glorot-uniform kernel [input + H, 4H], split by torch into weight_ih and weight_hh.
     limit = (6.0 / (w_ih.shape[1] + H + 4 * H)) ** 0.5
     kernel = torch.cat([w_ih, w_hh], dim=1).detach()
@@ -375,7 +389,7 @@ def test_lstms_start_as_lstm_block_cell_with_forget_bias_one(lstm_of):
     assert abs(kernel.std().item() / (limit / 3**0.5) - 1) < 0.05
     # One bias: zero but for the forget gate's +1 (torch's gate order i, f, g, o); the second frozen at 0.
     expected = torch.zeros(4 * H)
-    expected[H:2 * H] = 1.0
+    expected[H : 2 * H] = 1.0
     assert torch.equal(b_ih.detach(), expected) and b_ih.requires_grad
     assert torch.count_nonzero(b_hh) == 0 and not b_hh.requires_grad
 

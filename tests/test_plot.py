@@ -27,8 +27,12 @@ def _write_run(path: Path, returns, start_frames=0, torn=True):
     """A metrics.jsonl like the learner's: some null returns, a torn last line."""
     with open(path, "w") as f:
         for i, value in enumerate(returns):
-            row = {"frames": start_frames + 1000 * (i + 1), "mean_episode_return": value,
-                   "wall_time": 1_700_000_000.0 + 10 * i, "fps": 123.4}
+            row = {
+                "frames": start_frames + 1000 * (i + 1),
+                "mean_episode_return": value,
+                "wall_time": 1_700_000_000.0 + 10 * i,
+                "fps": 123.4,
+            }
             f.write(json.dumps(row) + "\n")
         if torn:
             f.write('{"frames": 99000, "mean_episode_ret')  # crash mid-write
@@ -36,8 +40,7 @@ def _write_run(path: Path, returns, start_frames=0, torn=True):
 
 
 def _run(*args):
-    return subprocess.run([sys.executable, str(SCRIPT), *map(str, args)],
-                          capture_output=True, text=True, timeout=60)
+    return subprocess.run([sys.executable, str(SCRIPT), *map(str, args)], capture_output=True, text=True, timeout=60)
 
 
 def test_cli_draws_png_from_files_and_logdirs(tmp_path):
@@ -47,8 +50,9 @@ def test_cli_draws_png_from_files_and_logdirs(tmp_path):
     _write_run(logdir / "metrics.jsonl", [None, None, 9.0, 15.0, 14.0], start_frames=500)
     output = tmp_path / "out" / "curve.png"  # parent directory does not exist yet
 
-    result = _run(first, logdir, "--output", output, "--labels", "first,second",
-                  "--smoothing", "0.6", "--title", "CartPole")
+    result = _run(
+        first, logdir, "--output", output, "--labels", "first,second", "--smoothing", "0.6", "--title", "CartPole"
+    )
     assert result.returncode == 0, result.stderr
     data = output.read_bytes()
     assert len(data) > 1000

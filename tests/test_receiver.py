@@ -15,8 +15,16 @@ from hypothesis import strategies as st
 from impala import unroll, wire
 from impala.metrics import Stopwatch
 from impala.param_server import ParamServer
-from impala.receiver import (ACTOR_SILENT_S, MAX_ABS_RETURN, MAX_ABS_VALUE, ActorBook, BatchAssembler, Episode,
-                             Limits, UnrollReceiver)
+from impala.receiver import (
+    ACTOR_SILENT_S,
+    MAX_ABS_RETURN,
+    MAX_ABS_VALUE,
+    ActorBook,
+    BatchAssembler,
+    Episode,
+    Limits,
+    UnrollReceiver,
+)
 from impala.unroll import new_unroll, unroll_spec, validate
 
 T = 5
@@ -106,9 +114,11 @@ def test_batches_do_not_alias_the_received_unrolls():
     spec = _spec(T=1)
     batcher = BatchAssembler(spec, batch_size=2)
     first = _marked(spec, 1, 0)
-    batch, = batcher.add(first) + batcher.add(_marked(spec, 1, 1))
+    (batch,) = batcher.add(first) + batcher.add(_marked(spec, 1, 1))
     first["reward"][...] = -1.0  # the receive buffer may be reused afterwards
     assert _env_ids(batch, spec) == [0, 1]
+
+
 # ---------------------------------------------------------------------------
 # The actor book.
 
@@ -179,8 +189,18 @@ def test_book_decides_liveness_where_unrolls_arrive(caplog):
 def _receiver(spec, batch_size=2, version=7, limits=None):
     book = ActorBook(num_actions=A, num_action_repeats=1)
     watch = Stopwatch()
-    receiver = UnrollReceiver(spec, batch_size, A, book, watch, default_level="CartPole-v1", run_id="run",
-                              param_version=lambda: version, max_queued_batches=4, limits=limits)
+    receiver = UnrollReceiver(
+        spec,
+        batch_size,
+        A,
+        book,
+        watch,
+        default_level="CartPole-v1",
+        run_id="run",
+        param_version=lambda: version,
+        max_queued_batches=4,
+        limits=limits,
+    )
     return receiver, book, watch
 
 
@@ -194,8 +214,12 @@ def test_actor_time_reports_are_summed_and_foreign_values_ignored():
     spec = _spec(T=2, state_sizes=())
     receiver, _, watch = _receiver(spec)
     arrays = new_unroll(spec, 2)
-    for seconds in ({"env": 0.25, "inference": 0.5}, {"env": 0.25, "send": "slow", "params": -1.0},
-                    {"inference": float("nan"), "act": float("inf"), "evil": 3.0}, "not a map"):
+    for seconds in (
+        {"env": 0.25, "inference": 0.5},
+        {"env": 0.25, "send": "slow", "params": -1.0},
+        {"inference": float("nan"), "act": float("inf"), "evil": 3.0},
+        "not a map",
+    ):
         receiver.receive(b"peer", _message(arrays, level="CartPole-v1", seconds=seconds))
     times = watch.take()
     assert {k: v for k, v in times.items() if k.startswith("actor_")} == {"actor_env": 0.5, "actor_inference": 0.5}
@@ -238,20 +262,34 @@ def test_receiver_drops_an_unroll_wider_than_the_limit_whole():
 # here) and queues its batch, or refuses it with UnrollError and books nothing.
 VOCABULARY, LEVELS, MAX_ACTORS, VERSION = 11, ("lvl_a", "lvl_b"), 8, 7
 PROPERTY_SPEC = unroll_spec(2, (3,), np.float32, A, (H, H), instruction_length=4)
-BOUNDS = {"reward": MAX_ABS_VALUE, "policy_logits": MAX_ABS_VALUE, "core_state_0": MAX_ABS_VALUE,
-          "core_state_1": MAX_ABS_VALUE, "episode_return": MAX_ABS_RETURN, "observation": np.inf}
+BOUNDS = {
+    "reward": MAX_ABS_VALUE,
+    "policy_logits": MAX_ABS_VALUE,
+    "core_state_0": MAX_ABS_VALUE,
+    "core_state_1": MAX_ABS_VALUE,
+    "episode_return": MAX_ABS_RETURN,
+    "observation": np.inf,
+}
 
 
 def _valid_value(name: str, value) -> bool:
     if name in BOUNDS:
         return bool(np.isfinite(value) and abs(value) <= BOUNDS[name])
-    return {"action": 0 <= value < A, "episode_step": value >= 0, "instruction": 0 <= value < VOCABULARY,
-            "done": value in (0, 1)}[name]
+    return {
+        "action": 0 <= value < A,
+        "episode_step": value >= 0,
+        "instruction": 0 <= value < VOCABULARY,
+        "done": value in (0, 1),
+    }[name]
 
 
 def _receive(arrays, **header) -> tuple[bool, UnrollReceiver, ActorBook]:
-    receiver, book, _ = _receiver(PROPERTY_SPEC, batch_size=2, version=VERSION,
-                                  limits=Limits(A, LEVELS, max_envs=2, max_actors=MAX_ACTORS, vocabulary=VOCABULARY))
+    receiver, book, _ = _receiver(
+        PROPERTY_SPEC,
+        batch_size=2,
+        version=VERSION,
+        limits=Limits(A, LEVELS, max_envs=2, max_actors=MAX_ACTORS, vocabulary=VOCABULARY),
+    )
     header = {"task": 1, "param_version": 3, "meta": {"level": "lvl_b", "run": "run"}, **header}
     message = wire.decode(wire.encode("unroll", arrays, **header))
     try:
@@ -291,12 +329,18 @@ def test_one_corrupted_value_is_accepted_only_when_valid(data):
 def test_one_corrupted_header_field_is_accepted_only_when_valid(field, data):
     arrays = new_unroll(PROPERTY_SPEC, 2)
     if field == "level":
-        level = data.draw(st.text(max_size=300) | st.sampled_from(LEVELS) | st.integers(-2**63, 2**64 - 1) | st.none())
+        level = data.draw(
+            st.text(max_size=300) | st.sampled_from(LEVELS) | st.integers(-(2**63), 2**64 - 1) | st.none()
+        )
         accepted, _, _ = _receive(arrays, meta={"level": level, "run": "run"})
         assert accepted == (level in LEVELS)
     elif field == "seconds":
-        seconds = data.draw(st.dictionaries(st.sampled_from(["env", "act", "evil"]),
-                                            st.floats() | st.integers(-2**63, 2**64 - 1) | st.text(max_size=3)))
+        seconds = data.draw(
+            st.dictionaries(
+                st.sampled_from(["env", "act", "evil"]),
+                st.floats() | st.integers(-(2**63), 2**64 - 1) | st.text(max_size=3),
+            )
+        )
         accepted, receiver, _ = _receive(arrays, meta={"level": "lvl_a", "run": "run", "seconds": seconds})
         assert accepted  # a time report only feeds metrics: implausible values are ignored, not fatal
         for part, total in receiver.watch.take().items():
@@ -332,8 +376,9 @@ def test_param_server_sends_a_peer_full_parameters_at_most_once_per_interval():
     server.publish({"w": torch.ones(3)}, 4)
 
     def ask(peer):
-        return wire.decode(server.reply(wire.decode(wire.encode("get_params", meta={"version": -1, "run": None})),
-                                        peer)).kind
+        return wire.decode(
+            server.reply(wire.decode(wire.encode("get_params", meta={"version": -1, "run": None})), peer)
+        ).kind
 
     assert ask(b"a") == "params"
     assert ask(b"a") == "params_unchanged"  # asked again at once

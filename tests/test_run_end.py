@@ -61,10 +61,19 @@ def test_actors_outlive_a_killed_learner_and_end_with_the_one_started_again(jobs
     port = _free_port_pair()
     address = f"--learner_address=tcp://127.0.0.1:{port}"
     logdir = tmp_path / "run"
-    learner = jobs.start("learner", *CARTPOLE, "--job_name=learner", address, f"--logdir={logdir}", BIG_BUDGET,
-                         "--checkpoint_interval_s=1")
-    actors = [jobs.start(f"actor{t}", *CARTPOLE, "--job_name=actor", f"--task={t}", address, f"--logdir={logdir}")
-              for t in (0, 1)]
+    learner = jobs.start(
+        "learner",
+        *CARTPOLE,
+        "--job_name=learner",
+        address,
+        f"--logdir={logdir}",
+        BIG_BUDGET,
+        "--checkpoint_interval_s=1",
+    )
+    actors = [
+        jobs.start(f"actor{t}", *CARTPOLE, "--job_name=actor", f"--task={t}", address, f"--logdir={logdir}")
+        for t in (0, 1)
+    ]
     _wait(lambda: _frames_after(logdir, 0, actors=2), "two actors training", alive=[learner, *actors], jobs=jobs)
     _wait(lambda: checkpoint.latest(logdir), "a checkpoint")
     learner.kill()  # no 'finished': the learner merely died
@@ -72,10 +81,20 @@ def test_actors_outlive_a_killed_learner_and_end_with_the_one_started_again(jobs
     saved = checkpoint.load(checkpoint.latest(logdir))["frames"]
     # Nothing told them the run is over: they wait (unroll sends and parameter requests
     # unanswered) through several of their request intervals.
-    _wait(lambda: all("has taken no unroll" in jobs.log(a) for a in actors), "the actors to notice",
-          alive=actors, jobs=jobs)
-    again = jobs.start("learner-again", *CARTPOLE, "--job_name=learner", address, f"--logdir={logdir}",
-                       f"--total_environment_frames={saved + 20000}")
+    _wait(
+        lambda: all("has taken no unroll" in jobs.log(a) for a in actors),
+        "the actors to notice",
+        alive=actors,
+        jobs=jobs,
+    )
+    again = jobs.start(
+        "learner-again",
+        *CARTPOLE,
+        "--job_name=learner",
+        address,
+        f"--logdir={logdir}",
+        f"--total_environment_frames={saved + 20000}",
+    )
     assert _wait_exit(again, "the learner started again to finish") == 0, jobs.log(again)[-3000:]
     assert "Resumed from" in jobs.log(again)
     for actor in actors:
@@ -90,16 +109,31 @@ def test_a_refused_actor_says_its_key_was_probably_refused(jobs, tmp_path):
     (other / "learner.key").write_bytes((keys / "learner.key").read_bytes())  # but it knows this learner
     port = _free_port_pair()
     address = f"--learner_address=tcp://127.0.0.1:{port}"
-    learner = jobs.start("learner", *CARTPOLE, "--job_name=learner", address, f"--logdir={tmp_path / 'run'}",
-                         BIG_BUDGET, f"--keys_dir={keys}")
+    learner = jobs.start(
+        "learner",
+        *CARTPOLE,
+        "--job_name=learner",
+        address,
+        f"--logdir={tmp_path / 'run'}",
+        BIG_BUDGET,
+        f"--keys_dir={keys}",
+    )
     refused = jobs.start("refused", *CARTPOLE, "--job_name=actor", "--task=1", address, f"--keys_dir={other}")
-    _wait(lambda: "refused this actor's CurveZMQ key" in jobs.log(refused), "the refused actor to say why",
-          alive=[learner, refused], jobs=jobs)
+    _wait(
+        lambda: "refused this actor's CurveZMQ key" in jobs.log(refused),
+        "the refused actor to say why",
+        alive=[learner, refused],
+        jobs=jobs,
+    )
     assert "Refused a connection" in jobs.log(learner)
     # An actor with an authorized key is not told that.
     good = jobs.start("actor", *CARTPOLE, "--job_name=actor", "--task=0", address, f"--keys_dir={keys}")
-    _wait(lambda: _frames_after(tmp_path / "run", 0), "the keyed actor to train", alive=[learner, good, refused],
-          jobs=jobs)
+    _wait(
+        lambda: _frames_after(tmp_path / "run", 0),
+        "the keyed actor to train",
+        alive=[learner, good, refused],
+        jobs=jobs,
+    )
     assert "refused" not in jobs.log(good)
 
 
@@ -118,20 +152,41 @@ def test_the_documented_shell_launch_ends_by_itself(tmp_path):
     free port, this host for the learner's name). Both end by themselves."""
     learner, actors = _shell_launch()
     port = _free_port_pair()
-    changes = [("configs/pong.cfg", f"configs/cartpole.cfg {SMALL_BUDGET} --num_envs_per_actor=4"),
-               ("/data/impala/pong", str(tmp_path / "run")), ("5555", str(port)),
-               ("learner-host.example.org", "127.0.0.1"), ("seq 0 15", "seq 0 1")]
+    changes = [
+        ("configs/pong.cfg", f"configs/cartpole.cfg {SMALL_BUDGET} --num_envs_per_actor=4"),
+        ("/data/impala/pong", str(tmp_path / "run")),
+        ("5555", str(port)),
+        ("learner-host.example.org", "127.0.0.1"),
+        ("seq 0 15", "seq 0 1"),
+    ]
     for old, new in changes:
         assert old in learner + actors, f"docs/distributed.md no longer has {old!r}; update this test"
         learner, actors = learner.replace(old, new), actors.replace(old, new)
     (tmp_path / "configs").symlink_to(cli.ROOT / "configs")
-    script = "\n".join(["set -e", f'python() {{ "{cli.command()[0]}" "$@"; }}',  # this interpreter
-                        "python -m impala.security --keys_dir=keys",
-                        "(", learner.strip(), ") > learner.log 2>&1 &", "learner=$!",
-                        "(", actors.strip(), ") > actors.log 2>&1", 'wait "$learner"'])
-    process = subprocess.Popen(["bash", "-c", script], cwd=tmp_path, start_new_session=True,
-                               env={**os.environ, "PYTHONPATH": str(cli.ROOT)},
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    script = "\n".join(
+        [
+            "set -e",
+            f'python() {{ "{cli.command()[0]}" "$@"; }}',  # this interpreter
+            "python -m impala.security --keys_dir=keys",
+            "(",
+            learner.strip(),
+            ") > learner.log 2>&1 &",
+            "learner=$!",
+            "(",
+            actors.strip(),
+            ") > actors.log 2>&1",
+            'wait "$learner"',
+        ]
+    )
+    process = subprocess.Popen(
+        ["bash", "-c", script],
+        cwd=tmp_path,
+        start_new_session=True,
+        env={**os.environ, "PYTHONPATH": str(cli.ROOT)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         out, _ = process.communicate(timeout=300)
     finally:

@@ -60,26 +60,29 @@ def test_every_atari57_game_has_its_ale_id():
         assert scores.reference_scores(f"ALE/{game}-v5").key == key
 
 
-@pytest.mark.parametrize("level,key", [
-    ("ALE/Pong-v5", "pong"),
-    ("ALE/MsPacman-v5", "ms_pacman"),
-    ("ALE/MontezumaRevenge-v5", "montezuma_revenge"),
-    ("ALE/UpNDown-v5", "up_n_down"),
-    ("ALE/Breakout-ram-v5", "breakout"),
-    ("PongNoFrameskip-v4", "pong"),
-    ("SpaceInvaders-v4", "space_invaders"),
-    ("BreakoutDeterministic-v4", "breakout"),
-    ("ALE/Pitfall2-v5", None),  # not the Atari-57 Pitfall
-    ("ALE/Atlantis2-v5", None),
-    ("ALE/Pacman-v5", None),  # not MsPacman
-    ("CartPole-v1", None),
-    ("rooms_watermaze", "rooms_watermaze"),
-    ("rooms_collect_good_objects_train", "rooms_collect_good_objects_test"),  # counts toward its test level
-    ("dmlab:rooms_exploit_deferred_effects_train", "rooms_exploit_deferred_effects_test"),
-    ("dmlab:contributed/dmlab30/explore_goal_locations_small", "explore_goal_locations_small"),
-    ("dmlab:seekavoid_arena_01", None),
-    ("dmlab30", None),
-])
+@pytest.mark.parametrize(
+    "level,key",
+    [
+        ("ALE/Pong-v5", "pong"),
+        ("ALE/MsPacman-v5", "ms_pacman"),
+        ("ALE/MontezumaRevenge-v5", "montezuma_revenge"),
+        ("ALE/UpNDown-v5", "up_n_down"),
+        ("ALE/Breakout-ram-v5", "breakout"),
+        ("PongNoFrameskip-v4", "pong"),
+        ("SpaceInvaders-v4", "space_invaders"),
+        ("BreakoutDeterministic-v4", "breakout"),
+        ("ALE/Pitfall2-v5", None),  # not the Atari-57 Pitfall
+        ("ALE/Atlantis2-v5", None),
+        ("ALE/Pacman-v5", None),  # not MsPacman
+        ("CartPole-v1", None),
+        ("rooms_watermaze", "rooms_watermaze"),
+        ("rooms_collect_good_objects_train", "rooms_collect_good_objects_test"),  # counts toward its test level
+        ("dmlab:rooms_exploit_deferred_effects_train", "rooms_exploit_deferred_effects_test"),
+        ("dmlab:contributed/dmlab30/explore_goal_locations_small", "explore_goal_locations_small"),
+        ("dmlab:seekavoid_arena_01", None),
+        ("dmlab30", None),
+    ],
+)
 def test_reference_scores_lookup(level, key):
     reference = scores.reference_scores(level)
     assert (reference.key if reference else None) == key
@@ -99,7 +102,8 @@ def test_level_result_and_summary_by_hand():
     out = scores.summary([pong, easy])
     assert out["levels"] == [pong, easy]
     assert out["mean_human_normalized_score"] == pytest.approx(
-        (pong["human_normalized_score"] + easy["human_normalized_score"]) / 2)
+        (pong["human_normalized_score"] + easy["human_normalized_score"]) / 2
+    )
     assert out["mean_human_normalized_score_capped"] == pytest.approx((pong["human_normalized_score"] + 100) / 2)
     assert scores.summary([plain]) == {"levels": [plain]}
     with pytest.raises(ValueError):
@@ -109,11 +113,11 @@ def test_level_result_and_summary_by_hand():
 def test_dmlab30_suite_score_as_the_original_computes_it():
     rng = np.random.default_rng(0)
     returns = {level.train: list(rng.uniform(0, 2 * level.human, size=3)) for level in dmlab30.LEVELS}
-    by_hand = [100 * (np.mean(returns[level.train]) - level.random) / (level.human - level.random)
-               for level in dmlab30.LEVELS]
+    by_hand = [
+        100 * (np.mean(returns[level.train]) - level.random) / (level.human - level.random) for level in dmlab30.LEVELS
+    ]
     assert dmlab30.compute_human_normalized_score(returns, None) == pytest.approx(np.mean(by_hand))
-    assert dmlab30.compute_human_normalized_score(returns, 100) == pytest.approx(
-        np.mean(np.minimum(by_hand, 100)))
+    assert dmlab30.compute_human_normalized_score(returns, 100) == pytest.approx(np.mean(np.minimum(by_hand, 100)))
     # Test names give the same; a missing level is an error, as in the original.
     as_test = {dmlab30.LEVEL_MAPPING[k]: v for k, v in returns.items()}
     assert dmlab30.compute_human_normalized_score(as_test, None) == pytest.approx(np.mean(by_hand))
@@ -131,5 +135,7 @@ def test_dmlab30_names():
     assert len(dmlab30.TRAIN_LEVELS) == len(set(dmlab30.TRAIN_LEVELS)) == 30
     assert len(dmlab30.ALL_LEVELS) == 32  # two levels have distinct test variants
     assert dmlab30.LANGUAGE_LEVELS == {level.train for level in dmlab30.LEVELS if level.train.startswith("language_")}
-    assert dmlab30.test_name("contributed/dmlab30/rooms_collect_good_objects_train") == "rooms_collect_good_objects_test"
+    assert (
+        dmlab30.test_name("contributed/dmlab30/rooms_collect_good_objects_train") == "rooms_collect_good_objects_test"
+    )
     assert dmlab30.test_name("seekavoid_arena_01") is None

@@ -13,10 +13,19 @@ from impala import security
 from tests import cli
 
 
-@pytest.mark.parametrize("host, loopback", [
-    ("127.0.0.1", True), ("127.3.2.1", True), ("[::1]", True), ("localhost", True),
-    ("0.0.0.0", False), ("*", False), ("10.1.2.3", False), ("192.168.0.7", False),
-])
+@pytest.mark.parametrize(
+    "host, loopback",
+    [
+        ("127.0.0.1", True),
+        ("127.3.2.1", True),
+        ("[::1]", True),
+        ("localhost", True),
+        ("0.0.0.0", False),
+        ("*", False),
+        ("10.1.2.3", False),
+        ("192.168.0.7", False),
+    ],
+)
 def test_is_loopback(host, loopback):
     assert security.is_loopback(host) is loopback
 
@@ -34,8 +43,9 @@ def test_generated_keys_pair_up_and_are_private(tmp_path):
 def test_keys_are_never_overwritten(tmp_path):
     security.generate(tmp_path)
     before = (tmp_path / "learner.key_secret").read_bytes()
-    result = subprocess.run(cli.command()[:2] + ["impala.security", f"--keys_dir={tmp_path}"],
-                            capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        cli.command()[:2] + ["impala.security", f"--keys_dir={tmp_path}"], capture_output=True, text=True, timeout=60
+    )
     assert result.returncode == 2 and result.stderr.count("\n") == 1 and "not overwriting" in result.stderr
     assert (tmp_path / "learner.key_secret").read_bytes() == before
 
@@ -52,8 +62,12 @@ def test_missing_keys_are_a_clear_error(tmp_path):
 
 
 def test_a_missing_key_file_is_one_line_naming_it(tmp_path):
-    result = subprocess.run(cli.command("--job_name=actor", "--learner_address=tcp://127.0.0.1:5555",
-                                        f"--keys_dir={tmp_path}"), capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        cli.command("--job_name=actor", "--learner_address=tcp://127.0.0.1:5555", f"--keys_dir={tmp_path}"),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 2, result.stderr
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("impala: error: no key file") and f"{tmp_path}/actor.key_secret" in last
@@ -61,8 +75,12 @@ def test_a_missing_key_file_is_one_line_naming_it(tmp_path):
 
 
 def _make(keys_dir, *name):
-    return subprocess.run(cli.command()[:2] + ["impala.security", f"--keys_dir={keys_dir}", *name],
-                          capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        cli.command()[:2] + ["impala.security", f"--keys_dir={keys_dir}", *name],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
 def _public(path):

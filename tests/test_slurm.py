@@ -57,11 +57,20 @@ def _launch(tmp_path, extra_env: dict) -> list[dict]:
     (keys / "learner.key_secret").write_text("made before\n")  # so the script makes none
     log = tmp_path / "launched.jsonl"
     learner_tasks, actor_tasks = _component_tasks()
-    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "FAKE_LOG": str(log),
-           "FAKE_NTASKS_0": str(learner_tasks), "FAKE_NTASKS_1": str(actor_tasks),
-           "SLURM_SUBMIT_DIR": str(ROOT), "SLURM_JOB_NODELIST_HET_GROUP_0": "gpu-node[07-08]",
-           "SLURM_JOB_NAME": "impala", "IMPALA_PYTHON": str(bin_dir / "fake-python"),
-           "IMPALA_KEYS_DIR": str(keys), "HOME": str(tmp_path), **extra_env}
+    env = {
+        **os.environ,
+        "PATH": f"{bin_dir}:{os.environ['PATH']}",
+        "FAKE_LOG": str(log),
+        "FAKE_NTASKS_0": str(learner_tasks),
+        "FAKE_NTASKS_1": str(actor_tasks),
+        "SLURM_SUBMIT_DIR": str(ROOT),
+        "SLURM_JOB_NODELIST_HET_GROUP_0": "gpu-node[07-08]",
+        "SLURM_JOB_NAME": "impala",
+        "IMPALA_PYTHON": str(bin_dir / "fake-python"),
+        "IMPALA_KEYS_DIR": str(keys),
+        "HOME": str(tmp_path),
+        **extra_env,
+    }
     subprocess.run(["bash", str(SCRIPT)], env=env, check=True, timeout=300)
     return [json.loads(line) for line in log.read_text().splitlines()]
 
@@ -79,9 +88,18 @@ def _config(argv: list[str]) -> config_lib.Config:
     return config_lib.from_flags(values)
 
 
-@pytest.mark.parametrize("extra", [{}, {"IMPALA_FLAGS": "--batch_size=16 --unroll_length=50",
-                                        "IMPALA_FLAGFILE": "configs/cartpole.cfg", "IMPALA_PORT": "6000"},
-                                   {"IMPALA_LEARNER_RANKS": "4"}])
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {},
+        {
+            "IMPALA_FLAGS": "--batch_size=16 --unroll_length=50",
+            "IMPALA_FLAGFILE": "configs/cartpole.cfg",
+            "IMPALA_PORT": "6000",
+        },
+        {"IMPALA_LEARNER_RANKS": "4"},
+    ],
+)
 def test_every_launched_command_parses_and_agrees(tmp_path, extra):
     launched = _launch(tmp_path, extra)
     learners = [_config(c["argv"]) for c in launched if c["group"] == "0"]

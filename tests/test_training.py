@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
@@ -32,8 +31,16 @@ def test_cartpole_learns_well_above_random(trained):
     logdir, result = trained
     assert result.returncode == 0, result.stdout[-3000:]
     rows = read_jsonl(logdir / "metrics.jsonl")
-    for key in ("frames", "sps", "mean_episode_return", "total_loss", "pg_loss", "baseline_loss",
-                "entropy_loss", "policy_lag"):
+    for key in (
+        "frames",
+        "sps",
+        "mean_episode_return",
+        "total_loss",
+        "pg_loss",
+        "baseline_loss",
+        "entropy_loss",
+        "policy_lag",
+    ):
         assert key in rows[-1], key
     frames = [r["frames"] for r in rows]
     assert frames == sorted(frames) and frames[-1] >= 200000
@@ -49,8 +56,7 @@ def test_cartpole_learns_well_above_random(trained):
 def test_cartpole_learns_with_a_bfloat16_learner(tmp_path):
     """--learner_dtype=bfloat16 (issue 13): the forward pass in bfloat16, V-trace and
     the update in float32; the same run still learns, and publishes as it goes."""
-    result = cli.run(*CARTPOLE, f"--logdir={tmp_path}", "--total_environment_frames=200000",
-                     "--learner_dtype=bfloat16")
+    result = cli.run(*CARTPOLE, f"--logdir={tmp_path}", "--total_environment_frames=200000", "--learner_dtype=bfloat16")
     assert result.returncode == 0, result.stdout[-3000:]
     rows = read_jsonl(tmp_path / "metrics.jsonl")
     returns = [r["mean_episode_return"] for r in rows if r["mean_episode_return"] is not None]
@@ -94,8 +100,15 @@ def test_metrics_say_where_the_time_goes(trained):
     single-threaded part can be busy for more than the wall time."""
     rows = [r for r in read_jsonl(trained[0] / "metrics.jsonl") if r["frames"] > 0][1:]
     assert rows
-    for part in ("learner_step", "learner_wait", "learner_receive", "learner_publish", "actor_env",
-                 "actor_inference", "actor_send"):
+    for part in (
+        "learner_step",
+        "learner_wait",
+        "learner_receive",
+        "learner_publish",
+        "actor_env",
+        "actor_inference",
+        "actor_send",
+    ):
         assert any((r.get(f"time/{part}") or 0) > 0 for r in rows), part
     for r in rows:
         for part in ("learner_step", "learner_wait", "learner_publish", "learner_receive"):
@@ -125,8 +138,13 @@ def test_checkpoint_of_another_network_is_refused_and_kept(trained, tmp_path):
     shutil.copytree(trained[0], logdir)
     path = checkpoint.latest(logdir)
     content = path.read_bytes()
-    result = subprocess.run(cli.command(*CARTPOLE, f"--logdir={logdir}", "--mlp_sizes=32"),
-                            cwd=cli.ROOT, capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        cli.command(*CARTPOLE, f"--logdir={logdir}", "--mlp_sizes=32"),
+        cwd=cli.ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 2
     assert result.stderr.strip().count("\n") == 0, result.stderr
     assert "different network" in result.stderr and "mlp_sizes" in result.stderr
@@ -147,8 +165,12 @@ def _wait_for_metrics(logdir: Path, process: subprocess.Popen, rows: int = 1, ti
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_ctrl_c_or_sigterm_checkpoints_and_leaves_no_process(tmp_path, signum):
     # Started with SIGINT ignored, as a shell starts background jobs: Ctrl-C must still work.
-    process = cli.start(*CARTPOLE, f"--logdir={tmp_path}", "--total_environment_frames=100000000",
-                        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    process = cli.start(
+        *CARTPOLE,
+        f"--logdir={tmp_path}",
+        "--total_environment_frames=100000000",
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
+    )
     try:
         _wait_for_metrics(tmp_path, process)
         os.kill(process.pid, signum)
@@ -214,43 +236,58 @@ def _alive(pid: int) -> bool:
     return stat[stat.rindex(")") + 2] != "Z"
 
 
-@pytest.mark.parametrize("flags, expected", [
-    (["--bogus_flag=1"], "bogus_flag"),
-    (["--level_name=CartPole-v9"], "CartPole-v1"),
-    (["--level_name=ALE/Pongg-v5"], "ALE/Pong-v5"),
-    (["--level_name=Pendulum-v1"], "Discrete"),
-    (["--batch_size=0"], "batch_size"),
-    (["--reward_clipping=sometimes"], "reward_clipping"),
-    (["--learning_rate=nan"], "--learning_rate must be a finite number"),
-    (["--decay=1.5"], "--decay"),
-    # 16 envs: batches of at most 16 rows unless a maximum is given.
-    (["--num_envs_per_actor=16", "--env_workers_per_actor=2", "--inference_minimum_batch_size=17"],
-     "inference_minimum_batch_size"),
-])
+@pytest.mark.parametrize(
+    "flags, expected",
+    [
+        (["--bogus_flag=1"], "bogus_flag"),
+        (["--level_name=CartPole-v9"], "CartPole-v1"),
+        (["--level_name=ALE/Pongg-v5"], "ALE/Pong-v5"),
+        (["--level_name=Pendulum-v1"], "Discrete"),
+        (["--batch_size=0"], "batch_size"),
+        (["--reward_clipping=sometimes"], "reward_clipping"),
+        (["--learning_rate=nan"], "--learning_rate must be a finite number"),
+        (["--decay=1.5"], "--decay"),
+        # 16 envs: batches of at most 16 rows unless a maximum is given.
+        (
+            ["--num_envs_per_actor=16", "--env_workers_per_actor=2", "--inference_minimum_batch_size=17"],
+            "inference_minimum_batch_size",
+        ),
+    ],
+)
 def test_bad_flags_are_one_line_errors(flags, expected, tmp_path):
-    result = subprocess.run(cli.command(f"--logdir={tmp_path}", *flags), cwd=cli.ROOT,
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        cli.command(f"--logdir={tmp_path}", *flags), cwd=cli.ROOT, capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 2, result.stderr
     assert result.stderr.strip().count("\n") == 0, result.stderr
     assert expected in result.stderr
 
 
 def test_a_network_that_does_not_fit_the_level_is_a_one_line_error(tmp_path):
-    result = subprocess.run(cli.command(f"--logdir={tmp_path}", "--level_name=ALE/Pong-v5", "--network=mlp"),
-                            cwd=cli.ROOT, capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        cli.command(f"--logdir={tmp_path}", "--level_name=ALE/Pong-v5", "--network=mlp"),
+        cwd=cli.ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 2, result.stderr
     # ale-py prints its banner before (issue 19); the error itself is the one last line.
     assert "Traceback" not in result.stderr
-    assert result.stderr.strip().splitlines()[-1].startswith(
-        "impala: error: --network=mlp does not fit ALE/Pong-v5: the mlp torso needs vector observations"), result.stderr
+    assert (
+        result.stderr.strip()
+        .splitlines()[-1]
+        .startswith("impala: error: --network=mlp does not fit ALE/Pong-v5: the mlp torso needs vector observations")
+    ), result.stderr
 
 
 def test_bad_logdirs_are_one_line_errors(tmp_path):
     a_file = tmp_path / "file"
     a_file.write_text("not a directory")
     for logdir in (a_file, a_file / "below"):
-        result = subprocess.run(cli.command(f"--logdir={logdir}"), cwd=cli.ROOT,
-                                capture_output=True, text=True, timeout=120)
+        result = subprocess.run(
+            cli.command(f"--logdir={logdir}"), cwd=cli.ROOT, capture_output=True, text=True, timeout=120
+        )
         assert result.returncode == 2, result.stderr
         assert result.stderr.strip().count("\n") == 0, result.stderr
         assert "--logdir" in result.stderr
@@ -262,17 +299,24 @@ def test_a_failing_learner_thread_ends_the_run_with_one_line_and_a_checkpoint(tm
     into the learner's unroll socket (the actors are spawned fresh, unpatched). A
     failure outside one message's handling ends the run (one that handles a message
     only drops it: test_learner.py)."""
-    inject = ("import sys, zmq; from impala import wire\n"
-              "real = wire.recv_routed\n"
-              "def broken(socket, **kwargs):\n"
-              "    if kwargs.get('allowed_kinds') == ('unroll',):\n"
-              "        raise zmq.ZMQError(zmq.ENOTSOCK, 'injected failure')\n"
-              "    return real(socket, **kwargs)\n"
-              "wire.recv_routed = broken\n"
-              "from impala import experiment; sys.argv[0] = 'impala'; experiment.run_main()")
-    process = subprocess.Popen([sys.executable, "-c", inject, *CARTPOLE, f"--logdir={tmp_path}",
-                                "--total_environment_frames=100000000"], cwd=cli.ROOT, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True, start_new_session=True)
+    inject = (
+        "import sys, zmq; from impala import wire\n"
+        "real = wire.recv_routed\n"
+        "def broken(socket, **kwargs):\n"
+        "    if kwargs.get('allowed_kinds') == ('unroll',):\n"
+        "        raise zmq.ZMQError(zmq.ENOTSOCK, 'injected failure')\n"
+        "    return real(socket, **kwargs)\n"
+        "wire.recv_routed = broken\n"
+        "from impala import experiment; sys.argv[0] = 'impala'; experiment.run_main()"
+    )
+    process = subprocess.Popen(
+        [sys.executable, "-c", inject, *CARTPOLE, f"--logdir={tmp_path}", "--total_environment_frames=100000000"],
+        cwd=cli.ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     try:
         _, err = process.communicate(timeout=120)
         assert process.returncode == 1, err[-3000:]

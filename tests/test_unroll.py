@@ -25,7 +25,7 @@ def _spec(T=T, state_sizes=(H, H)):
 def _filled(spec, num_envs, rng):
     """An unroll with every entry random (so copies and slices are checkable)."""
     out = new_unroll(spec, num_envs)
-    for name, array in out.items():
+    for array in out.values():
         if array.dtype == np.bool_:
             array[...] = rng.random(array.shape) < 0.5
         elif np.issubdtype(array.dtype, np.integer):
@@ -126,10 +126,17 @@ def test_validate_missing_and_extra_arrays():
     _one_line_error(u, spec, "core_state_1")
 
 
-@pytest.mark.parametrize("name,dtype", [
-    ("observation", np.float32), ("reward", np.float64), ("done", np.uint8),
-    ("episode_step", np.int64), ("action", np.int32), ("core_state_0", np.float16),
-])
+@pytest.mark.parametrize(
+    "name,dtype",
+    [
+        ("observation", np.float32),
+        ("reward", np.float64),
+        ("done", np.uint8),
+        ("episode_step", np.int64),
+        ("action", np.int32),
+        ("core_state_0", np.float16),
+    ],
+)
 def test_validate_wrong_dtype(name, dtype):
     spec = _spec()
     u = new_unroll(spec, 2)
@@ -137,14 +144,17 @@ def test_validate_wrong_dtype(name, dtype):
     _one_line_error(u, spec, repr(name))
 
 
-@pytest.mark.parametrize("name,shape", [
-    ("observation", (T + 1, 2, 4, 84, 83)),
-    ("observation", (T, 2, *OBS)),
-    ("policy_logits", (T + 1, 2, A + 1)),
-    ("action", (T + 2, 2)),
-    ("episode_return", (T + 1, 2, 1)),
-    ("core_state_1", (2, H + 1)),
-])
+@pytest.mark.parametrize(
+    "name,shape",
+    [
+        ("observation", (T + 1, 2, 4, 84, 83)),
+        ("observation", (T, 2, *OBS)),
+        ("policy_logits", (T + 1, 2, A + 1)),
+        ("action", (T + 2, 2)),
+        ("episode_return", (T + 1, 2, 1)),
+        ("core_state_1", (2, H + 1)),
+    ],
+)
 def test_validate_wrong_shape(name, shape):
     spec = _spec()
     u = new_unroll(spec, 2)
@@ -177,10 +187,16 @@ def _actor_unrolls(make_env, seeds, num_unrolls=2, unroll_length=T, torch_seed=0
     torch.manual_seed(torch_seed)
     environments = [make_env(seed) for seed in seeds]
     first = environments[0]
-    agent = Agent(first.observation_shape, first.num_actions, network="mlp", use_lstm=True,
-                  lstm_size=H, hidden_sizes=(16,))
-    spec = unroll_spec(unroll_length, first.observation_shape, first.observation_dtype,
-                       first.num_actions, [s.shape[1] for s in agent.initial_state(1)])
+    agent = Agent(
+        first.observation_shape, first.num_actions, network="mlp", use_lstm=True, lstm_size=H, hidden_sizes=(16,)
+    )
+    spec = unroll_spec(
+        unroll_length,
+        first.observation_shape,
+        first.observation_dtype,
+        first.num_actions,
+        [s.shape[1] for s in agent.initial_state(1)],
+    )
     buffer = new_unroll(spec, len(environments))
     stepper = LockStep(environments)
     stepper.initial(buffer)
@@ -245,8 +261,10 @@ def test_actor_unrolls_overlap_and_follow_the_actions(make_env):
     with torch.no_grad():
         for u in (first, second):
             output, _ = agent(
-                torch.from_numpy(u["observation"][:-1]), torch.from_numpy(u["action"][:-1]),
-                torch.from_numpy(u["reward"][:-1]), torch.from_numpy(u["done"][:-1]),
+                torch.from_numpy(u["observation"][:-1]),
+                torch.from_numpy(u["action"][:-1]),
+                torch.from_numpy(u["reward"][:-1]),
+                torch.from_numpy(u["done"][:-1]),
                 (torch.from_numpy(u["core_state_0"]), torch.from_numpy(u["core_state_1"])),
             )
             np.testing.assert_allclose(output.policy_logits.numpy(), u["policy_logits"][1:], rtol=1e-5, atol=1e-6)

@@ -50,9 +50,7 @@ def reference_vtrace(log_rhos, discounts, rewards, values, bootstrap, clip_rho, 
     pg_adv = np.zeros((T, B))
     for b in range(B):
         for s in range(T):
-            pg_adv[s, b] = pg_rho[s, b] * (
-                rewards[s, b] + discounts[s, b] * vs_ext[s + 1, b] - values[s, b]
-            )
+            pg_adv[s, b] = pg_rho[s, b] * (rewards[s, b] + discounts[s, b] * vs_ext[s + 1, b] - values[s, b])
     return vs, pg_adv
 
 
@@ -100,9 +98,7 @@ def test_clipping_changes_the_result():
     inputs = _random_inputs(rng, 5, 3)
     args = [_t(x) for x in inputs]
     clipped = vtrace.from_importance_weights(*args)
-    unclipped = vtrace.from_importance_weights(
-        *args, clip_rho_threshold=None, clip_pg_rho_threshold=None
-    )
+    unclipped = vtrace.from_importance_weights(*args, clip_rho_threshold=None, clip_pg_rho_threshold=None)
     assert not torch.allclose(clipped.vs, unclipped.vs)
     assert not torch.allclose(clipped.pg_advantages, unclipped.pg_advantages)
 
@@ -116,9 +112,7 @@ def test_episode_end_cuts_the_trace():
     rewards2, values2 = rewards.copy(), values.copy()
     rewards2[3:] += 10.0
     values2[3:] -= 7.0
-    moved = vtrace.from_importance_weights(
-        *(_t(x) for x in (log_rhos, discounts, rewards2, values2, bootstrap + 5.0))
-    )
+    moved = vtrace.from_importance_weights(*(_t(x) for x in (log_rhos, discounts, rewards2, values2, bootstrap + 5.0)))
     torch.testing.assert_close(base.vs[:3], moved.vs[:3])
     torch.testing.assert_close(base.pg_advantages[:3], moved.pg_advantages[:3])
 
@@ -160,9 +154,7 @@ def test_on_policy_vs_is_n_step_return():
     )
     np.testing.assert_allclose(got.vs.numpy(), want, rtol=1e-12)
     next_vs = np.concatenate([want[1:], bootstrap[None]])
-    np.testing.assert_allclose(
-        got.pg_advantages.numpy(), rewards + gamma * next_vs - values, rtol=1e-12, atol=1e-12
-    )
+    np.testing.assert_allclose(got.pg_advantages.numpy(), rewards + gamma * next_vs - values, rtol=1e-12, atol=1e-12)
 
 
 def _np_log_softmax(x: np.ndarray) -> np.ndarray:
@@ -187,9 +179,7 @@ def test_from_logits_matches_importance_weights(clip_rho, clip_pg_rho):
     want_target_lp = _np_log_softmax(target_logits)[tb[0], tb[1], actions]
     want_behaviour_lp = _np_log_softmax(behaviour_logits)[tb[0], tb[1], actions]
     want_log_rhos = want_target_lp - want_behaviour_lp
-    want_vs, want_pg = reference_vtrace(
-        want_log_rhos, discounts, rewards, values, bootstrap, clip_rho, clip_pg_rho
-    )
+    want_vs, want_pg = reference_vtrace(want_log_rhos, discounts, rewards, values, bootstrap, clip_rho, clip_pg_rho)
 
     got = vtrace.from_logits(
         behaviour_policy_logits=_t(behaviour_logits),
@@ -224,17 +214,20 @@ def test_log_probs_from_logits_and_actions():
 def test_outputs_carry_no_gradient():
     T, B, A = 3, 2, 4
     rng = np.random.default_rng(5)
-    log_rhos, discounts, rewards, values, bootstrap = (
-        _t(x).requires_grad_() for x in _random_inputs(rng, T, B)
-    )
+    log_rhos, discounts, rewards, values, bootstrap = (_t(x).requires_grad_() for x in _random_inputs(rng, T, B))
     out = vtrace.from_importance_weights(log_rhos, discounts, rewards, values, bootstrap)
     assert not out.vs.requires_grad and not out.pg_advantages.requires_grad
 
     target = _t(rng.normal(size=(T, B, A))).requires_grad_()
     behaviour = _t(rng.normal(size=(T, B, A))).requires_grad_()
     out = vtrace.from_logits(
-        behaviour, target, torch.as_tensor(rng.integers(0, A, size=(T, B))),
-        discounts, rewards, values, bootstrap,
+        behaviour,
+        target,
+        torch.as_tensor(rng.integers(0, A, size=(T, B))),
+        discounts,
+        rewards,
+        values,
+        bootstrap,
     )
     assert not out.vs.requires_grad and not out.pg_advantages.requires_grad
     # The target log-probs stay differentiable for the learner.
@@ -259,8 +252,13 @@ def test_dtype_preserved(dtype):
 
     _, discounts, rewards, values, bootstrap = (_t(x, dtype) for x in inputs)
     out = vtrace.from_logits(
-        _t(rng.normal(size=(T, B, A)), dtype), _t(rng.normal(size=(T, B, A)), dtype),
-        torch.as_tensor(rng.integers(0, A, size=(T, B))), discounts, rewards, values, bootstrap,
+        _t(rng.normal(size=(T, B, A)), dtype),
+        _t(rng.normal(size=(T, B, A)), dtype),
+        torch.as_tensor(rng.integers(0, A, size=(T, B))),
+        discounts,
+        rewards,
+        values,
+        bootstrap,
     )
     for x in out:
         assert x.dtype == dtype
@@ -306,8 +304,9 @@ def _softmax(logits):
     return np.exp(logits) / np.sum(np.exp(logits), axis=-1, keepdims=True)
 
 
-def _ground_truth_calculation(discounts, log_rhos, rewards, values, bootstrap_value, clip_rho_threshold,
-                              clip_pg_rho_threshold):
+def _ground_truth_calculation(
+    discounts, log_rhos, rewards, values, bootstrap_value, clip_rho_threshold, clip_pg_rho_threshold
+):
     """The original test's NumPy ground truth (it broadcasts, like the original)."""
     vs = []
     seq_len = len(discounts)
@@ -319,27 +318,36 @@ def _ground_truth_calculation(discounts, log_rhos, rewards, values, bootstrap_va
     for s in range(seq_len):
         v_s = np.copy(values[s])
         for t in range(s, seq_len):
-            v_s = v_s + (np.prod(discounts[s:t], axis=0) * np.prod(cs[s:t], axis=0) * clipped_rhos[t]
-                         * (rewards[t] + discounts[t] * values_t_plus_1[t + 1] - values[t]))
+            v_s = v_s + (
+                np.prod(discounts[s:t], axis=0)
+                * np.prod(cs[s:t], axis=0)
+                * clipped_rhos[t]
+                * (rewards[t] + discounts[t] * values_t_plus_1[t + 1] - values[t])
+            )
         vs.append(v_s)
     vs = np.stack(vs, axis=0)
     pg_advantages = clipped_pg_rhos * (
-        rewards + discounts * np.concatenate([vs[1:], bootstrap_value[None, :]], axis=0) - values)
+        rewards + discounts * np.concatenate([vs[1:], bootstrap_value[None, :]], axis=0) - values
+    )
     return vtrace.VTraceReturns(vs=vs, pg_advantages=pg_advantages)
 
 
 def test_returned_tuples_are_the_originals():
     assert vtrace.VTraceReturns._fields == ("vs", "pg_advantages")
     assert vtrace.VTraceFromLogitsReturns._fields == (
-        "vs", "pg_advantages", "log_rhos", "behaviour_action_log_probs", "target_action_log_probs")
+        "vs",
+        "pg_advantages",
+        "log_rhos",
+        "behaviour_action_log_probs",
+        "target_action_log_probs",
+    )
 
 
 @pytest.mark.parametrize("batch_size", [1, 2])
 def test_original_log_probs_from_logits_and_actions(batch_size):
     seq_len, num_actions = 7, 3
     policy_logits = _shaped_arange(seq_len, batch_size, num_actions) + 10
-    actions = np.random.default_rng(batch_size).integers(0, num_actions, size=(seq_len, batch_size),
-                                                         dtype=np.int32)
+    actions = np.random.default_rng(batch_size).integers(0, num_actions, size=(seq_len, batch_size), dtype=np.int32)
     got = vtrace.log_probs_from_logits_and_actions(policy_logits, actions)  # NumPy in, as the original
     action_index_mask = actions[..., None] == np.arange(num_actions)
     want = np.log(_softmax(policy_logits))[action_index_mask].reshape(seq_len, batch_size)
@@ -385,13 +393,17 @@ def test_original_vtrace_from_logits(batch_size):
     assert isinstance(output, vtrace.VTraceFromLogitsReturns)
 
     target_log_probs = vtrace.log_probs_from_logits_and_actions(values["target_policy_logits"], values["actions"])
-    behaviour_log_probs = vtrace.log_probs_from_logits_and_actions(
-        values["behaviour_policy_logits"], values["actions"])
+    behaviour_log_probs = vtrace.log_probs_from_logits_and_actions(values["behaviour_policy_logits"], values["actions"])
     log_rhos = target_log_probs - behaviour_log_probs
     from_iw = vtrace.from_importance_weights(
-        log_rhos=log_rhos.numpy(), discounts=values["discounts"], rewards=values["rewards"],
-        values=values["values"], bootstrap_value=values["bootstrap_value"],
-        clip_rho_threshold=None, clip_pg_rho_threshold=None)
+        log_rhos=log_rhos.numpy(),
+        discounts=values["discounts"],
+        rewards=values["rewards"],
+        values=values["values"],
+        bootstrap_value=values["bootstrap_value"],
+        clip_rho_threshold=None,
+        clip_pg_rho_threshold=None,
+    )
     torch.testing.assert_close(output.vs, from_iw.vs)
     torch.testing.assert_close(output.pg_advantages, from_iw.pg_advantages)
     torch.testing.assert_close(output.behaviour_action_log_probs, behaviour_log_probs)
@@ -417,15 +429,21 @@ def test_original_higher_rank_inputs_for_importance_weights():
     np.testing.assert_allclose(output.pg_advantages.numpy(), want.pg_advantages, rtol=1e-5, atol=1e-5)
     # Each of the 42 columns is V-trace on its own rewards and values with the shared rhos.
     column = vtrace.from_importance_weights(
-        inputs["log_rhos"][..., 0], inputs["discounts"][..., 0], inputs["rewards"][..., 5],
-        inputs["values"][..., 5], inputs["bootstrap_value"][:, 5])
+        inputs["log_rhos"][..., 0],
+        inputs["discounts"][..., 0],
+        inputs["rewards"][..., 5],
+        inputs["values"][..., 5],
+        inputs["bootstrap_value"][:, 5],
+    )
     torch.testing.assert_close(output.vs[..., 5], column.vs)
 
 
 def test_original_inconsistent_rank_inputs_for_importance_weights():
     inputs = {
-        "log_rhos": np.zeros((4, 3, 1)), "discounts": np.zeros((4, 3, 1)),
-        "rewards": np.zeros((4, 3, 42)), "values": np.zeros((4, 3, 42)),
+        "log_rhos": np.zeros((4, 3, 1)),
+        "discounts": np.zeros((4, 3, 1)),
+        "rewards": np.zeros((4, 3, 42)),
+        "values": np.zeros((4, 3, 42)),
         "bootstrap_value": np.zeros(3),  # should be [3, 42]
     }
     with pytest.raises(ValueError, match="must have rank 2"):
@@ -439,8 +457,9 @@ def test_shapes_the_original_would_reject():
     with pytest.raises(ValueError, match="bootstrap_value"):  # B differs from the others
         vtrace.from_importance_weights(z, z, z, z, np.zeros(2))
     with pytest.raises(ValueError, match="bootstrap_value"):  # [T, B, 42] values need a [B, 42] bootstrap
-        vtrace.from_importance_weights(np.zeros((4, 3, 1)), np.zeros((4, 3, 1)), np.zeros((4, 3, 42)),
-                                       np.zeros((4, 3, 1)), np.zeros((3, 1)))
+        vtrace.from_importance_weights(
+            np.zeros((4, 3, 1)), np.zeros((4, 3, 1)), np.zeros((4, 3, 42)), np.zeros((4, 3, 1)), np.zeros((3, 1))
+        )
     with pytest.raises(ValueError, match="rank 0"):
         vtrace.from_importance_weights(z, z, z, z, b, clip_rho_threshold=[1.0])
 
@@ -449,8 +468,9 @@ def test_actions_convert_as_the_original_converts_them():
     logits = _shaped_arange(2, 3, 4)
     want = vtrace.log_probs_from_logits_and_actions(logits, np.array([[0, 1, 2], [3, 0, 1]], np.int64))
     # NumPy arrays are cast to int32 as tf.convert_to_tensor casts them (float ones included) ...
-    torch.testing.assert_close(vtrace.log_probs_from_logits_and_actions(logits, np.array([[0, 1, 2], [3, 0, 1]],
-                                                                                      np.float64)), want)
+    torch.testing.assert_close(
+        vtrace.log_probs_from_logits_and_actions(logits, np.array([[0, 1, 2], [3, 0, 1]], np.float64)), want
+    )
     torch.testing.assert_close(vtrace.log_probs_from_logits_and_actions(logits, [[0, 1, 2], [3, 0, 1]]), want)
     # ... while a list of floats and a float tensor are errors there too.
     with pytest.raises(ValueError, match="integer"):

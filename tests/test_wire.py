@@ -13,17 +13,17 @@ from hypothesis import strategies as st
 from impala import nets, unroll, wire
 from impala.wire import PROTOCOL_VERSION, WireError, decode, encode
 
-DTYPES = ["uint8", "int8", "int16", "uint16", "int32", "int64",
-          "float16", "float32", "float64", "bool"]
+DTYPES = ["uint8", "int8", "int16", "uint16", "int32", "int64", "float16", "float32", "float64", "bool"]
 
 
 # The documented layout (docs/protocol.md), written out independently of wire.py:
 # uint32 LE header length, msgpack header, then each array at the next multiple of 8.
 
+
 def _parse(frame):
     """(header, [array bytes]) of one well-formed frame."""
     size = int.from_bytes(frame[:4], "little")
-    header = msgpack.unpackb(frame[4:4 + size], raw=False)
+    header = msgpack.unpackb(frame[4 : 4 + size], raw=False)
     end, blobs = 4 + size, []
     for _, dtype, shape in header["arrays"]:
         start = end + -end % 8
@@ -46,18 +46,19 @@ def _with_header(frames, **changes):
 
 
 def _sample():
-    return encode("rollout", {"obs": np.zeros((2, 3), np.float32),
-                              "act": np.arange(4, dtype=np.int64)})
+    return encode("rollout", {"obs": np.zeros((2, 3), np.float32), "act": np.arange(4, dtype=np.int64)})
 
 
 # -- round trips --------------------------------------------------------------
+
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(), (0,), (3,), (2, 0, 4), (2, 3, 4)])
 def test_round_trip_dtypes_and_shapes(dtype, shape):
     rng = np.random.default_rng(0)
-    array = (rng.integers(0, 100, size=shape) % 2 == 0 if dtype == "bool"
-             else rng.integers(0, 100, size=shape).astype(dtype))
+    array = (
+        rng.integers(0, 100, size=shape) % 2 == 0 if dtype == "bool" else rng.integers(0, 100, size=shape).astype(dtype)
+    )
     # Between two odd-sized arrays, so that this one needs padding to start aligned.
     frames = encode("x", {"pre": np.zeros(3, np.uint8), "a": array, "post": np.ones(5, np.int8)})
     message = decode(frames)
@@ -82,13 +83,19 @@ def test_frame_layout():
     a, b = np.arange(3, dtype=np.uint8), np.arange(2, dtype=np.float64)
     [frame] = encode("x", {"a": a, "b": b})
     size = int.from_bytes(frame[:4], "little")
-    assert msgpack.unpackb(frame[4:4 + size]) == {
-        "proto": "impala", "v": PROTOCOL_VERSION, "kind": "x", "task": 0, "param_version": 0,
-        "meta": {}, "arrays": [["a", "uint8", [3]], ["b", "float64", [2]]]}
+    assert msgpack.unpackb(frame[4 : 4 + size]) == {
+        "proto": "impala",
+        "v": PROTOCOL_VERSION,
+        "kind": "x",
+        "task": 0,
+        "param_version": 0,
+        "meta": {},
+        "arrays": [["a", "uint8", [3]], ["b", "float64", [2]]],
+    }
     start_a = 4 + size + -(4 + size) % 8
     start_b = start_a + 8  # 3 bytes of a, then zeros up to the next multiple of 8
-    assert frame[4 + size:start_a] == bytes(start_a - 4 - size)
-    assert frame[start_a:start_a + 3] == a.tobytes() and frame[start_a + 3:start_b] == bytes(5)
+    assert frame[4 + size : start_a] == bytes(start_a - 4 - size)
+    assert frame[start_a : start_a + 3] == a.tobytes() and frame[start_a + 3 : start_b] == bytes(5)
     assert frame[start_b:] == b.tobytes()
     assert _build(*_parse(frame)) == frame
 
@@ -111,13 +118,23 @@ def test_encode_copies_once_and_decode_is_zero_copy():
     assert not decode([bytearray(frames[0])]).arrays["a"].flags.writeable
 
 
-@pytest.mark.parametrize("bad", [
-    dict(kind=3), dict(task=-1), dict(task=True), dict(param_version=1.0),
-    dict(meta={"a": np.int64(1)}), dict(meta={"a": b"bytes"}), dict(meta={1: 2}),
-    dict(arrays={"a": np.zeros(2, object)}), dict(arrays={"a": np.zeros(2, complex)}),
-    dict(arrays={"a": np.zeros((1,) * 9)}), dict(arrays={1: np.zeros(2)}),
-    dict(task=2**70),
-])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        dict(kind=3),
+        dict(task=-1),
+        dict(task=True),
+        dict(param_version=1.0),
+        dict(meta={"a": np.int64(1)}),
+        dict(meta={"a": b"bytes"}),
+        dict(meta={1: 2}),
+        dict(arrays={"a": np.zeros(2, object)}),
+        dict(arrays={"a": np.zeros(2, complex)}),
+        dict(arrays={"a": np.zeros((1,) * 9)}),
+        dict(arrays={1: np.zeros(2)}),
+        dict(task=2**70),
+    ],
+)
 def test_encode_rejects_bad_input(bad):
     kw = dict(kind="x", arrays={}, task=0, param_version=0, meta=None) | bad
     with pytest.raises(WireError):
@@ -126,64 +143,81 @@ def test_encode_rejects_bad_input(bad):
 
 # -- validation failures -------------------------------------------------------
 
+
 def _arrays(*specs):
     return lambda f: _with_header(f, arrays=[list(s) for s in specs])
 
 
-@pytest.mark.parametrize("mutate, reason", [
-    (lambda f: _with_header(f, v=PROTOCOL_VERSION + 1), "version"),
-    (lambda f: _with_header(f, v=1), "version"),  # the multi-frame format of before
-    (lambda f: _with_header(f, v=True), "version"),
-    (lambda f: _with_header(f, proto="other"), "protocol"),
-    (lambda f: _with_header(f, kind=1), "kind"),
-    (lambda f: _with_header(f, task=-1), "task"),
-    (lambda f: _with_header(f, task=1.0), "task"),
-    (lambda f: _with_header(f, param_version="1"), "param_version"),
-    (lambda f: _with_header(f, meta=[1]), "meta"),
-    (lambda f: _with_header(f, extra=1), "keys"),
-    (_arrays(["obs", "object", [2, 3]], ["act", "int64", [4]]), "dtype"),
-    (_arrays(["obs", ">f4", [2, 3]], ["act", "int64", [4]]), "dtype"),
-    (_arrays(["obs", "<f4", [2, 3]], ["act", "int64", [4]]), "dtype"),
-    (_arrays(["obs", "float32", [3, 3]], ["act", "int64", [4]]), "message"),  # runs past the end
-    (_arrays(["obs", "float32", [2, 2]], ["act", "int64", [4]]), "end"),  # leaves bytes over
-    (_arrays(["obs", "float32", [2, 3]]), "end"),
-    (_arrays(["obs", "float32", [2, -3]], ["act", "int64", [4]]), "shape"),
-    (_arrays(["obs", "float32", [1] * 9], ["act", "int64", [4]]), "shape"),
-    (_arrays(["obs", "float32", [2, 3]], ["obs", "int64", [4]]), "duplicate"),
-    (_arrays(["obs", "float32"], ["act", "int64", [4]]), "spec"),
-    (_arrays([1, "float32", [2, 3]], ["act", "int64", [4]]), "name"),
-    (lambda f: _with_header(f, arrays="nope"), "list"),
-    (lambda f: [f[0][:3]], "header length"),
-    (lambda f: [(2**20).to_bytes(4, "little") + f[0][4:]], "header"),  # beyond MAX_HEADER_BYTES
-    (lambda f: [(len(f[0])).to_bytes(4, "little") + f[0][4:]], "runs past"),
-    (lambda f: [_build({}, [], raw_header=b"\xc1")], "msgpack"),
-    (lambda f: [_build({}, [], raw_header=b"")], "msgpack"),
-    (lambda f: [_build([1, 2], [])], "map"),
-    (lambda f: [_build({1: 2}, [])], "msgpack"),  # strict_map_key
-    (lambda f: [_build({}, [], raw_header=msgpack.packb(_parse(f[0])[0]) + b"\x00")], "msgpack"),
-    (lambda f: [f[0] + b"\x00"], "end"),  # trailing bytes
-    (lambda f: [f[0][:-1]], "message"),
-    (lambda f: [*f, b""], "frames"),
-    (lambda f: [f[0][:40], f[0][40:]], "frames"),
-    (lambda f: [], "frames"),
-    (lambda f: ["text"], "type"),
-])
+@pytest.mark.parametrize(
+    "mutate, reason",
+    [
+        (lambda f: _with_header(f, v=PROTOCOL_VERSION + 1), "version"),
+        (lambda f: _with_header(f, v=1), "version"),  # the multi-frame format of before
+        (lambda f: _with_header(f, v=True), "version"),
+        (lambda f: _with_header(f, proto="other"), "protocol"),
+        (lambda f: _with_header(f, kind=1), "kind"),
+        (lambda f: _with_header(f, task=-1), "task"),
+        (lambda f: _with_header(f, task=1.0), "task"),
+        (lambda f: _with_header(f, param_version="1"), "param_version"),
+        (lambda f: _with_header(f, meta=[1]), "meta"),
+        (lambda f: _with_header(f, extra=1), "keys"),
+        (_arrays(["obs", "object", [2, 3]], ["act", "int64", [4]]), "dtype"),
+        (_arrays(["obs", ">f4", [2, 3]], ["act", "int64", [4]]), "dtype"),
+        (_arrays(["obs", "<f4", [2, 3]], ["act", "int64", [4]]), "dtype"),
+        (_arrays(["obs", "float32", [3, 3]], ["act", "int64", [4]]), "message"),  # runs past the end
+        (_arrays(["obs", "float32", [2, 2]], ["act", "int64", [4]]), "end"),  # leaves bytes over
+        (_arrays(["obs", "float32", [2, 3]]), "end"),
+        (_arrays(["obs", "float32", [2, -3]], ["act", "int64", [4]]), "shape"),
+        (_arrays(["obs", "float32", [1] * 9], ["act", "int64", [4]]), "shape"),
+        (_arrays(["obs", "float32", [2, 3]], ["obs", "int64", [4]]), "duplicate"),
+        (_arrays(["obs", "float32"], ["act", "int64", [4]]), "spec"),
+        (_arrays([1, "float32", [2, 3]], ["act", "int64", [4]]), "name"),
+        (lambda f: _with_header(f, arrays="nope"), "list"),
+        (lambda f: [f[0][:3]], "header length"),
+        (lambda f: [(2**20).to_bytes(4, "little") + f[0][4:]], "header"),  # beyond MAX_HEADER_BYTES
+        (lambda f: [(len(f[0])).to_bytes(4, "little") + f[0][4:]], "runs past"),
+        (lambda f: [_build({}, [], raw_header=b"\xc1")], "msgpack"),
+        (lambda f: [_build({}, [], raw_header=b"")], "msgpack"),
+        (lambda f: [_build([1, 2], [])], "map"),
+        (lambda f: [_build({1: 2}, [])], "msgpack"),  # strict_map_key
+        (lambda f: [_build({}, [], raw_header=msgpack.packb(_parse(f[0])[0]) + b"\x00")], "msgpack"),
+        (lambda f: [f[0] + b"\x00"], "end"),  # trailing bytes
+        (lambda f: [f[0][:-1]], "message"),
+        (lambda f: [*f, b""], "frames"),
+        (lambda f: [f[0][:40], f[0][40:]], "frames"),
+        (lambda f: [], "frames"),
+        (lambda f: ["text"], "type"),
+    ],
+)
 def test_decode_rejects(mutate, reason):
     with pytest.raises(WireError, match=reason):
         decode(mutate(_sample()))
 
 
-@pytest.mark.parametrize("dtype, shape", [
-    ("float32", [0, 2**63]),  # issue 18, finding 2: numpy's reshape raised a plain ValueError
-    ("float32", [0, 2**64 - 1]),
-    ("uint8", [2**32, 2**32, 0]),  # the product of the non-zero dimensions overflows int64
-    ("float64", [0, 2**61, 2**3]),
-    ("float32", [2**62, 4]),
-    ("uint8", [0, 2**31, 2**31]),
-])
+@pytest.mark.parametrize(
+    "dtype, shape",
+    [
+        ("float32", [0, 2**63]),  # issue 18, finding 2: numpy's reshape raised a plain ValueError
+        ("float32", [0, 2**64 - 1]),
+        ("uint8", [2**32, 2**32, 0]),  # the product of the non-zero dimensions overflows int64
+        ("float64", [0, 2**61, 2**3]),
+        ("float32", [2**62, 4]),
+        ("uint8", [0, 2**31, 2**31]),
+    ],
+)
 def test_decode_rejects_shapes_numpy_cannot_hold(dtype, shape):
-    frame = _build({"proto": "impala", "v": PROTOCOL_VERSION, "kind": "x", "task": 0,
-                    "param_version": 0, "meta": {}, "arrays": [["a", dtype, shape]]}, [b""])
+    frame = _build(
+        {
+            "proto": "impala",
+            "v": PROTOCOL_VERSION,
+            "kind": "x",
+            "task": 0,
+            "param_version": 0,
+            "meta": {},
+            "arrays": [["a", dtype, shape]],
+        },
+        [b""],
+    )
     with pytest.raises(WireError, match="shape .* is larger than the message"):
         decode([frame])
 
@@ -191,6 +225,7 @@ def test_decode_rejects_shapes_numpy_cannot_hold(dtype, shape):
 def test_an_unforeseen_exception_while_decoding_is_a_wire_error(monkeypatch):
     def broken(*args):
         raise RuntimeError("a check nobody wrote\nsecond line")
+
     frames = _sample()
     monkeypatch.setattr(wire, "_check_plain", broken)
     with pytest.raises(WireError, match="undecodable message \\(RuntimeError") as info:
@@ -228,6 +263,7 @@ def test_a_long_list_of_frames_is_rejected_without_reading_them():
     class Frames(list):
         def __getitem__(self, index):
             raise AssertionError("a frame was read")
+
     with pytest.raises(WireError, match="2000000 frames"):
         decode(Frames([b""] * 2_000_000))
 
@@ -289,8 +325,18 @@ def _assert_next_message_is_good(router, dealer, tries=1):
 
 def test_zero_size_array_of_overflowing_shape_both_directions(pair):
     router, dealer = pair
-    frame = _build({"proto": "impala", "v": PROTOCOL_VERSION, "kind": "unroll", "task": 0,
-                    "param_version": 0, "meta": {}, "arrays": [["action", "int64", [0, 2**63]]]}, [b""])
+    frame = _build(
+        {
+            "proto": "impala",
+            "v": PROTOCOL_VERSION,
+            "kind": "unroll",
+            "task": 0,
+            "param_version": 0,
+            "meta": {},
+            "arrays": [["action", "int64", [0, 2**63]]],
+        },
+        [b""],
+    )
     assert len(frame) < 100
     dealer.send(frame)
     assert router.poll(10_000)
@@ -349,8 +395,7 @@ def test_send_recv_over_inproc(context):
     pull.bind("inproc://wire-test")
     push.connect("inproc://wire-test")
     big = np.arange(100_000, dtype=np.float32)  # above pyzmq's copy threshold
-    wire.send(push, "rollout", {"obs": big, "r": np.array(1.5)}, task=1,
-              param_version=9, meta={"actor": 4})
+    wire.send(push, "rollout", {"obs": big, "r": np.array(1.5)}, task=1, param_version=9, meta={"actor": 4})
     assert pull.poll(2000)
     message = wire.recv(pull, allowed_kinds={"rollout"})
     assert (message.kind, message.task, message.param_version) == ("rollout", 1, 9)
@@ -376,8 +421,7 @@ def test_router_dealer_routed_helpers(context):
     assert identity == b"actor-7" and message.kind == "hello" and message.task == 2
     np.testing.assert_array_equal(message.arrays["x"], [0, 1, 2])
 
-    wire.send_routed(router, identity, "params", {"w": np.ones(4, np.float16)},
-                     param_version=3)
+    wire.send_routed(router, identity, "params", {"w": np.ones(4, np.float16)}, param_version=3)
     assert dealer.poll(5000)
     reply = wire.recv(dealer)
     assert reply.kind == "params" and reply.param_version == 3
@@ -399,8 +443,7 @@ def test_split_envelope():
 
 # -- property-based -----------------------------------------------------------
 
-_fuzz = settings(max_examples=150, deadline=None,
-                 suppress_health_check=[HealthCheck.too_slow])
+_fuzz = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 def _assert_valid(message, frame_bytes):
@@ -445,8 +488,9 @@ def _unroll_message():
     rng = np.random.default_rng(0)
     for array in arrays.values():
         array[...] = rng.integers(0, 3, array.shape)
-    return encode("unroll", arrays, task=1, param_version=7,
-                  meta={"level": "CartPole-v1", "run": "abc", "seconds": {"env": 0.5}})[0]
+    return encode(
+        "unroll", arrays, task=1, param_version=7, meta={"level": "CartPole-v1", "run": "abc", "seconds": {"env": 0.5}}
+    )[0]
 
 
 def _params_message():
@@ -459,11 +503,16 @@ def _params_message():
 MESSAGES = {"unroll": _unroll_message(), "params": _params_message()}
 
 _values = st.recursive(
-    st.none() | st.booleans() | st.integers(-2**63, 2**64 - 1) | st.floats()
-    | st.text(max_size=8) | st.binary(max_size=8),
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), 2**64 - 1)
+    | st.floats()
+    | st.text(max_size=8)
+    | st.binary(max_size=8),
     lambda kids: st.lists(kids, max_size=3) | st.dictionaries(st.text(max_size=4), kids, max_size=3),
-    max_leaves=8)
-_dims = st.integers(-2**63, 2**64 - 1) | st.sampled_from([0, 1, 2, 3, 2**31, 2**32, 2**63, 2**64 - 1])
+    max_leaves=8,
+)
+_dims = st.integers(-(2**63), 2**64 - 1) | st.sampled_from([0, 1, 2, 3, 2**31, 2**32, 2**63, 2**64 - 1])
 
 
 @st.composite
@@ -480,8 +529,9 @@ def _corrupted(draw, frame):
     elif field in ("dtype", "shape"):
         spec = header["arrays"][draw(st.integers(0, len(header["arrays"]) - 1))]
         if field == "dtype":
-            spec[1] = draw(st.sampled_from(DTYPES + [">f4", "<f4", "object", "float128", "U8"])
-                           | st.text(max_size=8) | _values)
+            spec[1] = draw(
+                st.sampled_from(DTYPES + [">f4", "<f4", "object", "float128", "U8"]) | st.text(max_size=8) | _values
+            )
         else:
             spec[2] = draw(st.lists(_dims, max_size=10) | _values)
     elif field == "payload":
@@ -522,8 +572,9 @@ def _exchange(sockets, kind, frames):
 
 
 @pytest.mark.parametrize("kind", sorted(MESSAGES))
-@settings(max_examples=300, deadline=None,
-          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture]
+)
 @given(data=st.data())
 def test_one_corrupted_field_decodes_to_a_valid_message_or_a_wire_error(sockets, kind, data):
     frames = data.draw(_corrupted(MESSAGES[kind]))
@@ -533,10 +584,16 @@ def test_one_corrupted_field_decodes_to_a_valid_message_or_a_wire_error(sockets,
 
 
 @_fuzz
-@given(st.recursive(st.none() | st.booleans() | st.integers(-2**63, 2**64 - 1)
-                    | st.floats(allow_nan=False) | st.text(max_size=10),
-                    lambda kids: st.lists(kids, max_size=3)
-                    | st.dictionaries(st.text(max_size=5), kids, max_size=3),
-                    max_leaves=10))
+@given(
+    st.recursive(
+        st.none()
+        | st.booleans()
+        | st.integers(-(2**63), 2**64 - 1)
+        | st.floats(allow_nan=False)
+        | st.text(max_size=10),
+        lambda kids: st.lists(kids, max_size=3) | st.dictionaries(st.text(max_size=5), kids, max_size=3),
+        max_leaves=10,
+    )
+)
 def test_meta_round_trip(value):
     assert decode(encode("m", meta={"v": value})).meta == {"v": value}

@@ -38,8 +38,14 @@ def test_no_frame_is_lent_to_libzmq_when_the_process_exits():
     port = stalled.bind_to_random_port("tcp://127.0.0.1")
     try:
         for _ in range(3):
-            out = subprocess.run([sys.executable, "-c", SENDER, f"tcp://127.0.0.1:{port}"], cwd=ROOT, check=False,
-                                 capture_output=True, text=True, timeout=120)
+            out = subprocess.run(
+                [sys.executable, "-c", SENDER, f"tcp://127.0.0.1:{port}"],
+                cwd=ROOT,
+                check=False,
+                capture_output=True,
+                text=True,
+                timeout=120,
+            )
             assert out.returncode == 0, out.stderr
             assert "lent at exit: 0" in out.stdout, out.stdout + out.stderr
     finally:

@@ -114,8 +114,7 @@ DMLAB_PREFIX = "dmlab:"
 def _is_dmlab(level_name: str) -> bool:
     from impala import dmlab30
 
-    return (level_name == DMLAB_SUITE or level_name.startswith(DMLAB_PREFIX)
-            or level_name in dmlab30.ALL_LEVELS)
+    return level_name == DMLAB_SUITE or level_name.startswith(DMLAB_PREFIX) or level_name in dmlab30.ALL_LEVELS
 
 
 _ATARI_ENTRY_POINT = "ale_py.env:AtariEnv"
@@ -140,7 +139,7 @@ def resolve_level(level_name: str) -> str:
     if not isinstance(level_name, str):
         raise UnknownLevelError(f"level name must be a str, got {level_name!r}")
     if _is_dmlab(level_name):
-        if level_name.startswith(DMLAB_PREFIX) and not level_name[len(DMLAB_PREFIX):].strip():
+        if level_name.startswith(DMLAB_PREFIX) and not level_name[len(DMLAB_PREFIX) :].strip():
             raise UnknownLevelError(f"{level_name!r} names no level; try dmlab:seekavoid_arena_01 or dmlab30")
         return "dmlab"
     registry = _registry()
@@ -177,21 +176,21 @@ def make(
 
         # The suite's levels share spaces: `dmlab30` itself builds its first level.
         return DmLabEnvironment(
-            level_for_task(level_name, 0), seed=seed, num_action_repeats=num_action_repeats,
-            training=training, **options
+            level_for_task(level_name, 0),
+            seed=seed,
+            num_action_repeats=num_action_repeats,
+            training=training,
+            **options,
         )
     if family == "atari":
         from impala.envs.atari import AtariEnvironment
 
         return AtariEnvironment(
-            level_name, seed=seed, num_action_repeats=num_action_repeats,
-            training=training, **options
+            level_name, seed=seed, num_action_repeats=num_action_repeats, training=training, **options
         )
     from impala.envs.gym import GymEnvironment
 
-    return GymEnvironment.from_level(
-        level_name, seed=seed, num_action_repeats=num_action_repeats, **options
-    )
+    return GymEnvironment.from_level(level_name, seed=seed, num_action_repeats=num_action_repeats, **options)
 
 
 def make_checked(level_name: str, **kwargs: Any) -> Environment:
@@ -237,9 +236,13 @@ def instruction_length(env: Any) -> int:
 def options(config: Any) -> dict[str, Any]:
     """The family-specific options that an impala Config sets for its level."""
     if resolve_level(config.level_name) == "dmlab":
-        return {"width": config.width, "height": config.height, "level_cache_dir": config.level_cache_dir,
-                "dataset_path": config.dataset_path, "renderer": config.dmlab_renderer}
+        return {
+            "width": config.width,
+            "height": config.height,
+            "level_cache_dir": config.level_cache_dir,
+            "dataset_path": config.dataset_path,
+            "renderer": config.dmlab_renderer,
+        }
     if resolve_level(config.level_name) == "atari":
-        return {"sticky_actions": config.sticky_actions,
-                "full_action_space": config.full_action_space}
+        return {"sticky_actions": config.sticky_actions, "full_action_space": config.full_action_space}
     return {}

@@ -78,8 +78,7 @@ class AtariEnvironment(EpisodicEnvironment):
         if num_action_repeats < 1:
             raise ValueError(f"num_action_repeats must be >= 1, got {num_action_repeats}")
         if noop_max < 0 or max_episode_frames < 1:
-            raise ValueError(f"need noop_max >= 0 and max_episode_frames >= 1, "
-                             f"got {noop_max} and {max_episode_frames}")
+            raise ValueError(f"need noop_max >= 0 and max_episode_frames >= 1, got {noop_max} and {max_episode_frames}")
         if not 0.0 <= sticky_actions <= 1.0:
             raise ValueError(f"sticky_actions must be in [0, 1], got {sticky_actions}")
         self._env = gymnasium.make(
@@ -91,8 +90,7 @@ class AtariEnvironment(EpisodicEnvironment):
         )
         self._atari = self._env.unwrapped  # ALE calls directly: no per-frame copies.
         self._ale: ALEInterface = self._atari.ale
-        self._actions = list(self._ale.getLegalActionSet() if full_action_space
-                             else self._ale.getMinimalActionSet())
+        self._actions = list(self._ale.getLegalActionSet() if full_action_space else self._ale.getMinimalActionSet())
         assert len(self._actions) == self._env.action_space.n
         self.num_actions = len(self._actions)
         self.observation_shape = (FRAME_STACK, SCREEN_SIZE, SCREEN_SIZE)

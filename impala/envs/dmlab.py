@@ -72,7 +72,7 @@ def import_engine() -> Any:
 def level_path(level_name: str) -> str:
     """The engine's level script for an impala DMLab level name: 'dmlab:' is dropped,
     and a DMLab-30 name becomes 'contributed/dmlab30/<name>' (as the original did)."""
-    name = level_name[len("dmlab:"):] if level_name.startswith("dmlab:") else level_name
+    name = level_name[len("dmlab:") :] if level_name.startswith("dmlab:") else level_name
     return dmlab30.LEVEL_PREFIX + name if name in dmlab30.ALL_LEVELS else name
 
 
@@ -89,7 +89,7 @@ def tokenize(instruction: str | bytes, max_words: int = MAX_INSTRUCTION_WORDS) -
         instruction = instruction.decode("utf-8", errors="replace")
     tokens = np.zeros(max_words, np.int32)
     words = instruction.split()[:max_words]
-    tokens[:len(words)] = [word_id(w) for w in words]
+    tokens[: len(words)] = [word_id(w) for w in words]
     return tokens
 
 
@@ -166,7 +166,8 @@ class DmLabEnvironment(EpisodicEnvironment):
         except (RuntimeError, ValueError) as e:  # the engine's error for an unknown level or option
             raise UnknownLevelError(
                 f"DeepMind Lab cannot load level {self.level!r} ({type(e).__name__}: "
-                f"{str(e).splitlines()[0] if str(e) else 'no message'}){_close_matches(level_name)}")
+                f"{str(e).splitlines()[0] if str(e) else 'no message'}){_close_matches(level_name)}"
+            )
         self._actions = [np.array(a, dtype=np.intc) for a in ACTION_SET]
         self._empty_instruction = np.zeros(self.instruction_length, np.int32)
         self._closed = False
@@ -178,8 +179,10 @@ class DmLabEnvironment(EpisodicEnvironment):
         observations = self._lab.observations()  # only valid while running: callers ensure it
         frame = np.asarray(observations["RGB_INTERLEAVED"])
         if frame.shape != (self.observation_shape[1], self.observation_shape[2], 3):
-            raise RuntimeError(f"DeepMind Lab gave RGB_INTERLEAVED of shape {frame.shape}, expected "
-                               f"{(self.observation_shape[1], self.observation_shape[2], 3)}")
+            raise RuntimeError(
+                f"DeepMind Lab gave RGB_INTERLEAVED of shape {frame.shape}, expected "
+                f"{(self.observation_shape[1], self.observation_shape[2], 3)}"
+            )
         image = np.ascontiguousarray(frame.transpose(2, 0, 1), dtype=np.uint8)  # HWC -> CHW, a copy
         if "INSTR" in self._observation_names:  # empty text on levels without instructions
             instruction = tokenize(observations["INSTR"], self.instruction_length)
@@ -207,8 +210,9 @@ class DmLabEnvironment(EpisodicEnvironment):
             self._lab.close()
 
 
-def _open(deepmind_lab: Any, level: str, config: dict[str, str], renderer: str,
-          cache: LevelCache | None) -> tuple[Any, list[str]]:
+def _open(
+    deepmind_lab: Any, level: str, config: dict[str, str], renderer: str, cache: LevelCache | None
+) -> tuple[Any, list[str]]:
     """The engine's Lab for `level` and the observations it was given: RGB_INTERLEAVED
     and INSTR, as the original requests on every level (DeepMind Lab provides INSTR on
     all of them, empty where a level gives no instruction). Should an engine not know
@@ -227,6 +231,6 @@ def _open(deepmind_lab: Any, level: str, config: dict[str, str], renderer: str,
 def _close_matches(level_name: str) -> str:
     import difflib
 
-    name = dmlab30.short_name(level_name[len("dmlab:"):] if level_name.startswith("dmlab:") else level_name)
+    name = dmlab30.short_name(level_name[len("dmlab:") :] if level_name.startswith("dmlab:") else level_name)
     matches = difflib.get_close_matches(name, sorted(dmlab30.ALL_LEVELS), n=3)
     return f"; did you mean {', '.join(matches)}?" if matches else ""

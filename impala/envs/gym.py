@@ -30,9 +30,7 @@ class GymEnvironment(EpisodicEnvironment):
         space = env.action_space
         if not isinstance(space, gymnasium.spaces.Discrete):
             env.close()
-            raise ValueError(
-                f"{_name(env)} has action space {space}; only Discrete is supported"
-            )
+            raise ValueError(f"{_name(env)} has action space {space}; only Discrete is supported")
         if env.observation_space.shape is None:
             env.close()
             raise ValueError(f"{_name(env)} observation space {env.observation_space} has no shape")
@@ -51,7 +49,7 @@ class GymEnvironment(EpisodicEnvironment):
     @classmethod
     def from_level(
         cls, level_name: str, *, seed: int, num_action_repeats: int = 1, **make_kwargs: Any
-    ) -> "GymEnvironment":
+    ) -> GymEnvironment:
         """gymnasium.make(level_name, **make_kwargs), e.g. max_episode_steps=..."""
         return cls(
             gymnasium.make(level_name, **make_kwargs),
@@ -74,9 +72,7 @@ class GymEnvironment(EpisodicEnvironment):
     def _advance(self, action: int) -> tuple[float, bool, np.ndarray, None]:
         reward, done = 0.0, False
         for _ in range(self._repeats):
-            observation, r, terminated, truncated, _ = self._env.step(
-                action + self._action_offset
-            )
+            observation, r, terminated, truncated, _ = self._env.step(action + self._action_offset)
             reward += float(r)
             if terminated or truncated:  # Time limits end episodes too.
                 done = True

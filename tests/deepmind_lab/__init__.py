@@ -56,26 +56,42 @@ _ACTION_SPEC = (
 DMLAB30 = (
     ("rooms_collect_good_objects_train", "rooms_collect_good_objects_test"),
     ("rooms_exploit_deferred_effects_train", "rooms_exploit_deferred_effects_test"),
-    ("rooms_select_nonmatching_object",), ("rooms_watermaze",), ("rooms_keys_doors_puzzle",),
-    ("language_select_described_object",), ("language_select_located_object",),
-    ("language_execute_random_task",), ("language_answer_quantitative_question",),
-    ("lasertag_one_opponent_small",), ("lasertag_three_opponents_small",),
-    ("lasertag_one_opponent_large",), ("lasertag_three_opponents_large",),
-    ("natlab_fixed_large_map",), ("natlab_varying_map_regrowth",), ("natlab_varying_map_randomized",),
-    ("skymaze_irreversible_path_hard",), ("skymaze_irreversible_path_varied",),
-    ("psychlab_arbitrary_visuomotor_mapping",), ("psychlab_continuous_recognition",),
-    ("psychlab_sequential_comparison",), ("psychlab_visual_search",),
-    ("explore_object_locations_small",), ("explore_object_locations_large",),
-    ("explore_obstructed_goals_small",), ("explore_obstructed_goals_large",),
-    ("explore_goal_locations_small",), ("explore_goal_locations_large",),
-    ("explore_object_rewards_few",), ("explore_object_rewards_many",),
+    ("rooms_select_nonmatching_object",),
+    ("rooms_watermaze",),
+    ("rooms_keys_doors_puzzle",),
+    ("language_select_described_object",),
+    ("language_select_located_object",),
+    ("language_execute_random_task",),
+    ("language_answer_quantitative_question",),
+    ("lasertag_one_opponent_small",),
+    ("lasertag_three_opponents_small",),
+    ("lasertag_one_opponent_large",),
+    ("lasertag_three_opponents_large",),
+    ("natlab_fixed_large_map",),
+    ("natlab_varying_map_regrowth",),
+    ("natlab_varying_map_randomized",),
+    ("skymaze_irreversible_path_hard",),
+    ("skymaze_irreversible_path_varied",),
+    ("psychlab_arbitrary_visuomotor_mapping",),
+    ("psychlab_continuous_recognition",),
+    ("psychlab_sequential_comparison",),
+    ("psychlab_visual_search",),
+    ("explore_object_locations_small",),
+    ("explore_object_locations_large",),
+    ("explore_obstructed_goals_small",),
+    ("explore_obstructed_goals_large",),
+    ("explore_goal_locations_small",),
+    ("explore_goal_locations_large",),
+    ("explore_object_rewards_few",),
+    ("explore_object_rewards_many",),
 )
 LEVELS: dict[str, int] = {"tests/empty_room_test": 30, "seekavoid_arena_01": 31}
 for _index, _names in enumerate(DMLAB30):
     for _name in _names:
         LEVELS["contributed/dmlab30/" + _name] = _index
-HELD_OUT = frozenset({"contributed/dmlab30/rooms_collect_good_objects_test",
-                      "contributed/dmlab30/rooms_exploit_deferred_effects_test"})
+HELD_OUT = frozenset(
+    {"contributed/dmlab30/rooms_collect_good_objects_test", "contributed/dmlab30/rooms_exploit_deferred_effects_test"}
+)
 INSTRUCTIONS = ("Pick the red hat", "Go to the blue balloon", "Strafe to the green key", "Shoot the yellow cake")
 
 _runfiles_path = os.path.dirname(os.path.abspath(__file__))
@@ -152,8 +168,9 @@ class Lab:
                 raise TypeError(f"config keys and values must be str, got {key!r}: {value!r}")
         if renderer not in ("software", "hardware"):
             raise ValueError(f"renderer must be 'software' or 'hardware', got {renderer!r}")
-        if level_cache is not None and not (callable(getattr(level_cache, "fetch", None))
-                                            and callable(getattr(level_cache, "write", None))):
+        if level_cache is not None and not (
+            callable(getattr(level_cache, "fetch", None)) and callable(getattr(level_cache, "write", None))
+        ):
             raise TypeError("level_cache must have fetch(key, pk3_path) and write(key, pk3_path)")
         if level not in LEVELS:
             raise RuntimeError(f"Failed to find level '{level}'")
@@ -235,7 +252,8 @@ class Lab:
         if not isinstance(action, np.ndarray) or action.dtype != np.intc or action.shape != (7,):
             raise TypeError(
                 f"action must be a numpy array of dtype intc and shape (7,), got "
-                f"{type(action).__name__} {getattr(action, 'dtype', '')} {getattr(action, 'shape', '')}")
+                f"{type(action).__name__} {getattr(action, 'dtype', '')} {getattr(action, 'shape', '')}"
+            )
         for value, spec in zip(action, _ACTION_SPEC):
             if not spec["min"] <= value <= spec["max"]:
                 raise ValueError(f"{spec['name']} = {value} outside [{spec['min']}, {spec['max']}]")
