@@ -156,7 +156,11 @@ class Config:
     )
 
     # Bookkeeping.
-    log_interval_s: float = _f(5.0, "Seconds between progress lines and metrics rows.")
+    log_interval_s: float = _f(
+        5.0,
+        "Seconds between progress lines and metrics rows. The training thread writes them between updates, so "
+        "an update that takes longer (the deep network on a CPU) spaces them out to one per update.",
+    )
     checkpoint_interval_s: float = _f(300.0, "Seconds between checkpoints (one is also written on exit).")
     keep_checkpoints: int = _f(3, "Checkpoints kept in <logdir>/checkpoints.")
 
