@@ -38,7 +38,8 @@ class BatchFeed:
     def __init__(
         self, next_batch: Callable[[float], Batch | None], release: Callable[[Batch], None], device: torch.device
     ):
-        self._next_batch, self._release, self.device = next_batch, release, device
+        # `source` is public so that a caller may wrap it (scripts/load.py checks every batch).
+        self.source, self._release, self.device = next_batch, release, device
         self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self._ahead: tuple[Batch, Batch, torch.cuda.Event | None] | None = None  # copy under way
         self._used: tuple[Batch, torch.cuda.Event | None] | None = None  # host side of the last batch
@@ -47,7 +48,7 @@ class BatchFeed:
         """The next batch on the device, or None after `timeout` seconds. The batch
         handed out before is given back now: the caller must be done with it."""
         self._give_back_used()
-        ahead = self._ahead if self._ahead is not None else self._start(self._next_batch(timeout))
+        ahead = self._ahead if self._ahead is not None else self._start(self.source(timeout))
         self._ahead = None
         if ahead is None:
             return None
@@ -56,7 +57,7 @@ class BatchFeed:
             torch.cuda.current_stream(self.device).wait_event(copied)
         self._used = (host, copied)
         if self._stream is not None:  # start the next batch's copy, to overlap this update
-            self._ahead = self._start(self._next_batch(0.0))
+            self._ahead = self._start(self.source(0.0))
         return batch
 
     def _start(self, host: Batch | None) -> tuple[Batch, Batch, torch.cuda.Event | None] | None:

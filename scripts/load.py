@@ -448,6 +448,8 @@ def measure(config: config_lib.Config, args: argparse.Namespace, env: Any, train
     spec = learner.unroll_spec
     ledger = Ledger(spec, args.check_every)
     hook(learner.receiver, ledger, train)
+    if train:  # the training loop takes its batches through the feed
+        learner.feed.source = learner.receiver.next_batch
     base = rss_mb()
     context = multiprocessing.get_context("spawn")
     stop, results = context.Event(), context.Queue()
@@ -730,6 +732,9 @@ def main(argv: list[str]) -> int:
     with tempfile.TemporaryDirectory(prefix="impala-load-") as scratch:
         config = config.replace(
             logdir=args.logdir or scratch,
+            # A learner job on loopback TCP, as actors on other hosts reach it (a one-machine
+            # run's ipc sockets lost unrolls of senders that closed: see docs/results.md).
+            job_name="learner",
             total_environment_frames=2**62,
             checkpoint_interval_s=1e9,
             log_interval_s=max(config.log_interval_s, 5.0),
