@@ -76,9 +76,17 @@ def release_zmq() -> None:
     (src/signaler.cpp:238)`) or reads freed memory (`Bad address (src/tcp.cpp:227)`), and the
     job aborts. destroy() drops unsent frames and returns once libzmq has let go of every
     buffer, while the gc still runs."""
+    import time
+
     import zmq
+    from zmq.utils.garbage import gc
 
     zmq.Context.instance().destroy(linger=0)
+    # libzmq has let go of every buffer; pyzmq's gc thread drops its references as
+    # libzmq's notices reach it, so give it a moment to do so while it still runs.
+    deadline = time.monotonic() + 1.0
+    while gc.refs and time.monotonic() < deadline:
+        time.sleep(0.005)
 
 
 def main(argv: list[str]) -> None:
