@@ -113,6 +113,13 @@ def load_agent(
     """Loads checkpoint `state` (read from `path`) into `agent` (and `optimizer`),
     after checking its signature; a one-line CheckpointError if it does not fit."""
     check_signature(state.get("signature", {}), network_signature(config, agent), path)
+    # Checkpoints from before --optimizer existed were all written by RMSProp.
+    saved_optimizer = state.get("optimizer_name", "rmsprop")
+    if optimizer is not None and saved_optimizer != config.optimizer:
+        raise CheckpointError(
+            f"checkpoint {path} was trained with --optimizer={saved_optimizer} (now {config.optimizer}); "
+            "use another --logdir or the original settings"
+        )
     try:
         agent.load_state_dict(state["model"])
         if optimizer is not None:

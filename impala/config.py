@@ -26,6 +26,7 @@ class ConfigError(ValueError):
 # the flags are, and imported from here (config imports nothing of impala).
 NETWORKS = ("auto", "mlp", "shallow", "deep")
 REWARD_CLIPPING_MODES = ("abs_one", "soft_asymmetric", "none")
+OPTIMIZERS = ("rmsprop", "adam")
 
 
 def _f(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
@@ -107,10 +108,16 @@ class Config:
     # Learner.
     batch_size: int = _f(2, "Unrolls per learner batch.")
     total_environment_frames: int = _f(int(1e9), "Train until this many environment frames.")
-    learning_rate: float = _f(0.00048, "RMSProp learning rate, decayed linearly to zero.")
-    decay: float = _f(0.99, "RMSProp decay.")
-    momentum: float = _f(0.0, "RMSProp momentum.")
-    epsilon: float = _f(0.1, "RMSProp epsilon (inside the square root, as in TensorFlow 1).")
+    optimizer: str = _f(
+        "rmsprop",
+        "rmsprop: the paper's (TensorFlow 1 RMSProp: --decay, --momentum, --epsilon inside the square root); "
+        "adam: torch.optim.Adam with betas (0.9, --decay) and --epsilon outside the square root.",
+        OPTIMIZERS,
+    )
+    learning_rate: float = _f(0.00048, "Learning rate, decayed linearly to zero at --total_environment_frames.")
+    decay: float = _f(0.99, "RMSProp decay (adam: beta2).")
+    momentum: float = _f(0.0, "RMSProp momentum (adam: unused).")
+    epsilon: float = _f(0.1, "Optimizer epsilon (rmsprop: inside the square root, as in TensorFlow 1).")
     entropy_cost: float = _f(0.00025, "Entropy cost.")
     baseline_cost: float = _f(0.5, "Baseline cost.")
     discounting: float = _f(0.99, "Discount factor.")

@@ -63,7 +63,7 @@ from impala.config import Config, ConfigError
 from impala.memory import reuse_freed_memory
 from impala.metrics import MetricsWriter, Stopwatch, drop_rows_after
 from impala.nets import Agent, make_agent
-from impala.optim import RMSPropTF
+from impala.optim import make_optimizer
 from impala.param_server import ParamServer
 from impala.progress import ProgressLog, configured_levels
 from impala.receiver import ActorBook, Limits, UnrollReceiver
@@ -340,7 +340,8 @@ class Learner:
         except ValueError as e:  # e.g. --network=mlp on image observations
             raise ConfigError(f"--network={config.network} does not fit {config.level_name}: {e}")
         self.agent = agent.to(self.device)
-        self.optimizer = RMSPropTF(
+        self.optimizer = make_optimizer(
+            config.optimizer,
             self.agent.parameters(),
             lr=config.learning_rate,
             decay=config.decay,
@@ -461,6 +462,7 @@ class Learner:
         state = {
             "model": self.agent.state_dict(),
             "optimizer": self.optimizer.state_dict(),
+            "optimizer_name": self.config.optimizer,
             "frames": self.frames,
             "param_version": self.param_version,
             "signature": self.signature,

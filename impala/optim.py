@@ -13,9 +13,25 @@ from typing import Any
 
 import torch
 
-__all__ = ["RMSPropTF"]
+__all__ = ["RMSPropTF", "make_optimizer"]
 
 Params = Iterable[torch.Tensor] | Iterable[dict[str, Any]]
+
+
+def make_optimizer(
+    name: str, params: Params, lr: float, decay: float, momentum: float, epsilon: float
+) -> torch.optim.Optimizer:
+    """The learner's optimizer by --optimizer name (choices: config.OPTIMIZERS).
+
+    rmsprop is the paper's (RMSPropTF below). adam goes beyond the original: Adam
+    with betas (0.9, decay) and epsilon outside the square root (torch's); it is
+    invariant to the scale of the gradient, so the summed losses' batch size does
+    not change its step (configs/pong_fast.cfg, docs/results.md)."""
+    if name == "rmsprop":
+        return RMSPropTF(params, lr=lr, decay=decay, momentum=momentum, epsilon=epsilon)
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr, betas=(0.9, decay), eps=epsilon)
+    raise ValueError(f"unknown optimizer {name!r}")
 
 
 class RMSPropTF(torch.optim.Optimizer):

@@ -164,12 +164,13 @@ def learner_samples_per_second(config: config_lib.Config, seconds: float) -> flo
     """learn_step on a --batch_size x --unroll_length batch on --device, in
     --learner_dtype; samples (agent steps)/s."""
     from impala.learner import _device, learn_step
-    from impala.optim import RMSPropTF
+    from impala.optim import make_optimizer
 
     device = _device(config.device)
     agent, spec = _agent_and_spec(config)
     agent = agent.to(device)
-    optimizer = RMSPropTF(
+    optimizer = make_optimizer(
+        config.optimizer,
         agent.parameters(),
         lr=config.learning_rate,
         decay=config.decay,

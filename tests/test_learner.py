@@ -378,3 +378,33 @@ def test_an_error_handling_one_message_drops_only_that_message(tmp_path, monkeyp
     assert len(dropped) == 3 and all("task 0" in line for line in dropped)
     assert any("RuntimeError: injected booking failure" in line for line in dropped)
     assert all("\n" not in line for line in dropped)
+
+
+def test_adam_learner_trains_and_its_checkpoint_refuses_rmsprop(tmp_path):
+    from impala.optim import make_optimizer
+
+    agent = Agent((OBS,), A, network="mlp", use_lstm=False, hidden_sizes=(8,))
+    adam = make_optimizer("adam", agent.parameters(), lr=0.01, decay=0.999, momentum=0.0, epsilon=1e-8)
+    before = [p.detach().clone() for p in agent.parameters()]
+    stats = learner.learn_step(agent, adam, _random_batch(np.random.default_rng(5)), _config(tmp_path))
+    assert stats["skipped"] == 0.0
+    assert any(not torch.equal(a, b) for a, b in zip(before, agent.parameters()))
+
+    server = learner.Learner(_config(tmp_path, optimizer="adam", decay=0.999, epsilon=1e-8))
+    try:
+        assert isinstance(server.optimizer, torch.optim.Adam)
+        assert server.optimizer.param_groups[0]["betas"] == (0.9, 0.999)
+        for p in server.agent.parameters():
+            p.grad = torch.ones_like(p)
+        server.optimizer.step()
+        server.save_checkpoint()
+    finally:
+        server.close(save=False)
+    with pytest.raises(checkpoint.CheckpointError, match="--optimizer=adam") as error:
+        learner.Learner(_config(tmp_path))  # rmsprop, the default
+    assert "\n" not in str(error.value)
+    resumed = learner.Learner(_config(tmp_path, optimizer="adam", decay=0.999, epsilon=1e-8))
+    try:
+        assert any(state for state in resumed.optimizer.state.values())  # Adam's moments came back
+    finally:
+        resumed.close(save=False)

@@ -115,3 +115,16 @@ def test_invalid_hyperparameters():
     for kwargs in (dict(lr=-1.0), dict(decay=1.5), dict(momentum=-0.1), dict(epsilon=-1.0)):
         with pytest.raises(ValueError):
             RMSPropTF(p, **kwargs)
+
+
+def test_make_optimizer_by_name():
+    from impala.optim import make_optimizer
+
+    params = [torch.nn.Parameter(torch.ones(3))]
+    rmsprop = make_optimizer("rmsprop", params, lr=0.1, decay=0.9, momentum=0.0, epsilon=0.01)
+    assert isinstance(rmsprop, RMSPropTF) and rmsprop.param_groups[0]["epsilon"] == 0.01
+    adam = make_optimizer("adam", params, lr=0.1, decay=0.95, momentum=0.0, epsilon=1e-5)
+    assert isinstance(adam, torch.optim.Adam)
+    assert adam.param_groups[0]["betas"] == (0.9, 0.95) and adam.param_groups[0]["eps"] == 1e-5
+    with pytest.raises(ValueError, match="unknown optimizer"):
+        make_optimizer("sgd", params, lr=0.1, decay=0.9, momentum=0.0, epsilon=0.01)
