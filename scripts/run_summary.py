@@ -1,9 +1,13 @@
 #!/usr/bin/env python
-"""What a training run reached, from its metrics.jsonl: the frames and training
+"""What training runs reached, from their metrics.jsonl: the frames and training
 wall time at which the mean return of the last --window episodes first reached
---target, and at the end.
+each --target, and at the end.
 
     python scripts/run_summary.py /tmp/impala/pong --target 18
+    python scripts/run_summary.py /tmp/impala/pong-s1 /tmp/impala/pong-s2 --target 18,20
+
+One line per run for the end and one per run per target; with several runs each
+line starts with the run's path as given.
 
 Wall time counts the intervals between consecutive metrics rows, except gaps
 longer than --max_gap_s (the run was stopped or paused and later resumed), so a
@@ -17,6 +21,7 @@ from __future__ import annotations
 import argparse
 import collections
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -25,11 +30,12 @@ sys.path.insert(0, str(ROOT))
 from impala.metrics import read_jsonl  # noqa: E402
 
 
-def summarize(rows: list[dict], target: float, window: int = 100, max_gap_s: float = 60.0) -> dict:
-    """{'frames', 'wall_s', 'last_mean'} at the end and 'reached' ({'frames',
-    'wall_s', 'mean'} or None) for the first row whose running mean >= target."""
+def summarize(rows: list[dict], targets: Sequence[float], window: int = 100, max_gap_s: float = 60.0) -> dict:
+    """{'frames', 'wall_s', 'last_mean'} at the end and 'reached': {target:
+    {'frames', 'wall_s', 'mean'} of the first row whose running mean >= target, or None}."""
     recent: collections.deque[tuple[float, int]] = collections.deque()  # (mean, episodes) per row
-    wall, previous, reached, mean = 0.0, None, None, None
+    wall, previous, mean = 0.0, None, None
+    reached: dict[float, dict | None] = dict.fromkeys(targets)
     for row in rows:
         if previous is not None and 0 <= row["wall_time"] - previous <= max_gap_s:
             wall += row["wall_time"] - previous
@@ -39,19 +45,27 @@ def summarize(rows: list[dict], target: float, window: int = 100, max_gap_s: flo
             while sum(n for _, n in recent) - recent[0][1] >= window:  # keep about `window` episodes
                 recent.popleft()
             mean = sum(m * n for m, n in recent) / sum(n for _, n in recent)
-            if reached is None and sum(n for _, n in recent) >= window and mean >= target:
-                reached = {"frames": row["frames"], "wall_s": wall, "mean": mean}
+            for target in targets:
+                if reached[target] is None and sum(n for _, n in recent) >= window and mean >= target:
+                    reached[target] = {"frames": row["frames"], "wall_s": wall, "mean": mean}
     return {"frames": rows[-1]["frames"] if rows else 0, "wall_s": wall, "last_mean": mean, "reached": reached}
+
+
+def _targets(text: str) -> list[float]:
+    try:
+        return [float(t) for t in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a comma-separated list of numbers: {text!r}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("logdir", help="the run's --logdir, or its metrics.jsonl file")
+    parser.add_argument("logdirs", nargs="+", help="the runs' --logdir, or their metrics.jsonl files")
     parser.add_argument(
         "--target",
-        type=float,
+        type=_targets,
         required=True,
-        help="the mean return to look for (e.g. 18 for Pong, 475 for CartPole-v1)",
+        help="the mean returns to look for, comma separated (e.g. 18,20 for Pong, 475 for CartPole-v1)",
     )
     parser.add_argument("--window", type=int, default=100, help="episodes in the running mean (default 100)")
     parser.add_argument(
@@ -61,28 +75,32 @@ def main() -> None:
         help="gaps between rows longer than this many seconds are not counted as training time (default 60)",
     )
     args = parser.parse_args()
-    path = Path(args.logdir)
-    file = path / "metrics.jsonl" if path.is_dir() else path
-    try:
-        rows = read_jsonl(file)
-    except (OSError, UnicodeDecodeError) as e:
-        reason = "no such file" if isinstance(e, FileNotFoundError) else str(e).replace("\n", " ")
-        print(f"run_summary.py: error: cannot read {file}: {reason}", file=sys.stderr)
-        sys.exit(2)
-    s = summarize(rows, args.target, args.window, args.max_gap_s)
-    last = f"{s['last_mean']:.1f}" if s["last_mean"] is not None else "-"
-    print(
-        f"end: {s['frames']:,} frames, {s['wall_s'] / 3600:.2f} h training, "
-        f"mean of the last {args.window} episodes {last}"
-    )
-    if s["reached"]:
-        r = s["reached"]
+    runs = []
+    for logdir in args.logdirs:  # all read before anything is printed
+        path = Path(logdir)
+        file = path / "metrics.jsonl" if path.is_dir() else path
+        try:
+            runs.append((logdir, read_jsonl(file)))
+        except (OSError, UnicodeDecodeError) as e:
+            reason = "no such file" if isinstance(e, FileNotFoundError) else str(e).replace("\n", " ")
+            print(f"run_summary.py: error: cannot read {file}: {reason}", file=sys.stderr)
+            sys.exit(2)
+    for logdir, rows in runs:
+        prefix = f"{logdir}: " if len(runs) > 1 else ""
+        s = summarize(rows, args.target, args.window, args.max_gap_s)
+        last = f"{s['last_mean']:.1f}" if s["last_mean"] is not None else "-"
         print(
-            f"mean of the last {args.window} episodes first >= {args.target:g} at {r['frames']:,} frames, "
-            f"{r['wall_s'] / 3600:.2f} h training ({r['mean']:.1f})"
+            f"{prefix}end: {s['frames']:,} frames, {s['wall_s'] / 3600:.2f} h training, "
+            f"mean of the last {args.window} episodes {last}"
         )
-    else:
-        print(f"mean of the last {args.window} episodes never reached {args.target:g}")
+        for target, r in s["reached"].items():
+            if r:
+                print(
+                    f"{prefix}mean of the last {args.window} episodes first >= {target:g} at {r['frames']:,} frames, "
+                    f"{r['wall_s'] / 3600:.2f} h training ({r['mean']:.1f})"
+                )
+            else:
+                print(f"{prefix}mean of the last {args.window} episodes never reached {target:g}")
 
 
 if __name__ == "__main__":
