@@ -57,6 +57,7 @@ matplotlib.use("Agg")
 import numpy as np  # noqa: E402
 from matplotlib import pyplot as plt  # noqa: E402  (after selecting the backend)
 from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.legend import Legend  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.ticker import FuncFormatter  # noqa: E402
 
@@ -229,7 +230,7 @@ def _known_metrics(runs: Sequence[Run], wanted: str) -> str:
     return ", ".join(close + [name for name in listed if name not in close])
 
 
-def _frames_label(value: float, _pos=None) -> str:
+def _format_frames(value: float, _pos=None) -> str:
     for scale, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
         if abs(value) >= scale:
             return f"{value / scale:.3g}{suffix}"
@@ -350,8 +351,9 @@ def build_figure(
         ax.set_ylabel(panel.ylabel)
         ax.grid(True, alpha=0.3)
         if len(panel_keys) > 1:
-            legend = ax.legend(handles=key_handles, loc="best", fontsize="small", title=panel.name)
-            ax.add_artist(legend)  # the runs' legend below would replace it on the first panel
+            # An artist of its own: the runs' legend (ax.legend) must not replace it on the first panel.
+            names = [h.get_label() for h in key_handles]
+            ax.add_artist(Legend(ax, key_handles, names, loc="best", fontsize="small", title=panel.name))
     run_handles = [
         Line2D([], [], color=colors[label], linewidth=2.0, label=label + (f" ({n} runs)" if n > 1 else ""))
         for label, n in ((label, len(members)) for label, members in groups.items())
@@ -361,7 +363,7 @@ def build_figure(
         axes[0].set_title(title)
     bottom = axes[-1]
     if x == "frames":
-        bottom.xaxis.set_major_formatter(FuncFormatter(_frames_label))
+        bottom.xaxis.set_major_formatter(FuncFormatter(_format_frames))
         bottom.set_xlabel("environment frames")
     else:
         bottom.set_xlabel("wall-clock time (hours)" if hours else "wall-clock time (minutes)")
