@@ -185,5 +185,10 @@ def impala_loss(
         baseline=bl,
         entropy=ent,
         vtrace_returns=vtrace_returns,
-        diagnostics=vtrace_diagnostics(vtrace_returns, baseline, clip_rho_threshold, clip_pg_rho_threshold),
+        diagnostics={
+            **vtrace_diagnostics(vtrace_returns, baseline, clip_rho_threshold, clip_pg_rho_threshold),
+            # The policy's mean entropy per step in nats (ent sums over T x B): how far
+            # from uniform it is, whatever the batch size (log |A| is uniform).
+            "entropy": -ent.detach() / actions.numel(),
+        },
     )

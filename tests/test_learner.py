@@ -75,7 +75,7 @@ def test_learn_step_loss_matches_an_independent_computation(tmp_path):
     rewards = np.clip(batch["reward"].double().numpy(), -1, 1)
 
     expected = 0.0
-    rhos, abs_errors = [], []
+    rhos, abs_errors, entropies = [], [], []
     for b in range(B):
         # step t of the learning sequence is the transition env output t -> t+1
         lp_target = [_log_softmax(logits[t, b])[actions[t + 1, b]] for t in range(T)]
@@ -101,6 +101,7 @@ def test_learn_step_loss_matches_an_independent_computation(tmp_path):
             expected += -lp_target[t] * advantage
             expected += 0.5 * 0.5 * (vs[t] - v[t]) ** 2
             expected += 0.01 * np.sum(probs * np.log(probs))
+            entropies.append(-np.sum(probs * np.log(probs)))
 
     optimizer = torch.optim.SGD(agent.parameters(), lr=0.0)
     stats = learner.learn_step(agent, optimizer, batch, config)
@@ -110,6 +111,7 @@ def test_learn_step_loss_matches_an_independent_computation(tmp_path):
     assert stats["vtrace/rho_clipped"] == pytest.approx(np.mean(np.array(rhos) > 1.0))
     assert stats["vtrace/pg_rho_clipped"] == pytest.approx(np.mean(np.array(rhos) > 1.0))
     assert 0 < stats["vtrace/rho_clipped"] < 1  # the check can tell clipped from not
+    assert stats["entropy"] == pytest.approx(np.mean(entropies), rel=1e-4)  # nats per step
     assert stats["vtrace/mean_abs_vs_minus_value"] == pytest.approx(np.mean(abs_errors), rel=1e-4)
     assert stats["skipped"] == 0.0
 
