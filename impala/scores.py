@@ -76,9 +76,8 @@ def level_result(level_name: str, episode_returns: Sequence[float]) -> dict:
 
 def summary(level_results: Iterable[dict]) -> dict:
     """test_results.json: the levels, the mean human-normalised scores (uncapped and
-    capped per level before averaging) and the median one over the levels that have
-    reference scores (the median of the capped scores is the median capped, so it is
-    not given twice)."""
+    capped per level before averaging) and the median one (uncapped, as Atari papers
+    report it) over the levels that have reference scores."""
     levels = list(level_results)
     out: dict = {"levels": levels}
     scored = [r for r in levels if "human_normalized_score" in r]
