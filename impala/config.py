@@ -59,11 +59,15 @@ class Config:
     level_name: str = _f(
         "CartPole-v1",
         "A gymnasium id (CartPole-v1, ALE/Pong-v5), a DeepMind Lab level (dmlab:<level script>, or a "
-        "DMLab-30 name such as rooms_watermaze), or dmlab30 for the DMLab-30 suite (docs/dmlab.md).",
+        "DMLab-30 name such as rooms_watermaze), or a multi-task run: dmlab30 (the DMLab-30 suite, docs/dmlab.md), "
+        "atari57 (the Atari-57 games) or a comma-separated list of Atari games or of DMLab levels "
+        "(ALE/Pong-v5,ALE/Breakout-v5; full ids, each once); actor i plays level i mod n (docs/atari.md).",
     )
     num_action_repeats: int = _f(4, "Environment frames per agent step (Atari's frame skip).")
     sticky_actions: float = _f(0.0, "Atari repeat_action_probability (0.25 is the v5 default).")
-    full_action_space: bool = _f(False, "Atari: all 18 actions instead of the game's minimal set.")
+    full_action_space: bool = _f(
+        False, "Atari: all 18 actions instead of the game's minimal set. Multi-task Atari runs always use all 18."
+    )
 
     # Actors.
     num_actors: int = _f(4, "Actor processes started with --job_name unset.")

@@ -1,16 +1,19 @@
 """--mode=test: plays the latest checkpoint of --logdir and reports its scores.
 
-For each level (the 30 DMLab-30 test levels for --level_name=dmlab30, otherwise the
-level itself) it plays --test_num_episodes whole episodes, logs each one, prints a
-per-level table and writes `<logdir>/test_results.json`:
+For each level (the 30 DMLab-30 test levels for --level_name=dmlab30, the 57 games
+for atari57, a list's levels in its order, otherwise the level itself) it plays
+--test_num_episodes whole episodes, logs each one, prints a per-level table and
+writes `<logdir>/test_results.json`:
 
     {"levels": [{"level": <name as run>, "episode_returns": [...], "mean_return": x,
                  "human_normalized_score": y, "human_normalized_score_capped": z}, ...],
-     "mean_human_normalized_score": ..., "mean_human_normalized_score_capped": ...}
+     "mean_human_normalized_score": ..., "mean_human_normalized_score_capped": ...,
+     "median_human_normalized_score": ...}
 
 Scores are in percent (impala/scores.py) and present only for levels with reference
-scores (DMLab-30, Atari-57); the means are over those levels, the capped one caps
-each level at 100 before averaging, as the paper's DMLab-30 numbers do.
+scores (DMLab-30, Atari-57); the mean and median are over those levels, the capped
+mean caps each level at 100 before averaging, as the paper's DMLab-30 numbers do;
+the median is what DeepMind's Atari-57 results report.
 
 Evaluation choices, as in the original's test mode:
   - actions are sampled from the policy, not taken greedily: the agent was trained
@@ -48,10 +51,11 @@ RESULTS_FILE = "test_results.json"
 
 
 def test_levels(level_name: str) -> list[str]:
-    """The levels --mode=test plays for a --level_name."""
+    """The levels --mode=test plays for a --level_name: DMLab-30's test levels for
+    dmlab30, else the levels its actors train on (envs.levels)."""
     if level_name == dmlab30.SUITE_NAME:
         return list(dmlab30.TEST_LEVELS)
-    return [level_name]
+    return list(envs.levels(level_name))
 
 
 def run(config: Config) -> dict:
@@ -177,7 +181,7 @@ def write_results(logdir: str | os.PathLike, results: dict) -> Path:
 def format_table(results: dict) -> str:
     """The per-level table printed at the end of --mode=test."""
     levels = results["levels"]
-    width = max([len("level")] + [len(r["level"]) for r in levels])
+    width = max([len("median")] + [len(r["level"]) for r in levels])
     scored = "mean_human_normalized_score" in results
     header = f"{'level':<{width}}  {'episodes':>8}  {'mean return':>11}"
     if scored:
@@ -194,4 +198,5 @@ def format_table(results: dict) -> str:
             f"{'mean':<{width}}  {'':>8}  {'':>11}  {results['mean_human_normalized_score']:>15.1f}%"
             f"  {results['mean_human_normalized_score_capped']:>7.1f}%"
         )
+        lines.append(f"{'median':<{width}}  {'':>8}  {'':>11}  {results['median_human_normalized_score']:>15.1f}%")
     return "\n".join(lines)

@@ -14,6 +14,13 @@ What a row holds, beyond the losses and rates:
     100 per level (`dmlab30/training_no_cap`, `dmlab30/training_cap_100`, the
     original's names), whenever every level has finished an episode since the last
     one (the original's rule);
+  - for multi-task Atari runs (atari57, a list of games), by the same rule, each
+    game's human-normalised score of its mean return over the episodes since the
+    last one (`atari/training_hns/<level>`, percent) and their median and mean
+    (`atari/training_median_hns`, `atari/training_mean_hns`), over the games with
+    Atari-57 reference scores. Training episodes end at a lost life
+    (impala/envs/atari.py), so on games with lives these read below the whole-game
+    scores --mode=test reports;
   - TensorBoard: a histogram of the actions taken (`actions`);
   - unroll rates per actor (`actor_unrolls_per_s/<task>`) for at most
     MAX_ACTOR_KEYS actors, the lowest task numbers; `connected_actors` counts all.
@@ -32,7 +39,7 @@ from collections.abc import Callable
 import numpy as np
 from absl import logging
 
-from impala import dmlab30, envs
+from impala import dmlab30, envs, scores
 from impala.config import Config
 from impala.metrics import MetricsWriter, Stopwatch
 from impala.receiver import ActorBook, Report
@@ -41,8 +48,24 @@ MAX_ACTOR_KEYS = 256  # per-actor keys in one metrics row
 
 
 def configured_levels(level_name: str) -> tuple[str, ...]:
-    """The levels a run's actors play (one, or the suite's for dmlab30)."""
-    return tuple(dict.fromkeys(envs.level_for_task(level_name, t) for t in range(len(dmlab30.TRAIN_LEVELS))))
+    """The levels a run's actors play: one, or a suite's or list's (envs.levels)."""
+    return tuple(dict.fromkeys(envs.levels(level_name)))
+
+
+def atari_training_scores(level_returns: dict[str, list[float]]) -> dict[str, float]:
+    """`atari/training_hns/<level>` for each game with returns and reference scores (of
+    its mean return), and their median and mean; {} if there is no such game."""
+    per_game = {}
+    for level, returns in level_returns.items():
+        reference = scores.reference_scores(level)
+        if reference is not None and returns:
+            per_game[level] = scores.human_normalized_score(float(np.mean(returns)), reference.random, reference.human)
+    if not per_game:
+        return {}
+    row = {f"atari/training_hns/{level}": score for level, score in per_game.items()}
+    row["atari/training_median_hns"] = float(np.median(list(per_game.values())))
+    row["atari/training_mean_hns"] = float(np.mean(list(per_game.values())))
+    return row
 
 
 class ProgressLog:
@@ -61,6 +84,7 @@ class ProgressLog:
         self.clock = clock
         self.levels = configured_levels(config.level_name)
         self.dmlab30 = config.level_name == dmlab30.SUITE_NAME
+        self.atari = len(self.levels) > 1 and envs.resolve_level(config.level_name) == "atari"
         self.level_returns: dict[str, list[float]] = {level: [] for level in self.levels}
         self.recent: collections.deque = collections.deque(maxlen=100)
         self.last_time, self.last_frames = clock(), frames
@@ -133,7 +157,8 @@ class ProgressLog:
         for e in episodes:
             if e.level in self.level_returns:
                 by_level.setdefault(e.level, []).append(e)
-                self.level_returns[e.level].append(e.episode_return)
+                if self.dmlab30 or self.atari:  # only suite scores read them: others would grow forever
+                    self.level_returns[e.level].append(e.episode_return)
         if len(self.levels) > 1:  # multi-level runs
             for level, done in sorted(by_level.items()):
                 row[f"mean_episode_return/{level}"] = float(np.mean([e.episode_return for e in done]))
@@ -142,6 +167,9 @@ class ProgressLog:
         if self.dmlab30 and all(self.level_returns.values()):
             row["dmlab30/training_no_cap"] = dmlab30.compute_human_normalized_score(self.level_returns, None)
             row["dmlab30/training_cap_100"] = dmlab30.compute_human_normalized_score(self.level_returns, 100)
+            self.level_returns = {level: [] for level in self.levels}
+        if self.atari and all(self.level_returns.values()):
+            row.update(atari_training_scores(self.level_returns))
             self.level_returns = {level: [] for level in self.levels}
         return row
 

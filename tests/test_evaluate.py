@@ -111,15 +111,22 @@ def test_dmlab30_test_mode_scores_all_30_levels(tmp_path, stand_in):
         assert r["human_normalized_score_capped"] == pytest.approx(min(by_hand, 100))
         uncapped.append(by_hand)
         capped.append(min(by_hand, 100))
-    assert set(results) == {"levels", "mean_human_normalized_score", "mean_human_normalized_score_capped"}
+    assert set(results) == {
+        "levels",
+        "mean_human_normalized_score",
+        "mean_human_normalized_score_capped",
+        "median_human_normalized_score",
+    }
     assert results["mean_human_normalized_score"] == pytest.approx(np.mean(uncapped))
     assert results["mean_human_normalized_score_capped"] == pytest.approx(np.mean(capped))
+    assert results["median_human_normalized_score"] == pytest.approx(np.median(uncapped))
     # Progress across levels, then the table on stdout.
     assert "Level 1/30 rooms_collect_good_objects_test: episode 1/2" in result.stderr
     assert "Level 30/30 explore_object_rewards_many: mean return" in result.stderr
     lines = result.stdout.splitlines()
     assert any(line.startswith("rooms_collect_good_objects_test ") for line in lines)
-    assert lines[-1].startswith("mean ") and f"{np.mean(uncapped):.1f}%" in lines[-1]
+    assert lines[-2].startswith("mean ") and f"{np.mean(uncapped):.1f}%" in lines[-2]
+    assert lines[-1].startswith("median ") and f"{np.median(uncapped):.1f}%" in lines[-1]
 
 
 def test_pong_test_mode_reports_the_atari_score(tmp_path):
@@ -138,6 +145,7 @@ def test_pong_test_mode_reports_the_atari_score(tmp_path):
     assert pong["human_normalized_score_capped"] == pytest.approx(min(by_hand, 100))
     assert results["mean_human_normalized_score"] == pytest.approx(by_hand)
     assert results["mean_human_normalized_score_capped"] == pytest.approx(min(by_hand, 100))
+    assert results["median_human_normalized_score"] == pytest.approx(by_hand)
 
 
 def test_missing_checkpoint_is_a_one_line_error(tmp_path):
@@ -183,6 +191,9 @@ def test_test_levels():
     assert evaluate.test_levels("dmlab30") == list(dmlab30.TEST_LEVELS)
     assert evaluate.test_levels("rooms_collect_good_objects_train") == ["rooms_collect_good_objects_train"]
     assert evaluate.test_levels("ALE/Pong-v5") == ["ALE/Pong-v5"]
+    assert evaluate.test_levels("ALE/Pong-v5, ALE/Breakout-v5") == ["ALE/Pong-v5", "ALE/Breakout-v5"]
+    assert evaluate.test_levels("atari57")[:2] == ["ALE/Alien-v5", "ALE/Amidar-v5"]
+    assert len(evaluate.test_levels("atari57")) == 57
 
 
 def test_format_table():
@@ -205,8 +216,10 @@ def test_format_table():
         ],
         "mean_human_normalized_score": 100.0,
         "mean_human_normalized_score_capped": 75.0,
+        "median_human_normalized_score": 100.0,
     }
     lines = evaluate.format_table(results).splitlines()
     assert lines[0].split() == ["level", "episodes", "mean", "return", "human-normalised", "capped"]
     assert lines[3].split() == ["rooms_watermaze", "2", "3.00", "150.0%", "100.0%"]
-    assert lines[-1].split() == ["mean", "100.0%", "75.0%"]
+    assert lines[-2].split() == ["mean", "100.0%", "75.0%"]
+    assert lines[-1].split() == ["median", "100.0%"]

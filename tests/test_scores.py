@@ -9,7 +9,7 @@ import gymnasium
 import numpy as np
 import pytest
 
-from impala import dmlab30, scores
+from impala import atari57, dmlab30, scores
 
 SHARED = Path(__file__).resolve().parent.parent.parent / "shared" / "reference"
 
@@ -45,8 +45,8 @@ def test_dmlab30_table_is_the_reference_table():
 
 def test_atari57_table_is_the_reference_table():
     table = _shared("atari57.json")["games"]
-    assert scores.ATARI57 == {game: (v["random"], v["human"]) for game, v in table.items()}
-    assert len(scores.ATARI57) == 57
+    assert atari57.ATARI57 == {game: (v["random"], v["human"]) for game, v in table.items()}
+    assert len(atari57.ATARI57) == 57
 
 
 def test_every_atari57_game_has_its_ale_id():
@@ -54,10 +54,13 @@ def test_every_atari57_game_has_its_ale_id():
 
     gymnasium.register_envs(ale_py)
     registry = gymnasium.registry
-    assert sorted(scores.ALE_GAMES.values()) == sorted(scores.ATARI57)
-    for game, key in scores.ALE_GAMES.items():
+    assert sorted(atari57.ALE_GAMES.values()) == sorted(atari57.ATARI57)
+    for game, key in atari57.ALE_GAMES.items():
         assert f"ALE/{game}-v5" in registry, game
         assert scores.reference_scores(f"ALE/{game}-v5").key == key
+    # The atari57 suite is those 57 ids, in the table's order.
+    assert atari57.LEVELS == tuple(f"ALE/{game}-v5" for game in atari57.ALE_GAMES)
+    assert [atari57.game(level) for level in atari57.LEVELS] == list(atari57.ATARI57)
 
 
 @pytest.mark.parametrize(
@@ -105,6 +108,7 @@ def test_level_result_and_summary_by_hand():
         (pong["human_normalized_score"] + easy["human_normalized_score"]) / 2
     )
     assert out["mean_human_normalized_score_capped"] == pytest.approx((pong["human_normalized_score"] + 100) / 2)
+    assert out["median_human_normalized_score"] == pytest.approx(out["mean_human_normalized_score"])  # two levels
     assert scores.summary([plain]) == {"levels": [plain]}
     with pytest.raises(ValueError):
         scores.level_result("CartPole-v1", [])
@@ -139,3 +143,17 @@ def test_dmlab30_names():
         dmlab30.test_name("contributed/dmlab30/rooms_collect_good_objects_train") == "rooms_collect_good_objects_test"
     )
     assert dmlab30.test_name("seekavoid_arena_01") is None
+
+
+def test_summary_median_over_scored_levels():
+    # Human-normalised 0%, 50%, 1000% (Pong: random -20.7, human 14.6), and one level without reference scores.
+    results = [
+        scores.level_result("ALE/Pong-v5", [-20.7]),
+        scores.level_result("ALE/Pong-v5", [(-20.7 + 14.6) / 2]),
+        scores.level_result("ALE/Pong-v5", [-20.7 + 10 * 35.3]),
+        scores.level_result("CartPole-v1", [500.0]),
+    ]
+    out = scores.summary(results)
+    assert out["median_human_normalized_score"] == pytest.approx(50.0)
+    assert out["mean_human_normalized_score"] == pytest.approx(1050 / 3)
+    assert out["mean_human_normalized_score_capped"] == pytest.approx(150 / 3)

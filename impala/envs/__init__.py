@@ -12,6 +12,14 @@ Families (chosen by level name):
             level by name (`rooms_watermaze`, `rooms_collect_good_objects_train`),
             or any DeepMind Lab level script as `dmlab:<path>`
             (`dmlab:seekavoid_arena_01`, `dmlab:contributed/dmlab30/rooms_watermaze`).
+
+Multi-task names (see levels()): `dmlab30`, `atari57` (the Atari-57 games as
+`ALE/<Game>-v5` ids, impala/atari57.py), or a comma-separated list of levels of one
+family, Atari or DeepMind Lab (`ALE/Pong-v5,ALE/Breakout-v5,ALE/Boxing-v5`). Actor i
+plays level i mod n. A list's entries are full level names (`Pong` is refused with a
+hint to `ALE/Pong-v5`, so that a level has one name in metrics and results), each
+once; suites cannot be listed. The games of a multi-task Atari run share the full
+18-action set (see options()), so that one network plays them all.
 """
 
 from __future__ import annotations
@@ -108,7 +116,10 @@ class EngineMissingError(ConfigError):
 
 
 DMLAB_SUITE = "dmlab30"
+ATARI_SUITE = "atari57"
 DMLAB_PREFIX = "dmlab:"
+LIST_SEPARATOR = ","
+_FAMILY_NAMES = {"gym": "gymnasium", "atari": "Atari", "dmlab": "DeepMind Lab"}
 
 
 def _is_dmlab(level_name: str) -> bool:
@@ -134,10 +145,72 @@ def _registry() -> dict[str, Any]:
     return gymnasium.registry
 
 
+def levels(level_name: str) -> tuple[str, ...]:
+    """The levels a --level_name names, in task order (actor i plays levels[i % n]):
+    a suite's, a comma-separated list's entries (blanks around them dropped), or the
+    level itself. Not checked here: resolve_level checks them."""
+    if level_name == DMLAB_SUITE:
+        from impala import dmlab30
+
+        return dmlab30.TRAIN_LEVELS
+    if level_name == ATARI_SUITE:
+        from impala import atari57
+
+        return atari57.LEVELS
+    if LIST_SEPARATOR in level_name:
+        return tuple(entry.strip() for entry in level_name.split(LIST_SEPARATOR))
+    return (level_name,)
+
+
+def is_multitask(level_name: str) -> bool:
+    """Whether a --level_name names several levels (a suite or a list)."""
+    return len(levels(level_name)) > 1
+
+
+def level_for_task(level_name: str, task: int) -> str:
+    """The level actor `task` plays: the level itself, or for a multi-task name its
+    level task mod n (as the original spread DMLab-30 over actors)."""
+    names = levels(level_name)
+    return names[task % len(names)]
+
+
 def resolve_level(level_name: str) -> str:
-    """Return the family ('gym', 'atari' or 'dmlab') that serves level_name."""
+    """Return the family ('gym', 'atari' or 'dmlab') that serves level_name, checking
+    every level of a multi-task name: an unknown one is an UnknownLevelError (with
+    close matches), a list that cannot be one run (empty or repeated entries, a suite
+    in it, mixed families, gymnasium levels) a ConfigError; both are one line."""
     if not isinstance(level_name, str):
         raise UnknownLevelError(f"level name must be a str, got {level_name!r}")
+    if level_name == DMLAB_SUITE:
+        return "dmlab"
+    names = levels(level_name)
+    if len(names) == 1:
+        return _resolve_one(level_name)
+    seen: set[str] = set()
+    for name in names:
+        if not name:
+            raise ConfigError(f"--level_name {level_name!r} has an empty entry")
+        if name in (DMLAB_SUITE, ATARI_SUITE):
+            raise ConfigError(f"a suite ({name}) cannot be part of a list of levels; name it alone or list its levels")
+        if name in seen:
+            # Refused rather than deduplicated: a repeated level would silently get more actors.
+            raise ConfigError(f"--level_name lists {name} twice; name each level once")
+        seen.add(name)
+    families = {name: _resolve_one(name) for name in names}
+    first = names[0]
+    for name, family in families.items():
+        if family != families[first]:
+            raise ConfigError(
+                f"--level_name mixes {_FAMILY_NAMES[families[first]]} ({first}) and {_FAMILY_NAMES[family]} "
+                f"({name}) levels; a multi-task run's levels must all be Atari or all DeepMind Lab"
+            )
+    if families[first] == "gym":
+        # Unlike Atari's (one frame format, the full action set) and DMLab's, their spaces differ.
+        raise ConfigError(f"a list of levels must be Atari games or DeepMind Lab levels; {first} is a gymnasium level")
+    return families[first]
+
+
+def _resolve_one(level_name: str) -> str:
     if _is_dmlab(level_name):
         if level_name.startswith(DMLAB_PREFIX) and not level_name[len(DMLAB_PREFIX) :].strip():
             raise UnknownLevelError(f"{level_name!r} names no level; try dmlab:seekavoid_arena_01 or dmlab30")
@@ -147,8 +220,12 @@ def resolve_level(level_name: str) -> str:
     if spec is None:
         from impala import dmlab30
 
-        candidates = [*registry, DMLAB_SUITE, *sorted(dmlab30.ALL_LEVELS)]
-        matches = difflib.get_close_matches(level_name, candidates, n=3)
+        ale_id = f"ALE/{level_name}-v5"  # a bare game name: `Pong`
+        if ale_id in registry:
+            matches = [ale_id]
+        else:
+            candidates = [*registry, DMLAB_SUITE, ATARI_SUITE, *sorted(dmlab30.ALL_LEVELS)]
+            matches = difflib.get_close_matches(level_name, candidates, n=3)
         hint = f"; did you mean {', '.join(matches)}?" if matches else ""
         raise UnknownLevelError(f"unknown level {level_name!r}{hint}")
     if spec.entry_point == _ATARI_ENTRY_POINT:
@@ -166,31 +243,25 @@ def make(
 ) -> Environment:
     """Build the environment for level_name.
 
+    A multi-task name (dmlab30, atari57, a list) builds its first level: its levels
+    share spaces, given the options that options(config) gives them.
     `training` is accepted for every family: Atari ends episodes at a lost life
     only when training (see impala.envs.atari); gym ignores it.
     Remaining options go to the family's constructor.
     """
     family = resolve_level(level_name)
+    level = level_for_task(level_name, 0)
     if family == "dmlab":
         from impala.envs.dmlab import DmLabEnvironment
 
-        # The suite's levels share spaces: `dmlab30` itself builds its first level.
-        return DmLabEnvironment(
-            level_for_task(level_name, 0),
-            seed=seed,
-            num_action_repeats=num_action_repeats,
-            training=training,
-            **options,
-        )
+        return DmLabEnvironment(level, seed=seed, num_action_repeats=num_action_repeats, training=training, **options)
     if family == "atari":
         from impala.envs.atari import AtariEnvironment
 
-        return AtariEnvironment(
-            level_name, seed=seed, num_action_repeats=num_action_repeats, training=training, **options
-        )
+        return AtariEnvironment(level, seed=seed, num_action_repeats=num_action_repeats, training=training, **options)
     from impala.envs.gym import GymEnvironment
 
-    return GymEnvironment.from_level(level_name, seed=seed, num_action_repeats=num_action_repeats, **options)
+    return GymEnvironment.from_level(level, seed=seed, num_action_repeats=num_action_repeats, **options)
 
 
 def make_checked(level_name: str, **kwargs: Any) -> Environment:
@@ -212,20 +283,13 @@ __all__ = [
     "Environment",
     "StepOutput",
     "UnknownLevelError",
+    "is_multitask",
+    "level_for_task",
+    "levels",
     "make",
     "make_checked",
     "resolve_level",
 ]
-
-
-def level_for_task(level_name: str, task: int) -> str:
-    """The level actor `task` plays: the level itself, or for a multi-task name one
-    of its levels (as the original spread DMLab-30 over actors)."""
-    if level_name == DMLAB_SUITE:  # actor i trains on DMLab-30 level i mod 30
-        from impala import dmlab30
-
-        return dmlab30.TRAIN_LEVELS[task % len(dmlab30.TRAIN_LEVELS)]
-    return level_name
 
 
 def instruction_length(env: Any) -> int:
@@ -235,7 +299,8 @@ def instruction_length(env: Any) -> int:
 
 def options(config: Any) -> dict[str, Any]:
     """The family-specific options that an impala Config sets for its level."""
-    if resolve_level(config.level_name) == "dmlab":
+    family = resolve_level(config.level_name)
+    if family == "dmlab":
         return {
             "width": config.width,
             "height": config.height,
@@ -243,6 +308,9 @@ def options(config: Any) -> dict[str, Any]:
             "dataset_path": config.dataset_path,
             "renderer": config.dmlab_renderer,
         }
-    if resolve_level(config.level_name) == "atari":
-        return {"sticky_actions": config.sticky_actions, "full_action_space": config.full_action_space}
+    if family == "atari":
+        # The games of a multi-task run share one network, hence one action set: all 18
+        # actions (as the paper's multi-task agent), whatever --full_action_space says.
+        full = config.full_action_space or is_multitask(config.level_name)
+        return {"sticky_actions": config.sticky_actions, "full_action_space": full}
     return {}
