@@ -189,7 +189,7 @@ def learner_objects(args: argparse.Namespace) -> list[dict]:
 
 def actor_job(args: argparse.Namespace) -> dict:
     """The actors: an Indexed Job of --actors pods; pod i runs --task=i (distinct seeds, and
-    the DMLab-30 level i mod 30). Actors wait for the learner and reconnect after its
+    for a multi-task --level_name such as dmlab30, level i mod n). Actors wait for the learner and reconnect after its
     restarts; a crashed actor pod restarts in place with the same index."""
     labels = _labels(args.name, "actors")
     flags = [
