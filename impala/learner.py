@@ -70,11 +70,21 @@ from impala.receiver import ActorBook, Limits, UnrollReceiver
 from impala.transfer import BatchFeed, SnapshotPublisher
 
 # Per-peer ZeroMQ queue bounds: with the bounded batch queue they cap the memory
-# that unrolls in flight can take, whatever the actors do; an actor keeps at most one
-# parameter request in flight, so two replies queued for a peer that does not read are
-# one more than it needs (ZeroMQ drops further ones for that peer, not for others).
-UNROLL_RCVHWM = 4
+# that unrolls in flight can take, whatever the actors do. Unrolls: one queued per
+# connection, beyond the one ZeroMQ's I/O thread is reading, so the learner holds at
+# most C x 2 unrolls of C actors (the original's blocking enqueue held C x 1); more
+# read-ahead only multiplies memory (a 16-env Pong unroll is 9.5 MB), since the kernel's
+# socket buffers already overlap transfer and reading (docs/results.md, "How many
+# actors one learner takes"). An actor keeps at most one parameter request in flight,
+# so two replies queued for a peer that does not read are one more than it needs
+# (ZeroMQ drops further ones for that peer, not for others).
+UNROLL_RCVHWM = 1
 PARAMS_SNDHWM = 2
+# Connections the kernel queues until the I/O thread accepts them (ZeroMQ's default is
+# 100; Linux caps it at net.core.somaxconn). With 100, a thousand actors connecting at
+# once overflow the queue, and the dropped ones retry with the kernel's exponential
+# back-off: the last took a minute or more to connect (scripts/load.py at C = 1,024).
+LISTEN_BACKLOG = 4096
 # Updates skipped in a row for a non-finite loss or gradient norm before the run stops:
 # one bad batch is skipped, a learner that keeps producing them is broken.
 MAX_NONFINITE_IN_A_ROW = 10
@@ -497,6 +507,7 @@ class Learner:
         for s in sockets:
             s.setsockopt(zmq.LINGER, 0)
             s.setsockopt(zmq.MAXMSGSIZE, config.max_message_mb * 2**20)
+            s.setsockopt(zmq.BACKLOG, LISTEN_BACKLOG)
         self._unroll_socket.setsockopt(zmq.RCVHWM, UNROLL_RCVHWM)
         if self._params_socket is not None:
             self._params_socket.setsockopt(zmq.SNDHWM, PARAMS_SNDHWM)
