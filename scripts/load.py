@@ -33,7 +33,9 @@ exactly the next columns received, in order, with matching checksums (every
 each sender sent has been received once, and what was received and not taken is
 less than one batch (the assembler's leftover). No bad messages. The learner
 process's RSS (sampled from /proc) stays under what its queues allow: base + C x
-(UNROLL_RCVHWM + 1) x message + (max_queued_batches + 3) x batch + --rss_allowance_mb.
+(read-ahead + 1) x message + (max_queued_batches + 3) x batch + --rss_allowance_mb,
+where read-ahead is the unroll socket's RCVHWM (learner.unroll_rcvhwm: 4 unrolls of
+1-env Pong, 1 of 16-env).
 The whole (learner and senders) is stopped if it passes --max_rss_mb.
 
 The learner runs in this process (so its RSS is this process's), the senders in
@@ -555,12 +557,11 @@ def measure(config: config_lib.Config, args: argparse.Namespace, env: Any, train
         problems.append(f"{connections - len(sent)} sender connections reported nothing")
     if bad:
         problems.append(f"the learner dropped {bad} bad messages")
-    unroll_bytes = sum(np.dtype(d).itemsize * np.prod(shape) for d, shape, _ in spec.values())
-    message_mb = unroll_bytes * config.num_envs_per_actor / 2**20
-    batch_mb = unroll_bytes * config.batch_size / 2**20
+    message_mb = learner_lib.unroll_bytes(spec, config.num_envs_per_actor) / 2**20
+    batch_mb = learner_lib.unroll_bytes(spec, config.batch_size) / 2**20
     bound = (
         base
-        + connections * (learner_lib.UNROLL_RCVHWM + 1) * message_mb
+        + connections * (learner.unroll_rcvhwm + 1) * message_mb
         + (config.max_queued_batches + 3) * batch_mb
         + args.rss_allowance_mb
     )
@@ -591,6 +592,7 @@ def measure(config: config_lib.Config, args: argparse.Namespace, env: Any, train
         "peak_total_mb": watch.peak_total,
         "bound_mb": bound,
         "message_mb": message_mb,
+        "read_ahead": learner.unroll_rcvhwm,
         "problems": problems,
         "problem_count": count,
     }
@@ -715,7 +717,8 @@ def report(name: str, result: dict) -> None:
     )
     print(
         f"  learner RSS {result['base_mb']:,.0f} MB at the start, peak {result['peak_mb']:,.0f} MB (bound "
-        f"{result['bound_mb']:,.0f} MB); with the senders, peak {result['peak_total_mb']:,.0f} MB"
+        f"{result['bound_mb']:,.0f} MB; unrolls of {result['message_mb']:.2f} MB, read-ahead "
+        f"{result['read_ahead']} per connection); with the senders, peak {result['peak_total_mb']:,.0f} MB"
     )
     if result["problem_count"]:
         print(f"  FAILED: {result['problem_count']} problem(s):")
