@@ -49,7 +49,7 @@ import threading
 import time
 import traceback
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -70,11 +70,25 @@ from impala.receiver import ActorBook, Limits, UnrollReceiver
 from impala.transfer import BatchFeed, SnapshotPublisher
 
 # Per-peer ZeroMQ queue bounds: with the bounded batch queue they cap the memory
-# that unrolls in flight can take, whatever the actors do; an actor keeps at most one
+# that unrolls in flight can take, whatever the actors do. An actor keeps at most one
 # parameter request in flight, so two replies queued for a peer that does not read are
 # one more than it needs (ZeroMQ drops further ones for that peer, not for others).
-UNROLL_RCVHWM = 4
 PARAMS_SNDHWM = 2
+# Unrolls a connection may have queued at the learner (the unroll socket's RCVHWM, in
+# messages), beyond the one ZeroMQ's I/O thread is reading: as many as fit in
+# UNROLL_READ_AHEAD_BYTES, from 1 to MAX_UNROLL_RCVHWM (unroll_rcvhwm). Read-ahead lets
+# the 'unrolls' thread go on while the I/O thread waits for a core (with 48 1-env Pong
+# connections on 2 loaded cores it received 25% more with 4 than with 1), but the learner
+# holds C x (RCVHWM + 1) unrolls of C actors: with 16-env Pong unrolls (9 MB) only 1 is
+# affordable, which is near the original's C x 1 (each actor's enqueue was a blocking
+# RPC). docs/results.md, "How many actors one learner takes".
+UNROLL_READ_AHEAD_BYTES = 4 * 2**20
+MAX_UNROLL_RCVHWM = 4
+# Connections the kernel queues until the I/O thread accepts them (ZeroMQ's default is
+# 100; Linux caps it at net.core.somaxconn). With 100, a thousand actors connecting at
+# once overflow the queue, and the dropped ones retry with the kernel's exponential
+# back-off: the last took a minute or more to connect (scripts/load.py at C = 1,024).
+LISTEN_BACKLOG = 4096
 # Updates skipped in a row for a non-finite loss or gradient norm before the run stops:
 # one bad batch is skipped, a learner that keeps producing them is broken.
 MAX_NONFINITE_IN_A_ROW = 10
@@ -82,6 +96,16 @@ MAX_NONFINITE_IN_A_ROW = 10
 # ask at every unroll boundary, about every second while their unrolls wait, and every
 # 3 s while they wait for a learner (param_client.PARAMS_RETRY_S): twice the longest.
 FINISH_GRACE_S = 6.0
+
+
+def unroll_bytes(spec: Mapping, num_envs: int) -> int:
+    """The arrays' bytes of an unroll of `num_envs` envs of `spec` (unroll.unroll_spec)."""
+    return num_envs * sum(np.dtype(dtype).itemsize * int(np.prod(shape)) for dtype, shape, _ in spec.values())
+
+
+def unroll_rcvhwm(unroll_bytes: int) -> int:
+    """The unroll socket's RCVHWM for unrolls of `unroll_bytes` (see UNROLL_READ_AHEAD_BYTES)."""
+    return max(1, min(MAX_UNROLL_RCVHWM, UNROLL_READ_AHEAD_BYTES // max(unroll_bytes, 1)))
 
 
 class LearnerFailure(RuntimeError):
@@ -399,6 +423,8 @@ class Learner:
         self._stop = self.receiver.stop
         self.publisher = SnapshotPublisher(self.agent.state_dict(), self.params.publish, self._stop, self.device)
 
+        # The configured actors' unrolls decide the read-ahead (other sizes are bounded by it in messages).
+        self.unroll_rcvhwm = unroll_rcvhwm(unroll_bytes(self.unroll_spec, config.num_envs_per_actor))
         self._context = zmq.Context.instance()
         self.unroll_address, self.params_address = self._bind()
         self._threads = [
@@ -497,7 +523,8 @@ class Learner:
         for s in sockets:
             s.setsockopt(zmq.LINGER, 0)
             s.setsockopt(zmq.MAXMSGSIZE, config.max_message_mb * 2**20)
-        self._unroll_socket.setsockopt(zmq.RCVHWM, UNROLL_RCVHWM)
+            s.setsockopt(zmq.BACKLOG, LISTEN_BACKLOG)
+        self._unroll_socket.setsockopt(zmq.RCVHWM, self.unroll_rcvhwm)
         if self._params_socket is not None:
             self._params_socket.setsockopt(zmq.SNDHWM, PARAMS_SNDHWM)
         self._auth = None

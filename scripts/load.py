@@ -33,7 +33,9 @@ exactly the next columns received, in order, with matching checksums (every
 each sender sent has been received once, and what was received and not taken is
 less than one batch (the assembler's leftover). No bad messages. The learner
 process's RSS (sampled from /proc) stays under what its queues allow: base + C x
-(UNROLL_RCVHWM + 1) x message + (max_queued_batches + 3) x batch + --rss_allowance_mb.
+(read-ahead + 1) x message + (max_queued_batches + 3) x batch + --rss_allowance_mb,
+where read-ahead is the unroll socket's RCVHWM (learner.unroll_rcvhwm: 4 unrolls of
+1-env Pong, 1 of 16-env).
 The whole (learner and senders) is stopped if it passes --max_rss_mb.
 
 The learner runs in this process (so its RSS is this process's), the senders in
@@ -71,7 +73,11 @@ from impala import security, step, unroll, wire  # noqa: E402
 OBS_WINDOWS = 4  # precomputed observation windows per sender process
 MEAN_EPISODE_STEPS = 400  # agent steps; episodes end at random with this mean
 META_KEY = "load"
-STARTUP_S = 120.0  # every connection must have sent an unroll by then
+# Every connection must have sent an unroll within STARTUP_S + STARTUP_S_PER_CONNECTION x C
+# (a failure deadline, not a measurement): the learner takes each connection's first
+# unroll in turn, a few hundred a second on a loaded 2-core machine.
+STARTUP_S = 60.0
+STARTUP_S_PER_CONNECTION = 0.1
 
 
 class UsageError(ValueError):
@@ -156,9 +162,8 @@ class UnrollMaker:
         steps = out["reward"].shape[0]
         out["observation"] = self.observations.windows[self.window]
         logits = self._logits((steps - 1, n))
-        gumbel = -np.log(-np.log(rng.random(logits.shape, dtype=np.float32)))
         out["policy_logits"][1:] = logits
-        out["action"][1:] = np.argmax(logits + gumbel, axis=-1)
+        out["action"][1:] = np.argmax(logits + rng.gumbel(size=logits.shape), axis=-1)  # sampled from them
         u = rng.random((steps - 1, n))
         out["reward"][1:] = np.where(u < 0.02, -1.0, np.where(u > 0.98, 1.0, 0.0))
         out["done"][1:] = rng.random((steps - 1, n)) < 1.0 / MEAN_EPISODE_STEPS
@@ -197,7 +202,8 @@ def _sender(
 ) -> None:
     """One sender process: a DEALER socket per connection, each sent to as fast as it
     takes messages, until `stop` is set or each sent `max_unrolls` (0: no limit). Puts
-    {connection: unrolls sent} on `results`."""
+    {connection: unrolls sent} on `results`. An unroll is made only when its socket has
+    room, so a connection holds at most `sndhwm` + 1 (the one being written) here."""
     rng = np.random.default_rng(seed)
     context = zmq.Context()
     context.max_sockets = len(connections) + 16
@@ -211,7 +217,6 @@ def _sender(
         s.connect(address)
         sockets.append(s)
         makers.append(UnrollMaker(spec, num_envs, num_actions, c, observations, rng))
-    pending: list[list | None] = [None] * len(sockets)
     sent = dict.fromkeys(connections, 0)
     poller = zmq.Poller()
     for s in sockets:
@@ -240,13 +245,11 @@ def _sender(
         for i, s in enumerate(sockets):
             if max_unrolls and sent[connections[i]] >= max_unrolls:
                 continue
-            if pending[i] is None:
-                pending[i] = message(i)
-            try:
-                s.send_multipart(pending[i], flags=zmq.NOBLOCK, copy=False)
-            except zmq.Again:
+            if not s.get(zmq.EVENTS) & zmq.POLLOUT:
                 continue
-            pending[i], progressed = None, True
+            # POLLOUT: a DEALER with one peer takes the message, so this send does not block.
+            s.send_multipart(message(i), copy=False)
+            progressed = True
             sent[connections[i]] += 1
         if max_unrolls and all(v >= max_unrolls for v in sent.values()):
             break
@@ -483,6 +486,7 @@ def measure(config: config_lib.Config, args: argparse.Namespace, env: Any, train
     # name -> (time, unrolls, envs, frames trained, receive CPU seconds)
     marks: dict[str, tuple[float, int, int, int, float]] = {}
     start = time.monotonic()
+    startup_s = STARTUP_S + STARTUP_S_PER_CONNECTION * connections
 
     def mark(name: str) -> None:
         marks[name] = (time.monotonic(), *ledger.counts(), learner.frames, receive_cpu_s())
@@ -491,9 +495,9 @@ def measure(config: config_lib.Config, args: argparse.Namespace, env: Any, train
         if "connected" not in marks:
             if len(ledger.next_sequence) == connections:
                 mark("connected")
-            elif time.monotonic() - start > STARTUP_S:
+            elif time.monotonic() - start > startup_s:
                 ledger.problem(
-                    f"only {len(ledger.next_sequence)} of {connections} connections sent an unroll in {STARTUP_S:.0f} s"
+                    f"only {len(ledger.next_sequence)} of {connections} connections sent an unroll in {startup_s:.0f} s"
                 )
                 stop.set()
         now = time.monotonic() - marks["connected"][0] if "connected" in marks else -1.0
@@ -553,12 +557,11 @@ def measure(config: config_lib.Config, args: argparse.Namespace, env: Any, train
         problems.append(f"{connections - len(sent)} sender connections reported nothing")
     if bad:
         problems.append(f"the learner dropped {bad} bad messages")
-    unroll_bytes = sum(np.dtype(d).itemsize * np.prod(shape) for d, shape, _ in spec.values())
-    message_mb = unroll_bytes * config.num_envs_per_actor / 2**20
-    batch_mb = unroll_bytes * config.batch_size / 2**20
+    message_mb = learner_lib.unroll_bytes(spec, config.num_envs_per_actor) / 2**20
+    batch_mb = learner_lib.unroll_bytes(spec, config.batch_size) / 2**20
     bound = (
         base
-        + connections * (learner_lib.UNROLL_RCVHWM + 1) * message_mb
+        + connections * (learner.unroll_rcvhwm + 1) * message_mb
         + (config.max_queued_batches + 3) * batch_mb
         + args.rss_allowance_mb
     )
@@ -573,6 +576,7 @@ def measure(config: config_lib.Config, args: argparse.Namespace, env: Any, train
     (t0, u0, e0, f0, c0), (t1, u1, e1, f1, c1) = marks.get("warm", marks["end"]), marks["end"]
     elapsed = max(t1 - t0, 1e-9)
     return {
+        "startup_s": marks["connected"][0] - start if "connected" in marks else None,
         "cpu_per_unroll": (c1 - c0) / max(u1 - u0, 1),
         "elapsed": elapsed,
         "unrolls_per_s": (u1 - u0) / elapsed,
@@ -588,6 +592,7 @@ def measure(config: config_lib.Config, args: argparse.Namespace, env: Any, train
         "peak_total_mb": watch.peak_total,
         "bound_mb": bound,
         "message_mb": message_mb,
+        "read_ahead": learner.unroll_rcvhwm,
         "problems": problems,
         "problem_count": count,
     }
@@ -691,7 +696,12 @@ def report(name: str, result: dict) -> None:
     print(
         f"{name}: {result['unrolls_per_s']:,.0f} unrolls/s, {result['steps_per_s']:,.0f} agent steps/s received"
         + (f"; {result['trained_steps_per_s']:,.0f} agent steps/s trained on" if name == "learner" else "")
-        + f" ({result['elapsed']:.1f} s measured)"
+        + f" ({result['elapsed']:.1f} s measured"
+        + (
+            f"; every connection had sent an unroll {result['startup_s']:.1f} s after the start)"
+            if result["startup_s"] is not None
+            else ")"
+        )
     )
     if name == "receive" and result["cpu_per_unroll"] > 0:
         per_core = 1 / result["cpu_per_unroll"]
@@ -707,7 +717,8 @@ def report(name: str, result: dict) -> None:
     )
     print(
         f"  learner RSS {result['base_mb']:,.0f} MB at the start, peak {result['peak_mb']:,.0f} MB (bound "
-        f"{result['bound_mb']:,.0f} MB); with the senders, peak {result['peak_total_mb']:,.0f} MB"
+        f"{result['bound_mb']:,.0f} MB; unrolls of {result['message_mb']:.2f} MB, read-ahead "
+        f"{result['read_ahead']} per connection); with the senders, peak {result['peak_total_mb']:,.0f} MB"
     )
     if result["problem_count"]:
         print(f"  FAILED: {result['problem_count']} problem(s):")

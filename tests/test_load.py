@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib.util
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -120,3 +121,71 @@ def test_the_ledger_notices_an_unroll_lost_at_the_end_and_batches_out_of_order()
     assert ledger.finish({7: 3}, batch_size=2) == []
     for name in ("observation", "reward", "done", "episode_return", "action", "policy_logits"):
         np.testing.assert_array_equal(messages[1].arrays[name][0], messages[0].arrays[name][-1])
+
+
+def test_a_learner_that_stops_reading_holds_one_queued_unroll_per_connection(tmp_path, monkeypatch):
+    """The read-ahead bound (learner.unroll_rcvhwm): with its batch queue full and
+    nothing training, the learner holds, per connection, one queued 16-env Pong unroll
+    (9 MB) beyond the one ZeroMQ's I/O thread is reading, however many the senders have
+    ready. Measured as this process's RSS (the learner's) while 4 connections keep
+    unrolls coming; the read-ahead of 1-env unrolls (4) held 21, not 11."""
+    import multiprocessing
+
+    from impala import learner as learner_lib
+    from impala.actor import UNROLL_SNDHWM
+
+    monkeypatch.syspath_prepend(str(SCRIPT.parent))  # the sender process imports the script as `load`
+    load = importlib.import_module("load")
+    _, config = load.parse(
+        [
+            f"--flagfile={cli.ROOT / 'configs' / 'pong.cfg'}",
+            "--batch_size=16",
+            "--max_queued_batches=1",
+            "--job_name=learner",
+            f"--logdir={tmp_path}",
+        ]
+    )
+    env = learner_lib.env_spec(config)
+    server = learner_lib.Learner(config, env)
+    spec, connections = server.unroll_spec, 4
+    message_mb = learner_lib.unroll_bytes(spec, config.num_envs_per_actor) / 2**20
+    context = multiprocessing.get_context("spawn")
+    stop, results = context.Event(), context.Queue()
+    sender = context.Process(
+        target=load._sender,
+        args=(server.unroll_address, list(range(connections)), spec, config.num_envs_per_actor, env.num_actions)
+        + (config.level_name, "", 0, 0, "", UNROLL_SNDHWM, stop, results),
+        daemon=True,
+    )
+    base = load.rss_mb()
+    sender.start()
+    try:
+        # Nothing takes batches: the unrolls thread queues one (a batch is one unroll
+        # here) and blocks with the next; then only the sockets hold unrolls. Wait until
+        # the RSS stops growing (the senders have more than the learner takes).
+        samples: list[float] = []
+        while len(samples) < 10 or samples[-1] - samples[-10] > 0.5 * message_mb:
+            samples.append(load.rss_mb() - base)
+            assert len(samples) < 600 and sender.is_alive(), samples[-20:]
+            time.sleep(0.5)
+        held = samples[-1] / message_mb
+    finally:
+        sender.kill()
+        sender.join()
+        server.close(save=False)
+    # 2 batches (queued, and the one waiting), the unroll assembled into the second (its
+    # memory stays with the process for reuse: impala/memory.py), per connection
+    # read-ahead + 1 unrolls (11 in all, as measured); one unroll more for everything else.
+    assert server.unroll_rcvhwm == 1
+    bound = 3 + connections * (server.unroll_rcvhwm + 1) + 1
+    assert 2 + connections <= held <= bound, f"the learner holds {held:.1f} unrolls of {message_mb:.1f} MB"
+
+
+def test_the_read_ahead_is_chosen_from_the_unroll_size():
+    from impala import learner as learner_lib
+
+    pong = unroll.unroll_spec(20, (84, 84, 4), np.uint8, 6)
+    assert learner_lib.unroll_bytes(pong, 3) == sum(a.nbytes for a in unroll.new_unroll(pong, 3).values())
+    # Pong: 1 env (0.6 MB) reads 4 ahead, 4 envs (2.4 MB) 1, 16 envs (9 MB) 1; CartPole's tiny unrolls 4.
+    assert [learner_lib.unroll_rcvhwm(learner_lib.unroll_bytes(pong, n)) for n in (1, 2, 4, 16)] == [4, 3, 1, 1]
+    assert learner_lib.unroll_rcvhwm(learner_lib.unroll_bytes(unroll.unroll_spec(20, (4,), np.float32, 2), 32)) == 4
