@@ -9,10 +9,12 @@ Its rooms, each a unit built and tested alone:
   - impala/checkpoint.py: atomic checkpoints, refused when non-finite or foreign;
   - impala/distributed.py: the data-parallel ranks (torchrun, --learner_ranks): what
     they agree on each iteration and the gradient all-reduce;
+  - impala/replay.py: experience replay (--replay_proportion): the ring of recent
+    env-columns and how many replayed updates follow each fresh one;
   - this module: the update (`learn_step`: the whole of it, in one function), the
     learning-rate schedule (`learning_rate_at`), and `Learner`, which builds the model
     and optimizer, binds the two sockets, starts their server threads and runs the
-    training loop (frame counting, publishing, checkpoint cadence).
+    training loop (frame counting, replay, publishing, checkpoint cadence).
 
 With N data-parallel ranks every rank runs a Learner on its share of the actors
 (batches of --batch_size / N envs) and all take the same update; rank 0 alone
@@ -20,8 +22,9 @@ serves parameters and writes checkpoints and metrics (docs/distributed.md).
 
 Threads, and the state each owns:
   - the training thread (the caller of `run`): the agent, the optimizer, `frames`,
-    `param_version`, the progress log, the non-finite count and the BatchFeed
-    (impala/transfer.py: batches on the device, on a GPU one copied ahead); it
+    `param_version`, the progress log, the non-finite count, the BatchFeed
+    (impala/transfer.py: batches on the device, on a GPU one copied ahead) and the
+    replay buffer; it
     copies the parameters for the publisher (`offer`) and reads the actor book
     through `take_report`;
   - 'publisher' (a SnapshotPublisher): waits for that copy to reach the host,
@@ -57,7 +60,7 @@ import torch
 import zmq
 from absl import logging
 
-from impala import checkpoint, distributed, envs, losses, security, unroll, wire
+from impala import checkpoint, distributed, envs, losses, replay, security, unroll, wire
 from impala.address import params_port, split_address, unroll_port
 from impala.config import Config, ConfigError
 from impala.memory import reuse_freed_memory
@@ -422,6 +425,13 @@ class Learner:
         self.feed = BatchFeed(self.receiver.next_batch, self.receiver.release, self.device)
         self._stop = self.receiver.stop
         self.publisher = SnapshotPublisher(self.agent.state_dict(), self.params.publish, self._stop, self.device)
+        # Experience replay: this rank's own columns (its share of the actors), sampled
+        # with its own stream; None when off, so nothing of it touches the default path.
+        self.replay = None
+        if config.replay_proportion > 0:
+            self.replay = replay.ReplayBuffer(self.unroll_spec, config.replay_buffer_size)
+            self._replay_generator = replay.generator(config.seed, self.ranks.rank)
+        self._fresh_batches = 0  # trained on by this run (not restored: replay's schedule restarts)
 
         # The configured actors' unrolls decide the read-ahead (other sizes are bounded by it in messages).
         self.unroll_rcvhwm = unroll_rcvhwm(unroll_bytes(self.unroll_spec, config.num_envs_per_actor))
@@ -625,17 +635,13 @@ class Learner:
                     # Rows only after the others' reports came in (rank 0's own clock decided).
                     train, write_row = agreed.train, agreed.log
                 if train:
+                    learning_rate = learning_rate_at(self.frames, config)
                     with self.watch("learner_step"):
-                        stats = learn_step(
-                            self.agent,
-                            self.optimizer,
-                            batch,
-                            config,
-                            learning_rate_at(self.frames, config),
-                            all_reduce=self._all_reduce if self.ranks.world_size > 1 else None,
-                        )
-                    batch = None
+                        stats = self._learn(batch, learning_rate)
                     nonfinite_in_a_row = self._after_update(stats, log, nonfinite_in_a_row)
+                    if self.replay is not None:
+                        nonfinite_in_a_row = self._replay(batch, stats, learning_rate, log, nonfinite_in_a_row)
+                    batch = None
                 if self.is_main:
                     with self.watch("learner_publish"):
                         self.offer_snapshot()
@@ -647,6 +653,41 @@ class Learner:
             log.maybe_write(self.frames, self.param_version, self.optimizer.param_groups[0]["lr"], force=True)
         if self.is_main and not stopped:
             self._tell_finished()
+
+    def _learn(self, batch: dict[str, torch.Tensor], learning_rate: float) -> dict[str, float]:
+        """One update (learn_step) on `batch`, with the other ranks when there are some."""
+        all_reduce = self._all_reduce if self.ranks.world_size > 1 else None
+        return learn_step(self.agent, self.optimizer, batch, self.config, learning_rate, all_reduce=all_reduce)
+
+    def _replay(
+        self,
+        batch: dict[str, torch.Tensor],
+        stats: dict[str, float],
+        learning_rate: float,
+        log: ProgressLog | None,
+        nonfinite_in_a_row: int,
+    ) -> int:
+        """After a fresh batch's update: stores its columns and runs the replayed updates
+        due (replay.replays_due), at the fresh update's learning rate; returns the
+        non-finite updates in a row. Every rank stores and replays alike (the same
+        batch count and the same all-reduced `skipped`), so their all-reduces pair up.
+        A batch whose update was skipped is not stored: replaying it would be skipped
+        again."""
+        self._fresh_batches += 1
+        if not stats["skipped"]:
+            with self.watch("learner_step"):
+                self.replay.add(batch)
+        columns = self.config.batch_size // self.ranks.world_size
+        for _ in range(replay.replays_due(self._fresh_batches, self.config.replay_proportion)):
+            if len(self.replay) < columns:  # only after skipped first batches: these replays are dropped
+                break
+            with self.watch("learner_step"):
+                stats = self._learn(self.replay.sample(columns, self._replay_generator), learning_rate)
+            nonfinite_in_a_row = self._after_update(stats, log, nonfinite_in_a_row, replayed=True)
+            if self.is_main:
+                with self.watch("learner_publish"):
+                    self.offer_snapshot()
+        return nonfinite_in_a_row
 
     def _all_reduce(self, sums: list[torch.Tensor], means: list[torch.Tensor]) -> None:
         try:
@@ -677,15 +718,19 @@ class Learner:
         if log is not None:
             log.book.others = reports[1:]
 
-    def _after_update(self, stats: dict[str, float], log: ProgressLog | None, nonfinite_in_a_row: int) -> int:
-        """Counts the update's frames, publishes and checkpoints; returns the non-finite
-        updates in a row."""
+    def _after_update(
+        self, stats: dict[str, float], log: ProgressLog | None, nonfinite_in_a_row: int, replayed: bool = False
+    ) -> int:
+        """Logs the update, counts a fresh batch's frames, advances the parameter
+        version and checkpoints; returns the non-finite updates in a row (fresh and
+        replayed alike)."""
         config = self.config
         if log is not None:
-            log.add_update(stats)
-        # The batch's frames count even when its update is skipped: they were consumed.
-        # config.frames_per_step is the whole batch's (all ranks).
-        self.frames += config.frames_per_step
+            log.add_update(stats, replayed=replayed)
+        # A fresh batch's frames count even when its update is skipped: they were consumed.
+        # config.frames_per_step is the whole batch's (all ranks). Replayed ones are not new frames.
+        if not replayed:
+            self.frames += config.frames_per_step
         if stats["skipped"]:
             nonfinite_in_a_row += 1
             logging.warning(

@@ -6,6 +6,10 @@ What a row holds, beyond the losses and rates:
   - V-trace diagnostics averaged over the row's updates (`vtrace/...`, see
     losses.vtrace_diagnostics) and the updates skipped for a non-finite loss or
     gradient (`skipped_updates`);
+  - with experience replay (--replay_proportion, impala/replay.py), the replayed
+    updates applied (`replay_updates`); the losses and diagnostics above are the fresh
+    updates' (comparable with runs without replay), the replayed ones' go under
+    `replay/...` (`replay/vtrace/mean_rho`: how far the replayed data is off-policy);
   - finished episodes: their mean return and length in frames, per level for
     multi-level runs (only the configured levels get keys, so a row stays bounded);
     TensorBoard also gets every episode, as the original logged them
@@ -89,18 +93,25 @@ class ProgressLog:
         self.recent: collections.deque = collections.deque(maxlen=100)
         self.last_time, self.last_frames = clock(), frames
         self.sums: dict[str, float] = collections.defaultdict(float)
+        self.replay_sums: dict[str, float] = collections.defaultdict(float)
         self.updates = 0
+        self.replay_updates = 0
         self.skipped = 0
 
-    def add_update(self, stats: dict[str, float]) -> None:
-        """Adds one learn_step's stats; a skipped update is only counted."""
+    def add_update(self, stats: dict[str, float], replayed: bool = False) -> None:
+        """Adds one learn_step's stats (of a replayed batch: kept apart); a skipped
+        update is only counted."""
         if stats.get("skipped"):
             self.skipped += 1
             return
+        sums = self.replay_sums if replayed else self.sums
         for key, value in stats.items():
             if key != "skipped":
-                self.sums[key] += value
-        self.updates += 1
+                sums[key] += value
+        if replayed:
+            self.replay_updates += 1
+        else:
+            self.updates += 1
 
     def maybe_write(self, frames: int, param_version: int, learning_rate: float, force: bool = False) -> dict | None:
         """Writes a row if the log interval has passed (or `force` and there is
@@ -116,7 +127,8 @@ class ProgressLog:
         self._tensorboard(report, frames)
         self._print(row, report)
         self.sums.clear()
-        self.updates = self.skipped = 0
+        self.replay_sums.clear()
+        self.updates = self.replay_updates = self.skipped = 0
         self.last_time, self.last_frames = now, frames
         return row
 
@@ -145,6 +157,9 @@ class ProgressLog:
             "wall_time": time.time(),
         }
         row.update({k: v / max(self.updates, 1) for k, v in self.sums.items()})
+        if config.replay_proportion > 0:
+            row["replay_updates"] = self.replay_updates
+            row.update({f"replay/{k}": v / self.replay_updates for k, v in self.replay_sums.items()})
         row.update(
             {
                 f"actor_unrolls_per_s/{task}": round(rate, 2)

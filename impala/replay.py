@@ -1,0 +1,96 @@
+"""Experience replay for the learner (--replay_proportion, --replay_buffer_size): the
+option the IMPALA paper evaluated beside V-trace (its study of off-policy corrections
+compares agents with and without experience replay), with RLlib's semantics: replayed batches in a p:1 proportion to
+fresh ones. V-trace corrects for the older behaviour policy of what is replayed.
+
+  - `ReplayBuffer`: a ring of the last N env-columns of the fresh batches. A column is
+    one environment's unroll: every time-major field's [T+1] steps and its core state
+    before step 0 (the layout of impala/unroll.py). `add` copies a batch's columns in
+    (the learner's batches live in reused buffers, impala/transfer.py), `sample` draws
+    a batch of whole columns, uniformly without replacement.
+  - `replays_due`: how many replayed batches follow the k-th fresh one. Deterministic,
+    so every data-parallel rank takes the same number of updates (they all-reduce in
+    each one).
+
+Memory: the ring is allocated whole at the first `add`, on the batch's device:
+N x (one column's bytes), e.g. about 0.6 MB per column for Pong at T = 20 (84x84x4
+bytes per step), so 0.6 GB for the default 1000 columns.
+
+Threads: owned by the learner's training thread; nothing else touches it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import torch
+
+Batch = dict[str, torch.Tensor]  # [T+1, B, ...] tensors (core states [B, ...]), see impala/unroll.py
+
+
+def replays_due(fresh_batches: int, proportion: float) -> int:
+    """Replayed batches owed after the `fresh_batches`-th fresh one: floor(k p) -
+    floor((k - 1) p), so k fresh batches are followed by floor(k p) replayed ones in
+    all (p = 0.5: one after every second; p = 1: one after each; p = 2: two)."""
+    return math.floor(fresh_batches * proportion) - math.floor((fresh_batches - 1) * proportion)
+
+
+def generator(seed: int, rank: int) -> torch.Generator:
+    """The sampling stream of learner rank `rank` (CPU; docs/design.md, Seeds)."""
+    return torch.Generator().manual_seed(seed + rank)
+
+
+class ReplayBuffer:
+    """The last `capacity` env-columns added, batches of whole columns sampled from them.
+
+    `spec` is the unroll layout (unroll.unroll_spec: name -> (dtype, shape, time-major?)):
+    a batch's time-major tensors hold columns on axis 1, the others (core states) on axis 0.
+    """
+
+    def __init__(self, spec: Mapping, capacity: int):
+        if capacity < 1:
+            raise ValueError(f"a replay buffer needs a capacity of at least 1, got {capacity}")
+        self.capacity = capacity
+        self._axis = {name: 1 if time_major else 0 for name, (_, _, time_major) in spec.items()}
+        self._ring: Batch | None = None
+        self._next = 0  # the slot the next column goes to
+        self._size = 0  # columns stored
+
+    def __len__(self) -> int:
+        return self._size
+
+    def add(self, batch: Mapping[str, torch.Tensor]) -> None:
+        """Copies every column of `batch` ([T+1, B, ...], core states [B, H]) into the
+        ring, evicting the oldest; `batch` may be reused afterwards."""
+        if set(batch) != set(self._axis):
+            raise ValueError(f"batch fields {sorted(batch)} are not the replay buffer's {sorted(self._axis)}")
+        columns = batch["reward"].shape[1]
+        if self._ring is None:  # the whole ring at once, on the batch's device: bounded memory
+            self._ring = {name: self._empty_like(name, t) for name, t in batch.items()}
+        # The newest `capacity` columns of the batch, written from slot _next on, wrapping once.
+        skip = max(0, columns - self.capacity)
+        start, count = self._next, columns - skip
+        first = min(count, self.capacity - start)
+        with torch.no_grad():
+            for name, t in batch.items():
+                ring, axis = self._ring[name], self._axis[name]
+                ring.narrow(axis, start, first).copy_(t.narrow(axis, skip, first))
+                if count > first:
+                    ring.narrow(axis, 0, count - first).copy_(t.narrow(axis, skip + first, count - first))
+        self._next = (start + count) % self.capacity
+        self._size = min(self.capacity, self._size + count)
+
+    def sample(self, batch_size: int, generator: torch.Generator) -> Batch:
+        """A new batch of `batch_size` stored columns, drawn uniformly without
+        replacement with `generator` (CPU), in the layout `add` takes."""
+        if not 1 <= batch_size <= self._size:
+            raise ValueError(f"cannot sample {batch_size} columns from a replay buffer holding {self._size}")
+        slots = torch.randperm(self._size, generator=generator)[:batch_size]
+        slots = slots.to(next(iter(self._ring.values())).device)
+        return {name: ring.index_select(self._axis[name], slots) for name, ring in self._ring.items()}
+
+    def _empty_like(self, name: str, t: torch.Tensor) -> torch.Tensor:
+        shape = list(t.shape)
+        shape[self._axis[name]] = self.capacity
+        return torch.empty(shape, dtype=t.dtype, device=t.device)

@@ -1,0 +1,365 @@
+"""Experience replay (impala/replay.py, --replay_proportion): the ring of env-columns on
+the learner's reused batch buffers, the replay schedule, a real Learner with a real
+actor against learn_step called by hand, the real program, two data-parallel ranks, and
+the flags' one-line errors."""
+
+from __future__ import annotations
+
+import copy
+import subprocess
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from impala import learner, replay, unroll
+from impala.actor import run_actor
+from impala.config import Config
+from impala.learner import learn_step, learning_rate_at, state_sizes
+from impala.metrics import read_jsonl
+from impala.optim import make_optimizer
+from impala.receiver import BatchBuffers
+from tests import cli
+from tests import test_data_parallel as dp
+
+T, OBS, A, H = 4, (3,), 2, 5
+
+
+def _spec(state: bool = True) -> dict:
+    return unroll.unroll_spec(T, OBS, np.float32, A, (H, H) if state else ())
+
+
+def _fill(batch: dict[str, torch.Tensor], ids: list[int]) -> dict[str, torch.Tensor]:
+    """Writes column j's id into every field of column j (the time steps too), so a
+    sampled column shows whether its fields stayed together."""
+    for j, v in enumerate(ids):
+        batch["observation"][:, j] = v
+        batch["reward"][:, j] = v
+        batch["done"][:, j] = v % 2 == 1
+        batch["episode_return"][:, j] = 10 * v
+        batch["episode_step"][:, j] = v
+        batch["action"][:, j] = v
+        batch["policy_logits"][:, j] = -v
+        batch["core_state_0"][j] = v
+        batch["core_state_1"][j] = 100 + v
+    return batch
+
+
+def _ids(batch: dict[str, torch.Tensor]) -> list[int]:
+    """The columns' ids, after checking that each column is one whole stored column."""
+    ids = [int(v) for v in batch["action"][0]]
+    for j, v in enumerate(ids):
+        assert (batch["observation"][:, j] == v).all() and (batch["reward"][:, j] == v).all()
+        assert (batch["done"][:, j] == (v % 2 == 1)).all()
+        assert (batch["episode_return"][:, j] == 10 * v).all() and (batch["episode_step"][:, j] == v).all()
+        assert (batch["action"][:, j] == v).all() and (batch["policy_logits"][:, j] == -v).all()
+        assert batch["core_state_0"][j].eq(v).all() and batch["core_state_1"][j].eq(100 + v).all()
+    return ids
+
+
+def test_stored_columns_survive_the_reuse_of_the_batch_buffers():
+    """The learner's batches live in BatchBuffers sets that go back to the receiver and
+    are written again: the buffer must hold copies, of every field."""
+    spec = _spec()
+    buffers = BatchBuffers(spec, 3)
+    buffer = replay.ReplayBuffer(spec, 10)
+    first = _fill(buffers.take(), [0, 1, 2])
+    buffer.add(first)
+    buffers.give_back(first)
+    again = buffers.take()
+    assert again is first  # the same memory, as the receiver reuses it
+    _fill(again, [7, 8, 9])  # overwritten in place: the stored columns must not change
+    sample = buffer.sample(3, replay.generator(1, 0))
+    assert set(sample) == set(spec)
+    assert sorted(_ids(sample)) == [0, 1, 2]
+    assert sample["observation"].shape == (T + 1, 3, *OBS) and sample["core_state_0"].shape == (3, H)
+    assert all(sample[name].dtype == first[name].dtype for name in spec)
+
+
+def test_the_ring_keeps_the_newest_columns():
+    spec = _spec()
+    buffer = replay.ReplayBuffer(spec, 5)
+    for start in (0, 3, 6):  # 9 columns into 5 slots: the first add fills 0-2, the third wraps
+        buffer.add(_fill(BatchBuffers(spec, 3).take(), [start, start + 1, start + 2]))
+    assert len(buffer) == 5
+    assert sorted(_ids(buffer.sample(5, replay.generator(1, 0)))) == [4, 5, 6, 7, 8]
+    wide = replay.ReplayBuffer(spec, 2)  # a batch wider than the ring: its last columns
+    wide.add(_fill(BatchBuffers(spec, 3).take(), [0, 1, 2]))
+    assert sorted(_ids(wide.sample(2, replay.generator(1, 0)))) == [1, 2]
+
+
+def test_samples_are_whole_distinct_stored_columns_uniformly_and_reproducibly():
+    spec = _spec()
+    buffer, twin = replay.ReplayBuffer(spec, 8), replay.ReplayBuffer(spec, 8)
+    for start in (0, 4, 8):
+        batch = _fill(BatchBuffers(spec, 4).take(), list(range(start, start + 4)))
+        buffer.add(batch)
+        twin.add(batch)
+    stored = set(range(4, 12))
+    g, g_twin, g_other = replay.generator(3, 0), replay.generator(3, 0), replay.generator(3, 1)
+    seen, samples, others = [], [], []
+    for _ in range(300):
+        ids = _ids(buffer.sample(3, g))
+        assert len(set(ids)) == 3 and set(ids) <= stored  # no duplicates, only what is stored
+        seen += ids
+        samples.append(ids)
+        assert _ids(twin.sample(3, g_twin)) == ids  # the same seed and rank: the same batches
+        others.append(_ids(twin.sample(3, g_other)))
+    assert others != samples  # another rank draws another stream
+    counts = np.bincount(seen, minlength=12)[4:]
+    assert counts.min() > 0.7 * counts.mean() and counts.max() < 1.3 * counts.mean(), counts  # ~112 each
+    with pytest.raises(ValueError, match="cannot sample 9"):
+        buffer.sample(9, g)
+
+
+def test_a_buffer_without_core_states_and_a_foreign_batch():
+    spec = _spec(state=False)
+    buffer = replay.ReplayBuffer(spec, 4)
+    batch = BatchBuffers(spec, 2).take()
+    batch["action"][:] = torch.tensor([3, 4])
+    buffer.add(batch)
+    assert sorted(buffer.sample(2, replay.generator(1, 0))["action"][0].tolist()) == [3, 4]
+    with pytest.raises(ValueError, match="not the replay buffer's"):
+        buffer.add(BatchBuffers(_spec(), 2).take())
+
+
+@pytest.mark.parametrize(
+    "proportion, due",
+    [(0.0, [0] * 6), (1.0, [1] * 6), (0.5, [0, 1, 0, 1, 0, 1]), (2.0, [2] * 6), (0.25, [0, 0, 0, 1, 0, 0])],
+)
+def test_replays_due_follow_the_proportion(proportion, due):
+    assert [replay.replays_due(k, proportion) for k in range(1, 7)] == due
+    # Any proportion: k fresh batches are followed by floor(k p) replayed ones in all.
+    assert sum(replay.replays_due(k, 0.3) for k in range(1, 1001)) == 300
+
+
+# -- the learner ---------------------------------------------------------------------
+
+B, UNROLL, FRESH = 2, 5, 6
+
+
+def _config(tmp_path, **kw) -> Config:
+    base = dict(
+        level_name="CartPole-v1",
+        num_action_repeats=1,
+        network="mlp",
+        mlp_sizes="8",
+        use_lstm=True,  # core states travel through the buffer too
+        lstm_size=8,
+        unroll_length=UNROLL,
+        batch_size=B,
+        num_envs_per_actor=B,
+        total_environment_frames=FRESH * B * UNROLL,
+        logdir=str(tmp_path),
+        entropy_cost=0.01,
+        learning_rate=0.01,
+        replay_buffer_size=5,
+    )
+    base.update(kw)
+    return Config(**base)
+
+
+def _train_with_actor(config: Config) -> tuple[learner.Learner, list[dict], torch.nn.Module, torch.optim.Optimizer]:
+    """A real Learner trained by a real actor to the frame budget; returns it, copies of
+    the batches it trained on, and a copy of its agent and a fresh optimizer as they
+    were before the first update."""
+    server = learner.Learner(config)
+    reference = copy.deepcopy(server.agent)
+    optimizer = make_optimizer(
+        config.optimizer,
+        reference.parameters(),
+        lr=config.learning_rate,
+        decay=config.decay,
+        momentum=config.momentum,
+        epsilon=config.epsilon,
+    )
+    batches, source = [], server.feed.source
+
+    def recording(timeout: float):
+        batch = source(timeout)
+        if batch is not None:
+            batches.append({name: t.clone() for name, t in batch.items()})
+        return batch
+
+    server.feed.source = recording  # on the CPU the feed takes a batch only when it trains on it
+    stop = threading.Event()
+    actor = threading.Thread(
+        target=run_actor,
+        args=(config, 0, server.unroll_address, server.params_address),
+        kwargs=dict(stop=stop),
+        daemon=True,
+    )
+    actor.start()
+    try:
+        server.run()
+    finally:
+        stop.set()
+        actor.join(timeout=10)
+        server.close(save=False)
+    return server, batches, reference, optimizer
+
+
+@pytest.mark.parametrize("proportion", [0.0, 0.5, 1.0])
+def test_the_learner_replays_p_batches_per_fresh_one_and_counts_only_fresh_frames(tmp_path, proportion):
+    """(1 + p) updates per fresh batch, frames of fresh batches only, and parameters
+    bit-identical to learn_step called by hand: on the fresh batches alone when p = 0
+    (the code without replay), else each followed by the replays due, sampled from a
+    ReplayBuffer of the same batches with the same generator, at the fresh update's
+    learning rate."""
+    config = _config(tmp_path, replay_proportion=proportion)
+    server, batches, agent, optimizer = _train_with_actor(config)
+    assert len(batches) == FRESH
+    assert server.frames == FRESH * config.frames_per_step
+    replays = int(FRESH * proportion)
+    assert server.param_version == FRESH + replays
+    assert (server.replay is None) == (proportion == 0)
+
+    buffer, generator = replay.ReplayBuffer(server.unroll_spec, config.replay_buffer_size), replay.generator(1, 0)
+    for k, batch in enumerate(batches, start=1):
+        lr = learning_rate_at((k - 1) * config.frames_per_step, config)
+        assert learn_step(agent, optimizer, batch, config, lr)["skipped"] == 0.0
+        if proportion:
+            buffer.add(batch)
+            for _ in range(replay.replays_due(k, proportion)):
+                learn_step(agent, optimizer, buffer.sample(B, generator), config, lr)
+    for (name, got), want in zip(server.agent.named_parameters(), agent.parameters(), strict=True):
+        assert torch.equal(got, want), name
+
+    rows = read_jsonl(tmp_path / "metrics.jsonl")
+    assert rows[-1]["param_version"] == FRESH + replays
+    if proportion:
+        assert sum(r["replay_updates"] for r in rows) == replays
+        assert any("replay/vtrace/mean_rho" in r for r in rows)
+    else:
+        assert not any("replay_updates" in r or any(k.startswith("replay/") for k in r) for r in rows)
+
+
+def test_skipped_batches_are_not_replayed_and_count_toward_the_stop(tmp_path, monkeypatch):
+    """Non-finite unrolls (the receiver's value checks turned off to reach the guard,
+    as in test_learner.py): each fresh update is skipped, its batch is not stored, no
+    replay runs, and the run stops after MAX_NONFINITE_IN_A_ROW."""
+    import zmq
+
+    from impala import receiver as receiver_module
+    from impala import wire
+
+    monkeypatch.setattr(receiver_module, "check_values", lambda arrays, limits: None)
+    config = _config(tmp_path, batch_size=1, num_envs_per_actor=1, reward_clipping="none", replay_proportion=1.0)
+    server = learner.Learner(config)
+    peer = zmq.Context.instance().socket(zmq.DEALER)
+    peer.setsockopt(zmq.LINGER, 0)
+    peer.connect(server.unroll_address)
+    try:
+        arrays = unroll.new_unroll(server.unroll_spec, 1)
+        arrays["reward"][3] = float("nan")
+        for _ in range(learner.MAX_NONFINITE_IN_A_ROW):
+            peer.send_multipart(wire.encode("unroll", arrays, task=0))
+        with pytest.raises(learner.NonFiniteLossError, match="in a row"):
+            server.run()
+        assert len(server.replay) == 0 and server.param_version == 0
+    finally:
+        peer.close()
+        server.close(save=False)
+
+
+# -- the real program ------------------------------------------------------------------
+
+
+def test_a_training_run_with_replay_finishes_and_reports_its_replays(tmp_path):
+    """python -m impala.experiment on CartPole with --replay_proportion=1: real actor
+    processes, 20 fresh batches of 16 x 20 steps, each followed by one replayed."""
+    result = cli.run(
+        "--flagfile=configs/cartpole.cfg",
+        f"--logdir={tmp_path}",
+        "--total_environment_frames=6400",
+        "--replay_proportion=1",
+        "--replay_buffer_size=64",
+        "--log_interval_s=0.5",
+    )
+    assert result.returncode == 0, result.stdout[-3000:]
+    rows = read_jsonl(tmp_path / "metrics.jsonl")
+    assert rows[-1]["frames"] == 6400
+    assert all("replay_updates" in r for r in rows)
+    assert sum(r["replay_updates"] for r in rows) == 20
+    assert rows[-1]["param_version"] == 40
+    assert sum(r["skipped_updates"] for r in rows) == 0
+
+
+@pytest.mark.parametrize(
+    "flags, expected",
+    [
+        (["--replay_proportion=-0.5"], "--replay_proportion must be >= 0.0"),
+        (["--replay_proportion=nan"], "--replay_proportion must be a finite number"),
+        (["--replay_proportion=1", "--batch_size=8", "--replay_buffer_size=7"], "--replay_buffer_size=7 must hold"),
+        (["--replay_buffer_size=0"], "--replay_buffer_size must be at least 1"),
+    ],
+)
+def test_bad_replay_flags_are_one_line_errors(flags, expected, tmp_path):
+    result = subprocess.run(
+        cli.command(f"--logdir={tmp_path}", *flags), cwd=cli.ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().count("\n") == 0, result.stderr
+    assert expected in result.stderr
+
+
+# -- data-parallel ranks --------------------------------------------------------------
+
+
+def test_two_ranks_replay_their_own_columns_in_lockstep(tmp_path):
+    """2 ranks x 2 envs (tests/test_data_parallel.py's setup, real processes over the
+    real wire) with --replay_proportion=1: each rank stores only its own actors'
+    columns and samples them with its own stream; the update is the one of a single
+    learner on rank 0's sample and rank 1's together. Same tolerance as there (the
+    ranks' float32 sums add in another order)."""
+    logdir = tmp_path / "run"
+    config = Config(**dp.FLAGS, logdir=str(logdir), replay_proportion=1.0, replay_buffer_size=3)
+    agent, optimizer = dp._agent(config)
+    spec = unroll.unroll_spec(dp.T, dp.OBS, np.float32, dp.A, state_sizes(agent))
+    unrolls = dp._unrolls(spec, dp.UPDATES * dp.BATCH, np.random.default_rng(11))
+    dp.checkpoint.save(
+        logdir,
+        {
+            "model": agent.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "frames": 0,
+            "param_version": 0,
+            "signature": dp.checkpoint.network_signature(config, agent),
+            "level_name": config.level_name,
+        },
+        0,
+    )
+    buffers = [replay.ReplayBuffer(spec, config.replay_buffer_size) for _ in range(dp.RANKS)]
+    generators = [replay.generator(config.seed, rank) for rank in range(dp.RANKS)]
+    for k in range(dp.UPDATES):
+        lr = learning_rate_at(k * config.frames_per_step, config)
+        learn_step(agent, optimizer, dp._combined(unrolls, k), config, lr)
+        for rank, buffer in enumerate(buffers):  # rank r's batch k: unrolls 4k + r and 4k + r + 2
+            buffer.add(_concatenated([unrolls[4 * k + rank], unrolls[4 * k + rank + 2]]))
+        samples = [buffer.sample(dp.BATCH // dp.RANKS, g) for buffer, g in zip(buffers, generators)]
+        learn_step(agent, optimizer, _concatenated(samples), config, lr)
+
+    port, master = dp._free_ports(dp.RANKS + 1), dp._free_ports(1)
+    ranks = dp._start_ranks(dp._flags(config, port, replay_proportion=1.0, replay_buffer_size=3), master, tmp_path, "r")
+    sockets = dp._send(port, unrolls, logdir)
+    try:
+        assert dp._finish(ranks) == [0, 0], dp._logs(tmp_path, "r")
+    finally:
+        for s in sockets:
+            s.close()
+    final = dp.checkpoint.load(dp.checkpoint.latest(logdir))
+    assert final["frames"] == dp.UPDATES * config.frames_per_step
+    assert final["param_version"] == 2 * dp.UPDATES
+    expected = agent.state_dict()
+    for name, value in final["model"].items():
+        torch.testing.assert_close(value, expected[name], rtol=1e-5, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")
+
+
+def _concatenated(parts: list) -> dict[str, torch.Tensor]:
+    """Batches or unrolls side by side on the env axis."""
+    out = {}
+    for name in parts[0]:
+        axis = 0 if name.startswith("core_state_") else 1
+        out[name] = torch.cat([torch.as_tensor(p[name]) for p in parts], dim=axis)
+    return out
