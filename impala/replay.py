@@ -13,8 +13,8 @@ fresh ones. V-trace corrects for the older behaviour policy of what is replayed.
     each one).
 
 Memory: the ring is allocated whole at the first `add`, on the batch's device:
-N x (one column's bytes), e.g. about 0.6 MB per column for Pong at T = 20 (84x84x4
-bytes per step), so 0.6 GB for the default 1000 columns.
+N x one column's bytes (learner.unroll_bytes of one env; the --replay_buffer_size help
+gives Pong's), and nothing more is allocated by `add`.
 
 Threads: owned by the learner's training thread; nothing else touches it.
 """
