@@ -24,9 +24,8 @@ Threads, and the state each owns:
   - the training thread (the caller of `run`): the agent, the optimizer, `frames`,
     `param_version`, the progress log, the non-finite count, the BatchFeed
     (impala/transfer.py: batches on the device, on a GPU one copied ahead) and the
-    replay buffer; it
-    copies the parameters for the publisher (`offer`) and reads the actor book
-    through `take_report`;
+    replay buffer (impala/replay.py); it copies the parameters for the publisher
+    (`offer`) and reads the actor book through `take_report`;
   - 'publisher' (a SnapshotPublisher): waits for that copy to reach the host,
     encodes it and hands it to the ParamServer (`publish`), off the training
     thread's critical path;
@@ -427,7 +426,8 @@ class Learner:
         self.publisher = SnapshotPublisher(self.agent.state_dict(), self.params.publish, self._stop, self.device)
         # Experience replay: this rank's own columns (its share of the actors), sampled
         # with its own stream; None when off, so nothing of it touches the default path.
-        self.replay = None
+        self.replay: replay.ReplayBuffer | None = None
+        self._replay_generator: torch.Generator | None = None
         if config.replay_proportion > 0:
             self.replay = replay.ReplayBuffer(self.unroll_spec, config.replay_buffer_size)
             self._replay_generator = replay.generator(config.seed, self.ranks.rank)
