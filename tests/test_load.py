@@ -123,12 +123,12 @@ def test_the_ledger_notices_an_unroll_lost_at_the_end_and_batches_out_of_order()
         np.testing.assert_array_equal(messages[1].arrays[name][0], messages[0].arrays[name][-1])
 
 
-def test_a_learner_that_stops_reading_holds_one_queued_unroll_per_connection(tmp_path, monkeypatch):
+def test_a_learner_that_stops_reading_holds_two_queued_unrolls_per_connection(tmp_path, monkeypatch):
     """The read-ahead bound (learner.unroll_rcvhwm): with its batch queue full and
-    nothing training, the learner holds, per connection, one queued 16-env Pong unroll
-    (9 MB) beyond the one ZeroMQ's I/O thread is reading, however many the senders have
-    ready. Measured as this process's RSS (the learner's) while 4 connections keep
-    unrolls coming; the read-ahead of 1-env unrolls (4) held 21, not 11."""
+    nothing training, the learner holds, per connection, at most two queued 16-env Pong
+    unrolls (9 MB; learner.MIN_UNROLL_RCVHWM) beyond the one ZeroMQ's I/O thread is
+    reading, however many the senders have ready. Measured as this process's RSS (the
+    learner's) while 4 connections keep unrolls coming; the read-ahead of 1-env unrolls (4) held 21, not 11."""
     import multiprocessing
 
     from impala import learner as learner_lib
@@ -176,7 +176,7 @@ def test_a_learner_that_stops_reading_holds_one_queued_unroll_per_connection(tmp
     # 2 batches (queued, and the one waiting), the unroll assembled into the second (its
     # memory stays with the process for reuse: impala/memory.py), per connection
     # read-ahead + 1 unrolls (11 in all, as measured); one unroll more for everything else.
-    assert server.unroll_rcvhwm == 1
+    assert server.unroll_rcvhwm == 2
     bound = 3 + connections * (server.unroll_rcvhwm + 1) + 1
     assert 2 + connections <= held <= bound, f"the learner holds {held:.1f} unrolls of {message_mb:.1f} MB"
 
@@ -187,5 +187,5 @@ def test_the_read_ahead_is_chosen_from_the_unroll_size():
     pong = unroll.unroll_spec(20, (84, 84, 4), np.uint8, 6)
     assert learner_lib.unroll_bytes(pong, 3) == sum(a.nbytes for a in unroll.new_unroll(pong, 3).values())
     # Pong: 1 env (0.6 MB) reads 4 ahead, 4 envs (2.4 MB) 1, 16 envs (9 MB) 1; CartPole's tiny unrolls 4.
-    assert [learner_lib.unroll_rcvhwm(learner_lib.unroll_bytes(pong, n)) for n in (1, 2, 4, 16)] == [4, 3, 1, 1]
+    assert [learner_lib.unroll_rcvhwm(learner_lib.unroll_bytes(pong, n)) for n in (1, 2, 4, 16)] == [4, 3, 2, 2]
     assert learner_lib.unroll_rcvhwm(learner_lib.unroll_bytes(unroll.unroll_spec(20, (4,), np.float32, 2), 32)) == 4
