@@ -45,6 +45,7 @@ import contextlib
 import functools
 import math
 import os
+import re
 import shutil
 import tempfile
 import threading
@@ -101,6 +102,8 @@ MAX_NONFINITE_IN_A_ROW = 10
 # ask at every unroll boundary, about every second while their unrolls wait, and every
 # 3 s while they wait for a learner (param_client.PARAMS_RETRY_S): twice the longest.
 FINISH_GRACE_S = 6.0
+# Seconds between log lines about dropped messages of one kind (ServerThread._dropped).
+DROP_LOG_INTERVAL_S = 5.0
 
 
 def unroll_bytes(spec: Mapping, num_envs: int) -> int:
@@ -305,6 +308,7 @@ class ServerThread(threading.Thread):
         super().__init__(name=name, daemon=True)
         self.socket, self.kinds, self.handle, self.book, self.stop = socket, kinds, handle, book, stop
         self.error: BaseException | None = None
+        self._last_logged: dict[str, float] = {}  # kind of drop -> when last logged (this thread's)
 
     def run(self) -> None:
         try:
@@ -332,15 +336,16 @@ class ServerThread(threading.Thread):
         why = (
             str(error).splitlines()[0] if isinstance(error, (wire.WireError, unroll.UnrollError)) else _one_line(error)
         )
-        logging.log_every_n_seconds(
-            logging.WARNING,
-            "Dropped a bad message from %s on the %s socket (%d so far): %s",
-            5,
-            sender,
-            self.name,
-            count,
-            why,
-        )
+        # At most one line per kind of drop (the reason with its numbers blanked) every
+        # DROP_LOG_INTERVAL_S: a flooding peer cannot flood the log, and one kind of bad
+        # message does not hide another. The kinds are few; the dict is bounded anyway.
+        kind, now = re.sub(r"\d+", "#", why)[:80], time.monotonic()
+        if now - self._last_logged.get(kind, -math.inf) < DROP_LOG_INTERVAL_S:
+            return
+        if len(self._last_logged) >= 64:
+            self._last_logged.clear()
+        self._last_logged[kind] = now
+        logging.warning("Dropped a bad message from %s on the %s socket (%d so far): %s", sender, self.name, count, why)
 
 
 class Learner:

@@ -162,9 +162,15 @@ def test_a_learner_that_stops_reading_holds_two_queued_unrolls_per_connection(tm
     try:
         # Nothing takes batches: the unrolls thread queues one (a batch is one unroll
         # here) and blocks with the next; then only the sockets hold unrolls. Wait until
-        # the RSS stops growing (the senders have more than the learner takes).
+        # the RSS stops growing (the senders have more than the learner takes) with at
+        # least the 2 batches and one unroll per connection in (a loaded machine may stall
+        # the senders for seconds before that).
         samples: list[float] = []
-        while len(samples) < 10 or samples[-1] - samples[-10] > 0.5 * message_mb:
+        while (
+            len(samples) < 10
+            or samples[-1] - samples[-10] > 0.5 * message_mb
+            or samples[-1] < (2 + connections) * message_mb
+        ):
             samples.append(load.rss_mb() - base)
             assert len(samples) < 600 and sender.is_alive(), samples[-20:]
             time.sleep(0.5)
@@ -178,7 +184,7 @@ def test_a_learner_that_stops_reading_holds_two_queued_unrolls_per_connection(tm
     # read-ahead + 1 unrolls (11 in all, as measured); one unroll more for everything else.
     assert server.unroll_rcvhwm == 2
     bound = 3 + connections * (server.unroll_rcvhwm + 1) + 1
-    assert 2 + connections <= held <= bound, f"the learner holds {held:.1f} unrolls of {message_mb:.1f} MB"
+    assert held <= bound, f"the learner holds {held:.1f} unrolls of {message_mb:.1f} MB"
 
 
 def test_the_read_ahead_is_chosen_from_the_unroll_size():
