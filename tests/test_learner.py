@@ -305,7 +305,7 @@ def test_non_finite_unrolls_are_skipped_then_stop_the_run(tmp_path, monkeypatch)
     assert all(torch.isfinite(t).all() for t in saved["model"].values())
 
 
-def _run_with_actor(config, server, body):
+def _run_with_actor(config, server, body, save: bool = True):
     stop = threading.Event()
     actor = threading.Thread(
         target=run_actor,
@@ -319,7 +319,7 @@ def _run_with_actor(config, server, body):
     finally:
         stop.set()
         actor.join(timeout=10)
-        server.close(save=True)
+        server.close(save=save)
 
 
 def test_a_failing_server_socket_stops_the_run(tmp_path, monkeypatch):

@@ -7,14 +7,12 @@ from __future__ import annotations
 
 import copy
 import subprocess
-import threading
 
 import numpy as np
 import pytest
 import torch
 
 from impala import learner, replay, unroll
-from impala.actor import run_actor
 from impala.config import Config
 from impala.learner import learn_step, learning_rate_at, state_sizes
 from impala.metrics import read_jsonl
@@ -22,6 +20,7 @@ from impala.optim import make_optimizer
 from impala.receiver import BatchBuffers
 from tests import cli
 from tests import test_data_parallel as dp
+from tests.test_learner import _run_with_actor
 
 T, OBS, A, H = 4, (3,), 2, 5
 
@@ -183,20 +182,7 @@ def _train_with_actor(config: Config) -> tuple[learner.Learner, list[dict], torc
         return batch
 
     server.feed.source = recording  # on the CPU the feed takes a batch only when it trains on it
-    stop = threading.Event()
-    actor = threading.Thread(
-        target=run_actor,
-        args=(config, 0, server.unroll_address, server.params_address),
-        kwargs=dict(stop=stop),
-        daemon=True,
-    )
-    actor.start()
-    try:
-        server.run()
-    finally:
-        stop.set()
-        actor.join(timeout=10)
-        server.close(save=False)
+    _run_with_actor(config, server, server.run, save=False)
     return server, batches, reference, optimizer
 
 
