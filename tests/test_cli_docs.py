@@ -256,6 +256,18 @@ def test_every_flag_named_in_the_docs_prose_exists(monkeypatch):
     assert not problems, "\n".join(problems)
 
 
+@pytest.mark.parametrize("flagfile", sorted((ROOT / "configs").glob("*.cfg")), ids=lambda p: p.name)
+def test_every_shipped_flagfile_gives_a_valid_config(flagfile):
+    """Each configs/*.cfg parses with impala.experiment's real flags (an unknown or
+    misspelt flag fails here) and passes Config's own checks."""
+    values = flags.FlagValues()
+    config_lib.define_flags(values)
+    values(["experiment", f"--flagfile={flagfile}"])
+    given = {line.split("=", 1)[0][2:] for line in flagfile.read_text().splitlines() if line.startswith("--")}
+    assert given - {"flagfile"} and all(values[name].present for name in given - {"flagfile"})
+    config_lib.from_flags(values)  # raises ConfigError on a bad combination
+
+
 # --- small promises -------------------------------------------------------------------
 
 
