@@ -81,6 +81,44 @@ def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
     return rows
 
 
+class EpisodeWindow:
+    """The mean return of about the last `window` episodes, from metrics rows that
+    each carry the mean return of the episodes that ended in their interval and how
+    many ended (mean_episode_return and episodes, or a level's /<level> keys).
+
+    Rows are kept whole, weighted by their episodes: the oldest row is dropped while
+    the rest still hold `window` episodes, so the mean covers `window` episodes or a
+    few more. scripts/run_summary.py's targets and scripts/plot.py --window use it."""
+
+    def __init__(self, window: int = 100):
+        if window < 1:
+            raise ValueError(f"window must be at least 1, got {window}")
+        self.window = window
+        self._rows: collections.deque[tuple[float, int]] = collections.deque()  # (mean, episodes)
+
+    def add(self, mean: float, episodes: int) -> None:
+        """One row's episodes (none: nothing changes)."""
+        if episodes <= 0:
+            return
+        self._rows.append((mean, episodes))
+        while self.episodes - self._rows[0][1] >= self.window:
+            self._rows.popleft()
+
+    @property
+    def episodes(self) -> int:
+        return sum(n for _, n in self._rows)
+
+    @property
+    def full(self) -> bool:
+        """Whether the mean covers at least `window` episodes."""
+        return self.episodes >= self.window
+
+    @property
+    def mean(self) -> float | None:
+        """None before the first episode."""
+        return sum(m * n for m, n in self._rows) / self.episodes if self._rows else None
+
+
 def drop_rows_after(path: str | os.PathLike, frames: int) -> None:
     """On resume, forgets metrics rows of training lost with the previous process
     (logged after its last checkpoint), so `frames` stays monotonic in the file."""

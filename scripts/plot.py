@@ -22,6 +22,10 @@ nats per agent step: the learner logs entropy_loss, the negated entropy summed
 over a batch's T x B steps, and T x B follows from the rows (frames and updates
 between rows, fps / sps frames per step).
 
+--window N draws the return panels as the mean of the last N episodes (the
+running mean run_summary.py's targets use, from the rows' episode counts)
+instead of an exponential moving average of the rows' means.
+
 Runs given the same --labels are seeds of one configuration: they draw one line,
 the mean of their smoothed curves, with a band from their min to their max, over
 the x range all of them cover. --hline draws a reference line (e.g. 18 or 20 for
@@ -61,7 +65,7 @@ from matplotlib.legend import Legend  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.ticker import FuncFormatter  # noqa: E402
 
-from impala.metrics import read_jsonl  # noqa: E402
+from impala.metrics import EpisodeWindow, read_jsonl  # noqa: E402
 
 X_AXES = ("frames", "wall_time")
 RETURN = "mean_episode_return"
@@ -120,6 +124,11 @@ def _number(value) -> float | None:
     return value if math.isfinite(value) else None
 
 
+def _episodes_key(return_key: str) -> str:
+    """The row key counting the episodes behind a return key (episodes, episodes/<level>)."""
+    return "episodes" + return_key[len(RETURN) :]
+
+
 def samples_per_update(rows: Sequence[dict]) -> float | None:
     """T x B, the agent steps in one learner batch, from consecutive rows: the
     frames between them / the updates between them (applied + skipped) / the
@@ -152,9 +161,11 @@ class Run:
     rows: list[dict]  # the file's rows; with the derived 'entropy' where the learner logged none
     keys: set[str]  # the keys that hold a number in some row
 
-    def curve(self, key: str, x: str) -> tuple[list[float], list[float]]:
+    def curve(self, key: str, x: str, window: int | None = None) -> tuple[list[float], list[float]]:
         """(xs, ys) of the rows that hold both, sorted by x. With x='wall_time' the
-        xs are seconds since the run's first row."""
+        xs are seconds since the run's first row. With a `window` (return keys only),
+        ys are the mean return of the last `window` episodes (impala.metrics.EpisodeWindow,
+        as run_summary.py), from the rows that ended episodes."""
         start = 0.0
         if x == "wall_time":
             start = next(t for t in (_number(r.get(x)) for r in self.rows) if t is not None)
@@ -162,9 +173,17 @@ class Run:
         for row in self.rows:
             xv, yv = _number(row.get(x)), _number(row.get(key))
             if xv is not None and yv is not None:
-                points.append((xv - start, yv))
+                points.append((xv - start, yv, _number(row.get(_episodes_key(key))) or 0))
         points.sort(key=lambda p: p[0])  # stable: rows with equal x keep file order
-        return [p[0] for p in points], [p[1] for p in points]
+        if window is None:
+            return [p[0] for p in points], [p[1] for p in points]
+        recent, xs, ys = EpisodeWindow(window), [], []
+        for xv, yv, episodes in points:
+            if episodes > 0:
+                recent.add(yv, int(episodes))
+                xs.append(xv)
+                ys.append(recent.mean)
+        return xs, ys
 
 
 def load_run(path: str | os.PathLike, x: str = "frames") -> Run:
@@ -249,6 +268,7 @@ def build_figure(
     title: str | None = None,
     x: str = "frames",
     hlines: Sequence[float] = (),
+    window: int | None = None,
     warn: Callable[[str], None] = _warn_to_stderr,
 ) -> Figure:
     """The figure: one panel (Axes) per metric, top to bottom, sharing x.
@@ -257,13 +277,16 @@ def build_figure(
     raw points and reference lines have labels starting with '_'. Runs with the
     same label form one group. Raises PlotError for a missing file, a metric no
     run has, labels that do not match the paths, or bad options; calls `warn` once
-    per (run, metric) that is skipped."""
+    per (run, metric) that is skipped. With a `window`, return panels draw the mean
+    of the last `window` episodes instead of an exponential moving average."""
     if not paths:
         raise PlotError("no metrics files given")
     if labels is not None and len(labels) != len(paths):
         raise PlotError(f"{len(labels)} label(s) for {len(paths)} run(s)")
     if not 0.0 <= smoothing < 1.0:
         raise PlotError(f"smoothing must be in [0, 1), got {smoothing}")
+    if window is not None and window < 1:
+        raise PlotError(f"--window must be at least 1, got {window}")
     metrics = [m.strip() for m in metrics if m.strip()]
     if not metrics:
         raise PlotError("no metrics given")
@@ -281,6 +304,12 @@ def build_figure(
     for panel in panels:
         for i, run in enumerate(runs):
             keys[panel.name, i] = panel.keys_in(run)
+            if window is not None and panel.is_return():
+                # The window counts episodes: a return key without its count cannot be drawn so.
+                counted = [k for k in keys[panel.name, i] if _episodes_key(k) in run.keys]
+                if keys[panel.name, i] and not counted:
+                    raise PlotError(f"--window needs episode counts beside {panel.name}; {run.file} has none")
+                keys[panel.name, i] = counted
         if not any(keys[panel.name, i] for i in range(len(runs))):
             where = ", ".join(str(run.file) for run in runs)
             raise PlotError(f"no values of {panel.name} in {where}; there are: {_known_metrics(runs, panel.name)}")
@@ -298,7 +327,7 @@ def build_figure(
     colors = {label: f"C{n % 10}" for n, label in enumerate(groups)}
 
     curves = {
-        (panel.name, i, key): run.curve(key, x)
+        (panel.name, i, key): run.curve(key, x, window if panel.is_return() else None)
         for panel in panels
         for i, run in enumerate(runs)
         for key in keys[panel.name, i]
@@ -311,6 +340,7 @@ def build_figure(
     fig, axes = plt.subplots(len(panels), 1, figsize=(8, height), dpi=100, sharex=True, squeeze=False)
     axes = axes[:, 0]
     for ax, panel in zip(axes, panels):
+        weight = 0.0 if window is not None and panel.is_return() else smoothing  # a window is smoothing enough
         panel_keys = sorted({k for i in range(len(runs)) for k in keys[panel.name, i]})
         prefix = panel.name.split("*")[0] if panel.is_glob() else ""
         key_handles = []
@@ -328,18 +358,31 @@ def build_figure(
             key_handles.append(Line2D([], [], **{"color": "black", **style}, label=key_name))
             for label, members in groups.items():
                 color = style.get("color", colors[label])
-                runs_curves = [curves[panel.name, i, key] for i in members if (panel.name, i, key) in curves]
-                runs_curves = [([v / x_scale for v in xs], ys) for xs, ys in runs_curves if xs]
+                drawn = [i for i in members if curves.get((panel.name, i, key), ((),))[0]]
+                runs_curves = [
+                    ([v / x_scale for v in xs], ys) for xs, ys in (curves[panel.name, i, key] for i in drawn)
+                ]
                 line = {"color": color, "linestyle": style["linestyle"], "linewidth": 2.0}
                 if style["marker"]:
                     line.update(marker=style["marker"], markevery=0.1, markersize=4)
                 if len(runs_curves) == 1:
                     xs, ys = runs_curves[0]
                     if len(panel_keys) == 1:
-                        ax.plot(xs, ys, color=color, alpha=0.25, linewidth=0.8, marker=".", markersize=3, label="_raw")
-                    ax.plot(xs, smooth(ys, smoothing), label=f"{label}: {key}", **line)
+                        raw_xs, raw_ys = runs[drawn[0]].curve(key, x)  # the rows' own means
+                        raw_xs = [v / x_scale for v in raw_xs]
+                        ax.plot(
+                            raw_xs,
+                            raw_ys,
+                            color=color,
+                            alpha=0.25,
+                            linewidth=0.8,
+                            marker=".",
+                            markersize=3,
+                            label="_raw",
+                        )
+                    ax.plot(xs, smooth(ys, weight), label=f"{label}: {key}", **line)
                 elif runs_curves:
-                    grid, mean, low, high = _band(runs_curves, smoothing)
+                    grid, mean, low, high = _band(runs_curves, weight)
                     if grid is None:
                         warn(f"the runs labelled {label} do not overlap in {x} for {key}; skipped there")
                         continue
@@ -410,6 +453,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--smoothing", type=float, default=0.9, help="exponential moving average weight in [0, 1) (default 0.9)"
     )
+    parser.add_argument(
+        "--window",
+        type=int,
+        help="return panels draw the mean of the last WINDOW episodes (as run_summary.py's targets), "
+        "not an exponential moving average",
+    )
     parser.add_argument("--title", help="title above the plot (default: none)")
     parser.add_argument("--x", choices=X_AXES, default="frames", help="x axis (default frames)")
     parser.add_argument(
@@ -431,6 +480,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             title=args.title,
             x=args.x,
             hlines=args.hline,
+            window=args.window,
         )
     except PlotError as e:
         print(f"plot.py: error: {e}", file=sys.stderr)

@@ -19,7 +19,6 @@ running mean weights each row by its episodes.
 from __future__ import annotations
 
 import argparse
-import collections
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -27,28 +26,25 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from impala.metrics import read_jsonl  # noqa: E402
+from impala.metrics import EpisodeWindow, read_jsonl  # noqa: E402
 
 
 def summarize(rows: list[dict], targets: Sequence[float], window: int = 100, max_gap_s: float = 60.0) -> dict:
     """{'frames', 'wall_s', 'last_mean'} at the end and 'reached': {target:
     {'frames', 'wall_s', 'mean'} of the first row whose running mean >= target, or None}."""
-    recent: collections.deque[tuple[float, int]] = collections.deque()  # (mean, episodes) per row
-    wall, previous, mean = 0.0, None, None
+    recent = EpisodeWindow(window)
+    wall, previous = 0.0, None
     reached: dict[float, dict | None] = dict.fromkeys(targets)
     for row in rows:
         if previous is not None and 0 <= row["wall_time"] - previous <= max_gap_s:
             wall += row["wall_time"] - previous
         previous = row["wall_time"]
         if row.get("episodes") and row.get("mean_episode_return") is not None:
-            recent.append((row["mean_episode_return"], row["episodes"]))
-            while sum(n for _, n in recent) - recent[0][1] >= window:  # keep about `window` episodes
-                recent.popleft()
-            mean = sum(m * n for m, n in recent) / sum(n for _, n in recent)
+            recent.add(row["mean_episode_return"], row["episodes"])
             for target in targets:
-                if reached[target] is None and sum(n for _, n in recent) >= window and mean >= target:
-                    reached[target] = {"frames": row["frames"], "wall_s": wall, "mean": mean}
-    return {"frames": rows[-1]["frames"] if rows else 0, "wall_s": wall, "last_mean": mean, "reached": reached}
+                if reached[target] is None and recent.full and recent.mean >= target:
+                    reached[target] = {"frames": row["frames"], "wall_s": wall, "mean": recent.mean}
+    return {"frames": rows[-1]["frames"] if rows else 0, "wall_s": wall, "last_mean": recent.mean, "reached": reached}
 
 
 def _targets(text: str) -> list[float]:

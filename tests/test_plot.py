@@ -378,3 +378,44 @@ def test_cli_metric_missing_everywhere_is_one_line_exit_2(tmp_path, args, expect
         assert known[0] == "policy_lag"  # the close match first
         assert {"vtrace/mean_rho", "mean_episode_return/pong", "entropy", "lag", "vtrace"} <= set(known)
     assert not output.exists()
+
+
+def test_window_draws_the_mean_of_the_last_episodes_as_run_summary_counts_it(tmp_path):
+    """--window: the return line is the running mean over the last N episodes (rows
+    weighted by their episodes, whole rows kept), the quantity run_summary.py's
+    targets use; without it, the same rows give an exponential moving average."""
+    run = _write_learner_run(tmp_path / "a", rows=12, levels=("pong",))  # rows 2..12: 2 episodes, return i
+    fig, warnings = _figure([run], metrics=["return", "mean_episode_return/*"], window=4, smoothing=0.9)
+    assert warnings == []
+    top, levels = fig.get_axes()
+    line = next(line for line in top.lines if line.get_label() == "a: mean_episode_return")
+    xs, ys = line.get_data()
+    assert list(xs) == [2 * 640 * 4 * i for i in range(2, 13)]  # the rows that ended episodes
+    # Row i's 2 episodes and row i-1's make the last 4: the mean is i - 0.5 (row 2 alone: 2).
+    assert list(ys) == pytest.approx([2.0] + [i - 0.5 for i in range(3, 13)])
+    run_summary = importlib.util.spec_from_file_location("impala_run_summary", ROOT / "scripts" / "run_summary.py")
+    module = importlib.util.module_from_spec(run_summary)
+    run_summary.loader.exec_module(module)
+    assert ys[-1] == module.summarize(read_jsonl(run / "metrics.jsonl"), [], window=4)["last_mean"]
+    raw = next(line for line in top.lines if line.get_label() == "_raw")
+    assert list(raw.get_data()[1]) == [float(i) for i in range(2, 13)]  # the rows' own means stay faint
+    # A level's window uses its own counts (episodes/pong: one episode in every other row).
+    (pong,) = [line for line in levels.lines if line.get_label() == "a: mean_episode_return/pong"]
+    assert list(pong.get_data()[1]) == pytest.approx([1.0, 2.0, 3.0, 4.0, 6.0, 8.0])  # returns 1, 3, ..., 11
+    fig.clf()
+    fig, _ = _figure([run], window=None, smoothing=0.9)
+    (ax,) = fig.get_axes()
+    line = next(line for line in ax.lines if line.get_label() == "a: mean_episode_return")
+    assert list(line.get_data()[1]) == pytest.approx(plot_script.smooth([float(i) for i in range(2, 13)], 0.9))
+    fig.clf()
+
+
+def test_window_without_episode_counts_is_one_line_exit_2(tmp_path):
+    run = _write_learner_run(tmp_path / "a", episodes=None)
+    result = _run(run, "--window", "100", "--output", tmp_path / "x.png")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"plot.py: error: --window needs episode counts beside mean_episode_return; {run / 'metrics.jsonl'} has none"
+    ]
+    assert _run(run, "--window", "0", "--output", tmp_path / "x.png").returncode == 2
+    assert not (tmp_path / "x.png").exists()
