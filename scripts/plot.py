@@ -340,7 +340,8 @@ def build_figure(
     fig, axes = plt.subplots(len(panels), 1, figsize=(8, height), dpi=100, sharex=True, squeeze=False)
     axes = axes[:, 0]
     for ax, panel in zip(axes, panels):
-        weight = 0.0 if window is not None and panel.is_return() else smoothing  # a window is smoothing enough
+        windowed = window is not None and panel.is_return()
+        weight = 0.0 if windowed else smoothing  # a window is smoothing enough
         panel_keys = sorted({k for i in range(len(runs)) for k in keys[panel.name, i]})
         prefix = panel.name.split("*")[0] if panel.is_glob() else ""
         key_handles = []
@@ -367,19 +368,10 @@ def build_figure(
                     line.update(marker=style["marker"], markevery=0.1, markersize=4)
                 if len(runs_curves) == 1:
                     xs, ys = runs_curves[0]
-                    if len(panel_keys) == 1:
-                        raw_xs, raw_ys = runs[drawn[0]].curve(key, x)  # the rows' own means
-                        raw_xs = [v / x_scale for v in raw_xs]
-                        ax.plot(
-                            raw_xs,
-                            raw_ys,
-                            color=color,
-                            alpha=0.25,
-                            linewidth=0.8,
-                            marker=".",
-                            markersize=3,
-                            label="_raw",
-                        )
+                    if len(panel_keys) == 1 and not windowed:
+                        # Raw points under an EMA (under a --window line the rows' own
+                        # means, of one episode or several, would only hide it).
+                        ax.plot(xs, ys, color=color, alpha=0.25, linewidth=0.8, marker=".", markersize=3, label="_raw")
                     ax.plot(xs, smooth(ys, weight), label=f"{label}: {key}", **line)
                 elif runs_curves:
                     grid, mean, low, high = _band(runs_curves, weight)

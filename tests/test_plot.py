@@ -397,8 +397,7 @@ def test_window_draws_the_mean_of_the_last_episodes_as_run_summary_counts_it(tmp
     module = importlib.util.module_from_spec(run_summary)
     run_summary.loader.exec_module(module)
     assert ys[-1] == module.summarize(read_jsonl(run / "metrics.jsonl"), [], window=4)["last_mean"]
-    raw = next(line for line in top.lines if line.get_label() == "_raw")
-    assert list(raw.get_data()[1]) == [float(i) for i in range(2, 13)]  # the rows' own means stay faint
+    assert not [line for line in top.lines if line.get_label() == "_raw"]  # the rows' own means would hide it
     # A level's window uses its own counts (episodes/pong: one episode in every other row).
     (pong,) = [line for line in levels.lines if line.get_label() == "a: mean_episode_return/pong"]
     assert list(pong.get_data()[1]) == pytest.approx([1.0, 2.0, 3.0, 4.0, 6.0, 8.0])  # returns 1, 3, ..., 11
