@@ -47,6 +47,16 @@ def summarize(rows: list[dict], targets: Sequence[float], window: int = 100, max
     return {"frames": rows[-1]["frames"] if rows else 0, "wall_s": wall, "last_mean": recent.mean, "reached": reached}
 
 
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"not a whole number of at least 1: {text!r}")
+    return value
+
+
 def _targets(text: str) -> list[float]:
     try:
         return [float(t) for t in text.split(",")]
@@ -63,7 +73,7 @@ def main() -> None:
         required=True,
         help="the mean returns to look for, comma separated (e.g. 18,20 for Pong, 475 for CartPole-v1)",
     )
-    parser.add_argument("--window", type=int, default=100, help="episodes in the running mean (default 100)")
+    parser.add_argument("--window", type=_positive, default=100, help="episodes in the running mean (default 100)")
     parser.add_argument(
         "--max_gap_s",
         type=float,

@@ -90,3 +90,19 @@ def test_cli_a_missing_run_among_several_is_one_line_and_prints_nothing_else(tmp
     )
     assert result.returncode == 2 and result.stdout == ""
     assert result.stderr.count("\n") == 1 and str(tmp_path / "absent") in result.stderr
+
+
+def test_cli_a_window_below_one_is_a_usage_error_without_a_traceback(tmp_path):
+    run = _write_run(tmp_path / "run", [1.0])
+    for window in ("0", "-3", "x"):
+        result = subprocess.run(
+            [sys.executable, str(SCRIPT), str(run), "--target", "1", "--window", window],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert result.returncode == 2 and result.stdout == ""
+        assert result.stderr.splitlines()[-1] == (
+            f"run_summary.py: error: argument --window: not a whole number of at least 1: '{window}'"
+        )
+        assert "Traceback" not in result.stderr
