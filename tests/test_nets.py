@@ -4,6 +4,8 @@ reset on episode starts, the core's use of last action and reward, sampling."""
 import pytest
 import torch
 from torch import nn
+from torch.nn import functional as F
+from torch.overrides import TorchFunctionMode
 
 from impala.config import Config
 from impala.nets import (
@@ -303,6 +305,57 @@ def test_shallow_torso_computes_the_papers_network_on_scaled_pixels():
     h = torch.relu(torso.conv2(h)).flatten(1)
     expected = torch.relu(torso.fc(h))
     torch.testing.assert_close(torso(x), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("torso_of", [ShallowTorso, DeepTorso])
+def test_a_learner_pass_in_channels_last_gives_the_textbook_values_and_gradients(torso_of):
+    # With gradients on, the image torsos run in channels-last (faster backward
+    # convolutions); values and every parameter's gradient must be those of the
+    # plain NCHW computation, here in float64 on the same float32 parameters.
+    shape = (4, 36, 36)
+    torso = torso_of(shape)
+    reference = torso_of(shape).double()
+    reference.load_state_dict(torso.state_dict())
+    x = torch.randint(0, 256, (6, *shape), dtype=torch.uint8)
+    out = torso(x)
+    if torso_of is ShallowTorso:
+        h = torch.relu(reference.conv1(x.double() / 255.0))
+        expected = torch.relu(reference.fc(torch.relu(reference.conv2(h)).flatten(1)))
+    else:
+        expected = torch.relu(reference.fc(torch.relu(reference.sections(x.double() / 255.0)).flatten(1)))
+    weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    (out.double() * weights).sum().backward()
+    (expected * weights).sum().backward()
+    torch.testing.assert_close(out.double(), expected, rtol=1e-4, atol=1e-5)
+    for (name, p), q in zip(torso.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(p.grad.double(), q.grad, rtol=1e-3, atol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("torso_of", [ShallowTorso, DeepTorso])
+def test_under_autocast_pixels_go_straight_to_bfloat16_with_the_same_values(torso_of):
+    # A bfloat16 learner: uint8 pixels are converted once, to autocast's dtype (they
+    # are exact there), so the pass equals autocast on float32 pixels, up to where
+    # 1/255 is rounded; and the convolutions see bfloat16, not float32, inputs.
+    torso = torso_of(IMAGE)
+    x = torch.randint(0, 256, (5, *IMAGE), dtype=torch.uint8)
+
+    class ConvInputs(TorchFunctionMode):  # the dtype each convolution is called with
+        def __init__(self):
+            super().__init__()
+            self.dtypes = []
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if func is F.conv2d:
+                self.dtypes.append(args[0].dtype)
+            return func(*args, **(kwargs or {}))
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with ConvInputs() as convs:
+            got = torso(x)
+        expected = torso(x.float())
+    assert got.dtype == torch.bfloat16 and convs.dtypes and set(convs.dtypes) == {torch.bfloat16}
+    torch.testing.assert_close(got.float(), expected.float(), rtol=0.05, atol=0.05)
+    torch.testing.assert_close(got.float(), torso(x), rtol=0.05, atol=0.05)  # and float32's values
 
 
 @pytest.mark.parametrize(
