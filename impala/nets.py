@@ -56,8 +56,9 @@ def _pixel_dtype(weight: torch.Tensor) -> torch.dtype:
     is on (bfloat16 in a --learner_dtype=bfloat16 learner), else the weights'. Pixels
     (0..255) are exact in bfloat16 and float16, so converting straight to autocast's
     dtype gives the convolution the values it would get from float32, without a float32
-    copy of every observation that autocast then converts again (about a sixth of a
-    Pong learner step on 2 CPU cores, scripts/bench.py --measure=learner)."""
+    copy of every observation that autocast then converts again (the two copies were a
+    quarter of a Pong learner step on 2 CPU cores; docs/results.md, "The image torsos'
+    input path")."""
     device = weight.device.type
     return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
 
