@@ -65,6 +65,7 @@ from matplotlib.legend import Legend  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.ticker import FuncFormatter  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the checkout's impala, installed or not
 from impala.metrics import EpisodeWindow, read_jsonl  # noqa: E402
 
 X_AXES = ("frames", "wall_time")
