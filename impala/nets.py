@@ -99,9 +99,9 @@ class ShallowTorso(nn.Module):
         # Scaling conv1's 4K weights instead of the pixels saves a pass over every
         # observation (28K values each on Atari) in each forward pass. Channels-last
         # only for a pass that will be differentiated (the learner's): oneDNN's backward
-        # convolutions are much faster in it (a Pong learner step 1.15x in bfloat16,
-        # 1.6x in float32, 2 CPU cores), while forward-only passes (acting) are faster
-        # in NCHW at every batch size measured (16 to 336 rows).
+        # convolutions are much faster in it, while forward-only passes (acting) are
+        # faster in NCHW at every batch size measured, 16 to 336 rows (docs/results.md,
+        # "The image torsos' input path").
         layout = torch.channels_last if torch.is_grad_enabled() else torch.contiguous_format
         return F.relu(self.fc(self._conv(x.to(_pixel_dtype(self.fc.weight), memory_format=layout), 1 / 255.0)))
 
