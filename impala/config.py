@@ -112,6 +112,12 @@ class Config:
     # Learner.
     batch_size: int = _f(2, "Unrolls per learner batch.")
     total_environment_frames: int = _f(int(1e9), "Train until this many environment frames.")
+    stop_at_return: str = _f(
+        "",
+        "Also stop training, with a checkpoint, once the mean return of the last 100 training episodes "
+        "(all levels together, counted as scripts/run_summary.py does) reaches this number. Empty: train "
+        "to --total_environment_frames; the learning rate decays over that budget either way.",
+    )
     optimizer: str = _f(
         "rmsprop",
         "rmsprop: the paper's (TensorFlow 1 RMSProp: --decay, --momentum, --epsilon inside the square root); "
@@ -230,6 +236,13 @@ class Config:
                 f"--replay_buffer_size={self.replay_buffer_size} must hold a batch: at least --batch_size / "
                 f"--learner_ranks = {self.batch_size // self.learner_ranks} env-columns"
             )
+        if self.stop_at_return.strip():
+            try:
+                goal = float(self.stop_at_return)
+            except ValueError:
+                goal = math.nan
+            if not math.isfinite(goal):
+                raise ConfigError(f"--stop_at_return must be a number or empty, got {self.stop_at_return!r}")
         if not 0 <= self.env_workers_per_actor <= self.num_envs_per_actor:
             raise ConfigError(
                 f"--env_workers_per_actor must be in [0, --num_envs_per_actor], got {self.env_workers_per_actor}"
@@ -294,6 +307,11 @@ class Config:
     def envs_per_unroll_limit(self) -> int:
         """--max_envs_per_unroll, with 0 resolved."""
         return self.max_envs_per_unroll or max(self.num_envs_per_actor, self.batch_size)
+
+    @property
+    def return_goal(self) -> float | None:
+        """--stop_at_return as a number; None when it is empty."""
+        return float(self.stop_at_return) if self.stop_at_return.strip() else None
 
     @property
     def frames_per_step(self) -> int:

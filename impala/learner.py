@@ -612,7 +612,8 @@ class Learner:
                 raise ServerThreadError(f"the learner's {t.name} thread failed: {_one_line(t.error)}")
 
     def run(self, tick: Callable[[], None] | None = None) -> None:
-        """Trains until --total_environment_frames, then tells the actors the run is
+        """Trains until --total_environment_frames, or until the mean return of the
+        last 100 episodes reaches --stop_at_return, then tells the actors the run is
         finished (for up to FINISH_GRACE_S); `tick` runs at least once a second
         (the local launcher uses it to watch its actors). Raises LearnerFailure when a
         server thread fails, updates keep being non-finite or another rank is lost.
@@ -626,8 +627,10 @@ class Learner:
         nonfinite_in_a_row = 0
         batch = None  # a rank keeps its batch until every rank has one
         stopped = False  # by a signal to some rank: the actors are not told the run finished
+        reached = self._reached(log)  # --stop_at_return (rank 0 decides; a resumed run may be there)
         with distributed.stop_on_signals(self.ranks.world_size > 1) as stop_requested:
-            while self.frames < config.total_environment_frames:
+            # One rank stops when the goal is reached; N ranks stop together, at their next agreement.
+            while self.frames < config.total_environment_frames and not (reached and self.ranks.world_size == 1):
                 self.check_threads()
                 if tick is not None:
                     tick()
@@ -636,7 +639,7 @@ class Learner:
                         batch = self.next_batch(timeout=1.0)
                 train, write_row = batch is not None, True
                 if self.ranks.world_size > 1:
-                    agreed = self._agree(batch is not None, stop_requested.is_set(), log)
+                    agreed = self._agree(batch is not None, stop_requested.is_set() or reached, log)
                     if agreed.stop:
                         stopped = True
                         break
@@ -654,13 +657,27 @@ class Learner:
                     with self.watch("learner_publish"):
                         self.offer_snapshot()
                 if log is not None and write_row:
-                    log.maybe_write(self.frames, self.param_version, self.optimizer.param_groups[0]["lr"])
+                    if log.maybe_write(self.frames, self.param_version, self.optimizer.param_groups[0]["lr"]):
+                        reached = reached or self._reached(log)
         if self.ranks.world_size > 1:  # every rank left the loop at the same agreement or frame count
             self._gather_reports(log)
         if log is not None:
             log.maybe_write(self.frames, self.param_version, self.optimizer.param_groups[0]["lr"], force=True)
-        if self.is_main and not stopped:
+        if self.is_main and (not stopped or reached):
             self._tell_finished()
+
+    def _reached(self, log: ProgressLog | None) -> bool:
+        """Whether rank 0's progress log says --stop_at_return is reached (logged once)."""
+        if log is None or not log.reached(self.config.return_goal):
+            return False
+        logging.info(
+            "The mean return of the last %d episodes is %.2f, at least --stop_at_return=%s: stopping at %d frames.",
+            log.recent.episodes,
+            log.recent.mean,
+            self.config.stop_at_return,
+            self.frames,
+        )
+        return True
 
     def _learn(self, batch: dict[str, torch.Tensor], learning_rate: float) -> dict[str, float]:
         """One update (learn_step) on `batch`, with the other ranks when there are some."""

@@ -45,10 +45,11 @@ from absl import logging
 
 from impala import dmlab30, envs, scores
 from impala.config import Config
-from impala.metrics import MetricsWriter, Stopwatch
+from impala.metrics import EpisodeWindow, MetricsWriter, Stopwatch, read_jsonl
 from impala.receiver import ActorBook, Report
 
 MAX_ACTOR_KEYS = 256  # per-actor keys in one metrics row
+RECENT_EPISODES = 100  # the progress line's "last 100" and --stop_at_return's window
 
 
 def configured_levels(level_name: str) -> tuple[str, ...]:
@@ -90,7 +91,13 @@ class ProgressLog:
         self.dmlab30 = config.level_name == dmlab30.SUITE_NAME
         self.atari = len(self.levels) > 1 and envs.resolve_level(config.level_name) == "atari"
         self.level_returns: dict[str, list[float]] = {level: [] for level in self.levels}
-        self.recent: collections.deque = collections.deque(maxlen=100)
+        # The last 100 episodes' mean, as scripts/run_summary.py counts it; a resumed run
+        # starts from its metrics rows up to the checkpoint (the learner dropped later ones).
+        self.recent = EpisodeWindow(RECENT_EPISODES)
+        if frames > 0 and metrics.path.exists():
+            for row in read_jsonl(metrics.path):
+                if row["frames"] <= frames and row.get("mean_episode_return") is not None:
+                    self.recent.add(row["mean_episode_return"], row.get("episodes") or 0)
         self.last_time, self.last_frames = clock(), frames
         self.sums: dict[str, float] = collections.defaultdict(float)
         self.replay_sums: dict[str, float] = collections.defaultdict(float)
@@ -132,11 +139,15 @@ class ProgressLog:
         self.last_time, self.last_frames = now, frames
         return row
 
+    def reached(self, goal: float | None) -> bool:
+        """Whether the mean return of the last RECENT_EPISODES episodes is at least
+        `goal` (--stop_at_return); never before that many episodes, or without a goal."""
+        return goal is not None and self.recent.full and self.recent.mean >= goal
+
     def _row(self, report: Report, frames: int, param_version: int, learning_rate: float, elapsed: float) -> dict:
         config, episodes = self.config, report.episodes
         fps = (frames - self.last_frames) / elapsed
         returns = [e.episode_return for e in episodes]
-        self.recent.extend(returns)
         row = {
             "frames": frames,
             "param_version": param_version,
@@ -156,6 +167,8 @@ class ProgressLog:
             "skipped_updates": self.skipped,
             "wall_time": time.time(),
         }
+        if returns:
+            self.recent.add(row["mean_episode_return"], len(returns))
         row.update({k: v / max(self.updates, 1) for k, v in self.sums.items()})
         if config.replay_proportion > 0:
             row["replay_updates"] = self.replay_updates
@@ -199,14 +212,15 @@ class ProgressLog:
         rates, episodes = report.unroll_rates, report.episodes
         skipped = f" | {row['skipped_updates']} updates skipped (non-finite)" if row["skipped_updates"] else ""
         logging.info(
-            "frames %s | %s frames/s (%s agent steps/s) | return %s (%d episodes; last 100: %s) | loss %.3g "
+            "frames %s | %s frames/s (%s agent steps/s) | return %s (%d episodes; last %d: %s) | loss %.3g "
             "(pg %.3g, baseline %.3g, entropy %.3g) | lag %s | actors %d (%s unrolls/s each)%s",
             f"{row['frames']:,}",
             f"{row['fps']:,.0f}",
             f"{row['sps']:,.0f}",
             f"{row['mean_episode_return']:.1f}" if episodes else "-",
             len(episodes),
-            f"{np.mean(self.recent):.1f}" if self.recent else "-",
+            RECENT_EPISODES,
+            f"{self.recent.mean:.1f}" if self.recent.mean is not None else "-",
             row.get("total_loss", float("nan")),
             row.get("pg_loss", float("nan")),
             row.get("baseline_loss", float("nan")),

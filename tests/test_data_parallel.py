@@ -321,6 +321,35 @@ def test_a_killed_rank_stops_the_run_with_a_checkpoint(tmp_path):
     assert saved["frames"] == config.frames_per_step
 
 
+def test_ranks_stop_together_when_the_return_goal_is_reached(tmp_path):
+    """--stop_at_return with 2 ranks: rank 0's progress log (both ranks' episodes) decides,
+    the ranks stop at the same agreement, long before the frame budget, and exit 0 with
+    rank 0's checkpoint at the frames of the row that reached the goal."""
+    logdir = tmp_path / "run"
+    config = Config(**{**FLAGS, "total_environment_frames": 10**9, "stop_at_return": "4.5"}, logdir=str(logdir))
+    agent, _ = _agent(config)
+    spec = unroll.unroll_spec(T, OBS, np.float32, A, state_sizes(agent))
+    unrolls = _unrolls(spec, 8 * BATCH, np.random.default_rng(2))
+    for arrays in unrolls:  # T episodes of return 5 per unroll: 160 in all, 100 by update 5
+        arrays["done"][:] = True
+        arrays["episode_return"][:] = 5.0
+        arrays["episode_step"][:] = 1
+    port, master = _free_ports(RANKS + 1), _free_ports(1)
+    ranks = _start_ranks(_flags(config, port, stop_at_return="4.5"), master, tmp_path, "goal")
+    sockets = _send(port, unrolls, logdir)
+    try:
+        assert _finish(ranks, timeout=120) == [0, 0], _logs(tmp_path, "goal")
+    finally:
+        for s in sockets:
+            s.close()
+    log = (tmp_path / "goal-rank0.log").read_text()
+    assert "at least --stop_at_return=4.5: stopping" in log, log[-3000:]
+    rows = read_jsonl(logdir / "metrics.jsonl")
+    assert sum(r["episodes"] for r in rows) >= 100 and rows[-1]["mean_episode_return"] == 5.0
+    saved = checkpoint.load(checkpoint.latest(logdir))
+    assert 0 < saved["frames"] == rows[-1]["frames"] <= 8 * config.frames_per_step
+
+
 def _agreement_rank(rank: int, master_port: int, out: str) -> None:
     """One rank of test_ranks_decide_together (a spawned process)."""
     os.environ.update(

@@ -80,3 +80,23 @@ def test_per_actor_keys_in_a_row_are_capped(tmp_path):
     assert row["connected_actors"] == MAX_ACTOR_KEYS + 40
     assert len(keys) == MAX_ACTOR_KEYS and "actor_unrolls_per_s/0" in keys
     metrics.close()
+
+
+def test_the_return_goal_needs_100_episodes_and_a_resumed_log_counts_its_rows_to_the_checkpoint(tmp_path):
+    book = ActorBook(num_actions=A, num_action_repeats=1)
+    log, metrics = _log(tmp_path, "CartPole-v1", book)
+    _book_with_episodes(book, "CartPole-v1", [10.0] * 60)
+    log.maybe_write(frames=100, param_version=1, learning_rate=0.1, force=True)
+    assert not log.reached(5.0)  # 60 episodes: not yet a mean of the last 100
+    _book_with_episodes(book, "CartPole-v1", [0.0] * 40)
+    log.maybe_write(frames=200, param_version=2, learning_rate=0.1, force=True)
+    assert log.reached(6.0) and not log.reached(6.1) and not log.reached(None)  # (60 x 10 + 40 x 0) / 100
+    _book_with_episodes(book, "CartPole-v1", [-100.0] * 100)
+    log.maybe_write(frames=300, param_version=3, learning_rate=0.1, force=True)
+    assert not log.reached(6.0)
+    metrics.close()
+    # Resumed from a checkpoint at 200 frames: the rows up to there count, the later one not.
+    metrics = MetricsWriter(tmp_path, tensorboard=False)
+    resumed = ProgressLog(log.config, metrics, book, Stopwatch(), lambda: 0, frames=200)
+    assert resumed.reached(6.0) and resumed.recent.episodes == 100
+    metrics.close()

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from impala import checkpoint
-from impala.metrics import read_jsonl
+from impala.metrics import EpisodeWindow, read_jsonl
 from tests import cli
 
 RANDOM_CARTPOLE_RETURN = 22  # mean episode return of a uniform random policy
@@ -133,6 +133,35 @@ def test_run_resumes_from_its_checkpoint(trained, tmp_path):
     assert frames == sorted(frames)
 
 
+def test_a_run_stops_at_its_return_goal_with_a_checkpoint_there(tmp_path):
+    """--stop_at_return: training ends at the row where the mean of the last 100
+    episodes (as scripts/run_summary.py counts them) first reaches the goal, far
+    before the frame budget, and the last checkpoint is at that row's frames. The same
+    command again resumes there, finds the goal reached (its rows say so) and stops
+    without training."""
+    goal = 3 * RANDOM_CARTPOLE_RETURN
+    command = (*CARTPOLE, f"--logdir={tmp_path}", "--total_environment_frames=5000000", f"--stop_at_return={goal}")
+    result = cli.run(*command)
+    assert result.returncode == 0, result.stdout[-3000:]
+    rows = read_jsonl(tmp_path / "metrics.jsonl")
+    window, first = EpisodeWindow(100), None  # the rows' running mean, as run_summary.py counts it
+    for i, row in enumerate(rows):
+        if row["episodes"] and row["mean_episode_return"] is not None:
+            window.add(row["mean_episode_return"], row["episodes"])
+        if first is None and window.full and window.mean >= goal:
+            first = i
+    assert first == len(rows) - 1 and rows[-1]["frames"] < 5000000, (first, len(rows))
+    saved = checkpoint.load(checkpoint.latest(tmp_path))
+    assert saved["frames"] == rows[-1]["frames"]
+    assert f"at least --stop_at_return={goal}: stopping" in result.stdout
+
+    again = cli.run(*command)
+    assert again.returncode == 0, again.stdout[-3000:]
+    assert "Resumed from" in again.stdout and "stopping" in again.stdout
+    assert checkpoint.load(checkpoint.latest(tmp_path))["frames"] == saved["frames"]
+    assert read_jsonl(tmp_path / "metrics.jsonl") == rows
+
+
 def test_checkpoint_of_another_network_is_refused_and_kept(trained, tmp_path):
     logdir = tmp_path / "other"
     shutil.copytree(trained[0], logdir)
@@ -247,6 +276,8 @@ def _alive(pid: int) -> bool:
         (["--reward_clipping=sometimes"], "reward_clipping"),
         (["--learning_rate=nan"], "--learning_rate must be a finite number"),
         (["--decay=1.5"], "--decay"),
+        (["--stop_at_return=twenty"], "--stop_at_return must be a number or empty, got 'twenty'"),
+        (["--stop_at_return=inf"], "--stop_at_return must be a number"),
         # 16 envs: batches of at most 16 rows unless a maximum is given.
         (
             ["--num_envs_per_actor=16", "--env_workers_per_actor=2", "--inference_minimum_batch_size=17"],
