@@ -236,13 +236,12 @@ class Config:
                 f"--replay_buffer_size={self.replay_buffer_size} must hold a batch: at least --batch_size / "
                 f"--learner_ranks = {self.batch_size // self.learner_ranks} env-columns"
             )
-        if self.stop_at_return.strip():
-            try:
-                goal = float(self.stop_at_return)
-            except ValueError:
-                goal = math.nan
-            if not math.isfinite(goal):
-                raise ConfigError(f"--stop_at_return must be a number or empty, got {self.stop_at_return!r}")
+        try:
+            goal = self.return_goal
+        except ValueError:
+            goal = math.nan
+        if goal is not None and not math.isfinite(goal):
+            raise ConfigError(f"--stop_at_return must be a number or empty, got {self.stop_at_return!r}")
         if not 0 <= self.env_workers_per_actor <= self.num_envs_per_actor:
             raise ConfigError(
                 f"--env_workers_per_actor must be in [0, --num_envs_per_actor], got {self.env_workers_per_actor}"
