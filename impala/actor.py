@@ -11,7 +11,10 @@ loop over a stepping interface (`Stepper`) with two implementations:
 Either fills steps 1..T of an unroll (impala/unroll.py) per `act` and keeps the
 core state across unrolls; the loop keeps the unroll's last step as the next
 one's step 0, so consecutive unrolls overlap by one step. Parameters are
-fetched without blocking (impala/param_client.py).
+fetched without blocking (impala/param_client.py); with --low_lag the actor
+waits, before each unroll, for room towards the learner and for the newest
+parameters, so that what it sends was acted with parameters as new as the
+queues allow.
 """
 
 from __future__ import annotations
@@ -35,6 +38,8 @@ from impala.param_client import ParameterClient
 from impala.policy import call_agent, inputs_at
 
 UNROLL_SNDHWM = 2  # unrolls queued towards the learner before send blocks (back-pressure)
+LOW_LAG_SNDHWM = 1  # with --low_lag: the unroll being sent and none behind it
+NEWEST_PARAMS_WAIT_S = 1.0  # with --low_lag: how long an actor waits for the answer to its request
 UNROLL_SOCKET_MAX_IN = 64 * 2**10  # largest message taken in on the unroll socket (the handshake's are < 1 KiB)
 
 
@@ -135,7 +140,7 @@ def run_actor(
             s.setsockopt(zmq.LINGER, 0)
             if config.keys_dir:
                 security.connect_securely(s, config.keys_dir)
-        unroll_socket.setsockopt(zmq.SNDHWM, UNROLL_SNDHWM)
+        unroll_socket.setsockopt(zmq.SNDHWM, LOW_LAG_SNDHWM if config.low_lag else UNROLL_SNDHWM)
         # The learner sends nothing on this socket: what a peer sends here anyway is
         # bounded, never read, and costs at most a message or two of this size.
         unroll_socket.setsockopt(zmq.MAXMSGSIZE, UNROLL_SOCKET_MAX_IN)
@@ -164,6 +169,12 @@ def run_actor(
             and not params.finished
             and (max_unrolls is None or sent < max_unrolls)
         ):
+            if config.low_lag:  # act only once the unroll can go, and with the newest parameters
+                with watch("send"):
+                    if not _wait_for_room(unroll_socket, task, unroll_address, stop, params):
+                        break
+                with watch("params"):
+                    params.fetch_newest(NEWEST_PARAMS_WAIT_S)
             initial_state = [s.numpy().copy() for s in state]
             acted_with = params.version
             state = stepper.act(agent, buffer, state, config.unroll_length)
@@ -186,6 +197,33 @@ def run_actor(
         params_socket.close(linger=0)
 
 
+def _wait_for_room(
+    socket: zmq.Socket, task: int, address: str, stop: threading.Event | None, params: ParameterClient
+) -> bool:
+    """Waits (and says so) while the learner takes no unroll: its queues are full
+    (back-pressure) or it is down (ZeroMQ reconnects by itself). While waiting it keeps
+    asking for parameters, so that it learns when the learner has finished the run (a
+    learner that has stopped training takes no more unrolls). True once `socket` can
+    take a message; False if `stop` is set or the run is finished first."""
+    start = time.monotonic()
+    next_warning = start + 10.0
+    while not (stop is not None and stop.is_set()) and not params.finished:
+        if socket.poll(1000, zmq.POLLOUT):
+            if next_warning > start + 10.0:
+                logging.info("Actor %d: the learner at %s takes unrolls again.", task, address)
+            return True
+        params.refresh()
+        if time.monotonic() >= next_warning:
+            logging.warning(
+                "Actor %d: the learner at %s has taken no unroll for %.0fs; waiting.",
+                task,
+                address,
+                time.monotonic() - start,
+            )
+            next_warning += 60.0
+    return False
+
+
 def _send_unroll(
     socket: zmq.Socket,
     arrays: unroll.Unroll,
@@ -196,27 +234,12 @@ def _send_unroll(
     stop: threading.Event | None,
     params: ParameterClient,
 ) -> None:
-    """Sends one unroll, waiting (and saying so) while the learner takes none:
-    its queues are full (back-pressure) or it is down (ZeroMQ reconnects by itself).
-    While waiting it keeps asking for parameters, so that it learns when the learner
-    has finished the run (a learner that has stopped training takes no more unrolls)."""
+    """Sends one unroll as soon as the learner takes it (`_wait_for_room`); gives up
+    if `stop` is set or the run is finished first."""
     frames = wire.encode("unroll", arrays, task=task, param_version=param_version, meta=meta)
-    start = time.monotonic()
-    next_warning = start + 10.0
-    while not (stop is not None and stop.is_set()) and not params.finished:
+    while _wait_for_room(socket, task, address, stop, params):
         try:
             socket.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
-            if next_warning > start + 10.0:
-                logging.info("Actor %d: the learner at %s takes unrolls again.", task, address)
             return
-        except zmq.Again:
-            socket.poll(1000, zmq.POLLOUT)
-            params.refresh()
-            if time.monotonic() >= next_warning:
-                logging.warning(
-                    "Actor %d: the learner at %s has taken no unroll for %.0fs; waiting.",
-                    task,
-                    address,
-                    time.monotonic() - start,
-                )
-                next_warning += 60.0
+        except zmq.Again:  # the room was gone again: wait once more
+            continue

@@ -148,6 +148,13 @@ class Config:
     device: str = _f("auto", "Learner device: cpu, cuda, or auto (cuda when available).")
     learner_threads: int = _f(1, "Torch threads of the learner process.")
     max_queued_batches: int = _f(2, "Learner batches prepared ahead; bounds memory (back-pressure).")
+    low_lag: bool = _f(
+        False,
+        "Fewer unrolls in flight, acted with newer parameters: before each unroll an actor waits for room "
+        "towards the learner and for the newest parameters, and the ZeroMQ queues hold one unroll at each "
+        "end (two at the learner with --keys_dir). For a learner-bound run; with --max_queued_batches=1 "
+        "it took pong_fast.cfg's policy lag from 30 to 16 updates (docs/results.md, 'A bounded policy lag').",
+    )
     learner_ranks: int = _f(
         1,
         "Data-parallel learner processes (one per GPU), launched with torchrun --nproc_per_node=N; "

@@ -90,6 +90,8 @@ MAX_UNROLL_RCVHWM = 4
 # Not 1: with RCVHWM 1 the CurveZMQ actors of tests/test_compose_run.py never got an
 # unroll through (the learner saw none for 10 minutes; 2 and 4 pass). Cause not found.
 MIN_UNROLL_RCVHWM = 2
+# With --low_lag (without keys, for the reason above): the fewest unrolls queued per connection.
+LOW_LAG_UNROLL_RCVHWM = 1
 # Connections the kernel queues until the I/O thread accepts them (ZeroMQ's default is
 # 100; Linux caps it at net.core.somaxconn). With 100, a thousand actors connecting at
 # once overflow the queue, and the dropped ones retry with the kernel's exponential
@@ -111,8 +113,11 @@ def unroll_bytes(spec: Mapping, num_envs: int) -> int:
     return num_envs * sum(np.dtype(dtype).itemsize * int(np.prod(shape)) for dtype, shape, _ in spec.values())
 
 
-def unroll_rcvhwm(unroll_bytes: int) -> int:
-    """The unroll socket's RCVHWM for unrolls of `unroll_bytes` (see UNROLL_READ_AHEAD_BYTES)."""
+def unroll_rcvhwm(unroll_bytes: int, low_lag: bool = False) -> int:
+    """The unroll socket's RCVHWM for unrolls of `unroll_bytes` (see UNROLL_READ_AHEAD_BYTES),
+    or LOW_LAG_UNROLL_RCVHWM for `low_lag`."""
+    if low_lag:
+        return LOW_LAG_UNROLL_RCVHWM
     return max(MIN_UNROLL_RCVHWM, min(MAX_UNROLL_RCVHWM, UNROLL_READ_AHEAD_BYTES // max(unroll_bytes, 1)))
 
 
@@ -442,7 +447,9 @@ class Learner:
         self._fresh_batches = 0  # trained on by this run (not restored: replay's schedule restarts)
 
         # The configured actors' unrolls decide the read-ahead (other sizes are bounded by it in messages).
-        self.unroll_rcvhwm = unroll_rcvhwm(unroll_bytes(self.unroll_spec, config.num_envs_per_actor))
+        self.unroll_rcvhwm = unroll_rcvhwm(
+            unroll_bytes(self.unroll_spec, config.num_envs_per_actor), low_lag=config.low_lag and not config.keys_dir
+        )
         self._context = zmq.Context.instance()
         self.unroll_address, self.params_address = self._bind()
         self._threads = [

@@ -263,6 +263,15 @@ class ParameterClient:
         if not self.finished and self._due(time.monotonic()):
             self._request()
 
+    def fetch_newest(self, timeout_s: float) -> None:
+        """Like `refresh`, then waits up to `timeout_s` for the answer to the request
+        out, so that the next unroll acts with the parameters the learner has now
+        (--low_lag). A learner that does not answer in time costs only the wait:
+        the actor goes on with what it has."""
+        self.refresh()
+        if self._sent_at is not None and not self.finished:
+            self._receive(int(timeout_s * 1000))
+
     def wait_first(self, address: str, stop: threading.Event | None = None) -> None:
         """Blocks until the first parameters arrive, the learner says the run is
         finished, or `stop` is set. A request goes out as soon as the learner is
