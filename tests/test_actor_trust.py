@@ -15,19 +15,10 @@ import pytest
 import zmq
 
 from impala import param_client, wire
-from impala.actor import run_actor
-from impala.config import Config
 from impala.nets import make_agent
+from tests.actors import CARTPOLE_ACTOR, start_actor
 
-CONFIG = Config(
-    level_name="CartPole-v1",
-    network="mlp",
-    use_lstm=False,
-    mlp_sizes="16",
-    num_action_repeats=1,
-    num_envs_per_actor=2,
-    unroll_length=5,
-)
+CONFIG = CARTPOLE_ACTOR
 GOOD_LOGITS = np.array([0.0, 5.0], np.float32)  # what the good parameters make of any input
 WINDOW_S = 6.0  # how long the hostile replies go on
 # Requests the actor may make in WINDOW_S of bad replies: its back-off (1 s, then 2 s, 4 s,
@@ -141,16 +132,8 @@ def warnings(monkeypatch):
 )
 def test_an_actor_keeps_its_parameters_against_bad_replies(bad, warnings):
     learner = HostileLearner(bad())
-    stop, errors = threading.Event(), []
-
-    def act():
-        try:
-            run_actor(CONFIG, 0, learner.unroll_address, learner.params_address, stop=stop)
-        except BaseException as e:  # noqa: BLE001 -- the test reports it
-            errors.append(e)
-
-    actor = threading.Thread(target=act, daemon=True)
-    actor.start()
+    stop = threading.Event()
+    actor, errors = start_actor(CONFIG, learner.unroll_address, learner.params_address, stop)
     try:
         learner.serve_until(lambda: learner.bad_sent or errors)
         start = learner.bad_sent[0]

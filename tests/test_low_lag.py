@@ -16,19 +16,11 @@ import zmq
 
 from impala import learner as learner_lib
 from impala import wire
-from impala.actor import LOW_LAG_SNDHWM, UNROLL_SNDHWM, run_actor
-from impala.config import Config
+from impala.actor import LOW_LAG_SNDHWM, UNROLL_SNDHWM
 from impala.nets import make_agent
+from tests.actors import CARTPOLE_ACTOR, start_actor
 
-CONFIG = Config(
-    level_name="CartPole-v1",
-    network="mlp",
-    use_lstm=False,
-    mlp_sizes="16",
-    num_action_repeats=1,
-    num_envs_per_actor=2,
-    unroll_length=5,
-)
+CONFIG = CARTPOLE_ACTOR
 OLD, NEW = 1, 5  # parameter versions before and after the learner's pause
 _addresses = itertools.count()
 
@@ -75,16 +67,8 @@ def test_with_low_lag_only_the_queued_unrolls_act_with_older_parameters(low_lag)
     config = dataclasses.replace(CONFIG, low_lag=low_lag)
     rcvhwm = learner_lib.unroll_rcvhwm(10**9, low_lag=low_lag)  # the learner's choice for large unrolls
     learner = PausingLearner(rcvhwm)
-    stop, errors = threading.Event(), []
-
-    def act():
-        try:
-            run_actor(config, 0, learner.unroll_address, learner.params_address, stop=stop)
-        except BaseException as e:  # noqa: BLE001 -- the test reports it
-            errors.append(e)
-
-    actor = threading.Thread(target=act, daemon=True)
-    actor.start()
+    stop = threading.Event()
+    actor, errors = start_actor(config, learner.unroll_address, learner.params_address, stop)
     try:
         learner.serve(3.0)  # the actor fills the queues and blocks; nothing is read
         learner.version = NEW
