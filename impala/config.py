@@ -153,7 +153,7 @@ class Config:
         "Fewer unrolls in flight, acted with newer parameters: before each unroll an actor waits for room "
         "towards the learner and for the newest parameters, and the ZeroMQ queues hold one unroll at each "
         "end (two at the learner with --keys_dir). For a learner-bound run; with --max_queued_batches=1 "
-        "it took pong_fast.cfg's policy lag from 30 to 16 updates (docs/results.md, 'A bounded policy lag').",
+        "it took pong_fast.cfg's policy lag from 30 to 16 updates (docs/results.md, 'Round 6: a bounded policy lag').",
     )
     learner_ranks: int = _f(
         1,
