@@ -129,6 +129,12 @@ class Config:
     momentum: float = _f(0.0, "RMSProp momentum (adam: unused).")
     epsilon: float = _f(0.1, "Optimizer epsilon (rmsprop: inside the square root, as in TensorFlow 1).")
     entropy_cost: float = _f(0.00025, "Entropy cost.")
+    decay_entropy_cost: bool = _f(
+        False,
+        "Decay --entropy_cost as the learning rate decays (linearly to 0 at --total_environment_frames). "
+        "Not in the paper, whose entropy cost is constant: late in a run the advantages shrink while the "
+        "entropy term does not, and the policy drifts back towards uniform (docs/results.md, round 7).",
+    )
     baseline_cost: float = _f(0.5, "Baseline cost.")
     discounting: float = _f(0.99, "Discount factor.")
     reward_clipping: str = _f("abs_one", "Reward clipping.", REWARD_CLIPPING_MODES)

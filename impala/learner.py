@@ -186,6 +186,14 @@ def learning_rate_at(frames: int, config: Config) -> float:
     return config.learning_rate * max(0.0, 1.0 - frames / config.total_environment_frames)
 
 
+def entropy_cost_at(learning_rate: float | None, config: Config) -> float:
+    """--entropy_cost, or with --decay_entropy_cost scaled as `learning_rate` is
+    against --learning_rate (so both follow one schedule). None: --entropy_cost."""
+    if learning_rate is None or not config.decay_entropy_cost or config.learning_rate <= 0:
+        return config.entropy_cost
+    return config.entropy_cost * learning_rate / config.learning_rate
+
+
 AllReduce = Callable[[list[torch.Tensor], list[torch.Tensor]], None]
 
 
@@ -198,7 +206,8 @@ def learn_step(
     all_reduce: AllReduce | None = None,
 ) -> dict[str, float]:
     """The whole update on a batch of unrolls ([T+1, B, ...] tensors, see unroll.py),
-    at `learning_rate` (None: the optimizer's as it is). `all_reduce(sums, means)`, for
+    at `learning_rate` (None: the optimizer's as it is) and the entropy cost that
+    goes with it (`entropy_cost_at`). `all_reduce(sums, means)`, for
     data-parallel ranks (distributed.Ranks.all_reduce), sums the gradients and loss
     terms over the ranks and averages the diagnostics, in place, before clipping: an
     update of N ranks on B / N envs each is then one update on all B.
@@ -240,7 +249,7 @@ def learn_step(
         rewards=losses.clip_rewards(batch["reward"][1:], config.reward_clipping),
         discounts=(~batch["done"][1:]).float() * config.discounting,
         baseline_cost=config.baseline_cost,
-        entropy_cost=config.entropy_cost,
+        entropy_cost=entropy_cost_at(learning_rate, config),
         clip_rho_threshold=config.clip_rho_threshold if config.clip_rho_threshold > 0 else None,
         clip_pg_rho_threshold=config.clip_pg_rho_threshold if config.clip_pg_rho_threshold > 0 else None,
     )

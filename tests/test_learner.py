@@ -225,6 +225,34 @@ def test_learn_step_applies_the_given_learning_rate(tmp_path):
     assert optimizer.param_groups[0]["lr"] == 0.125
 
 
+def test_decay_entropy_cost_follows_the_learning_rate(tmp_path):
+    config = _config(tmp_path, learning_rate=0.01, entropy_cost=0.02, decay_entropy_cost=True)
+    assert learner.entropy_cost_at(0.01, config) == pytest.approx(0.02)
+    assert learner.entropy_cost_at(0.0025, config) == pytest.approx(0.005)
+    assert learner.entropy_cost_at(0.0, config) == 0.0
+    assert learner.entropy_cost_at(None, config) == 0.02
+    assert learner.entropy_cost_at(0.0025, _config(tmp_path, learning_rate=0.01, entropy_cost=0.02)) == 0.02
+
+
+def test_learn_step_uses_the_decayed_entropy_cost(tmp_path):
+    """At a quarter of --learning_rate, --decay_entropy_cost's update is the update of a
+    constant entropy cost a quarter of --entropy_cost, and not that of the full one."""
+
+    def update(**kw) -> list[torch.Tensor]:
+        torch.manual_seed(0)
+        agent = Agent((OBS,), A, network="mlp", use_lstm=False, hidden_sizes=(8,))
+        optimizer = torch.optim.SGD(agent.parameters(), lr=1.0)
+        batch = _random_batch(np.random.default_rng(4))
+        learner.learn_step(agent, optimizer, batch, _config(tmp_path, learning_rate=0.4, **kw), 0.1)
+        return [p.detach().clone() for p in agent.parameters()]
+
+    decayed = update(entropy_cost=1.0, decay_entropy_cost=True)
+    quarter = update(entropy_cost=0.25)
+    full = update(entropy_cost=1.0)
+    assert all(torch.allclose(d, q, atol=1e-6) for d, q in zip(decayed, quarter))
+    assert not all(torch.allclose(d, f, atol=1e-4) for d, f in zip(decayed, full))
+
+
 def _optimizer_state(optimizer) -> list[torch.Tensor]:
     return [t.clone() for state in optimizer.state.values() for t in state.values() if torch.is_tensor(t)]
 
