@@ -18,7 +18,6 @@ from impala import param_client, wire
 from impala.nets import make_agent
 from tests.actors import CARTPOLE_ACTOR, start_actor
 
-CONFIG = CARTPOLE_ACTOR
 GOOD_LOGITS = np.array([0.0, 5.0], np.float32)  # what the good parameters make of any input
 WINDOW_S = 6.0  # how long the hostile replies go on
 # Requests the actor may make in WINDOW_S of bad replies: its back-off (1 s, then 2 s, 4 s,
@@ -28,7 +27,7 @@ MAX_REQUESTS = 4
 
 def _good_arrays() -> dict[str, np.ndarray]:
     """Zero weights, so the policy's logits are its bias: GOOD_LOGITS for every input."""
-    agent = make_agent(CONFIG, (4,), 2, 0, acting=True)
+    agent = make_agent(CARTPOLE_ACTOR, (4,), 2, 0, acting=True)
     arrays = {k: np.zeros(tuple(v.shape), np.float32) for k, v in agent.state_dict().items()}
     arrays["policy.bias"] = GOOD_LOGITS.copy()
     return arrays
@@ -133,7 +132,7 @@ def warnings(monkeypatch):
 def test_an_actor_keeps_its_parameters_against_bad_replies(bad, warnings):
     learner = HostileLearner(bad())
     stop = threading.Event()
-    actor, errors = start_actor(CONFIG, learner.unroll_address, learner.params_address, stop)
+    actor, errors = start_actor(CARTPOLE_ACTOR, learner.unroll_address, learner.params_address, stop)
     try:
         learner.serve_until(lambda: learner.bad_sent or errors)
         start = learner.bad_sent[0]
@@ -148,7 +147,7 @@ def test_an_actor_keeps_its_parameters_against_bad_replies(bad, warnings):
         assert later
         for message in later:  # acted with the good parameters all along
             np.testing.assert_array_equal(
-                message.arrays["policy_logits"][1:], np.broadcast_to(GOOD_LOGITS, (CONFIG.unroll_length, 2, 2))
+                message.arrays["policy_logits"][1:], np.broadcast_to(GOOD_LOGITS, (CARTPOLE_ACTOR.unroll_length, 2, 2))
             )
             assert message.param_version == 1
         bad_lines = [line for line in warnings if "bad reply" in line]
@@ -160,7 +159,7 @@ def test_an_actor_keeps_its_parameters_against_bad_replies(bad, warnings):
 
 
 def test_a_reply_limit_fits_the_network_and_checks_name_what_is_wrong():
-    agent = make_agent(CONFIG, (4,), 2, 0, acting=True)
+    agent = make_agent(CARTPOLE_ACTOR, (4,), 2, 0, acting=True)
     expected = param_client.expected_params(agent)
     good = _good_arrays()
     param_client.check_params(good, expected)

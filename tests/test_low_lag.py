@@ -20,7 +20,6 @@ from impala.actor import LOW_LAG_SNDHWM, UNROLL_SNDHWM
 from impala.nets import make_agent
 from tests.actors import CARTPOLE_ACTOR, start_actor
 
-CONFIG = CARTPOLE_ACTOR
 OLD, NEW = 1, 5  # parameter versions before and after the learner's pause
 _addresses = itertools.count()
 
@@ -39,7 +38,7 @@ class PausingLearner:
         self.unroll_address, self.params_address = f"inproc://low-lag-unrolls-{n}", f"inproc://low-lag-params-{n}"
         self.unrolls_socket.bind(self.unroll_address)
         self.params_socket.bind(self.params_address)
-        agent = make_agent(CONFIG, (4,), 2, 0, acting=True)
+        agent = make_agent(CARTPOLE_ACTOR, (4,), 2, 0, acting=True)
         self.arrays = {k: v.numpy().copy() for k, v in agent.state_dict().items()}
         self.version = OLD
         self.versions: list[int] = []  # the parameter version of each unroll read, in order
@@ -64,7 +63,7 @@ class PausingLearner:
 
 @pytest.mark.parametrize("low_lag", [True, False], ids=["low_lag", "default"])
 def test_with_low_lag_only_the_queued_unrolls_act_with_older_parameters(low_lag):
-    config = dataclasses.replace(CONFIG, low_lag=low_lag)
+    config = dataclasses.replace(CARTPOLE_ACTOR, low_lag=low_lag)
     rcvhwm = learner_lib.unroll_rcvhwm(10**9, low_lag=low_lag)  # the learner's choice for large unrolls
     learner = PausingLearner(rcvhwm)
     stop = threading.Event()
