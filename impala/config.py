@@ -133,7 +133,7 @@ class Config:
         False,
         "Decay --entropy_cost as the learning rate decays (linearly to 0 at --total_environment_frames). "
         "Not in the paper, whose entropy cost is constant: late in a run the advantages shrink while the "
-        "entropy term does not, and the policy drifts back towards uniform (docs/results.md, round 7).",
+        "entropy term does not, and the policy's entropy stayed high or rose (docs/results.md, round 7).",
     )
     baseline_cost: float = _f(0.5, "Baseline cost.")
     discounting: float = _f(0.99, "Discount factor.")

@@ -188,7 +188,8 @@ def learning_rate_at(frames: int, config: Config) -> float:
 
 def entropy_cost_at(learning_rate: float | None, config: Config) -> float:
     """--entropy_cost, or with --decay_entropy_cost scaled as `learning_rate` is
-    against --learning_rate (so both follow one schedule). None: --entropy_cost."""
+    against --learning_rate (so both follow one schedule). None: --entropy_cost.
+    Beyond the original, whose entropy cost is constant; off by default."""
     if learning_rate is None or not config.decay_entropy_cost or config.learning_rate <= 0:
         return config.entropy_cost
     return config.entropy_cost * learning_rate / config.learning_rate
