@@ -129,11 +129,12 @@ class Config:
     momentum: float = _f(0.0, "RMSProp momentum (adam: unused).")
     epsilon: float = _f(0.1, "Optimizer epsilon (rmsprop: inside the square root, as in TensorFlow 1).")
     entropy_cost: float = _f(0.00025, "Entropy cost.")
-    decay_entropy_cost: bool = _f(
-        False,
-        "Decay --entropy_cost as the learning rate decays (linearly to 0 at --total_environment_frames). "
-        "Not in the paper, whose entropy cost is constant: late in a run the advantages shrink while the "
-        "entropy term does not, and the policy's entropy stayed high or rose (docs/results.md, round 7).",
+    entropy_cost_decay_frames: int = _f(
+        0,
+        "0: a constant --entropy_cost, as in the paper. Else --entropy_cost decays linearly to 0 at this "
+        "many frames and stays 0 after (--total_environment_frames: the learning rate's schedule). Not in "
+        "the paper: late in a run the advantages shrink while the entropy term does not, and the policy's "
+        "entropy stayed high or rose (docs/results.md, rounds 7 and 8).",
     )
     baseline_cost: float = _f(0.5, "Baseline cost.")
     discounting: float = _f(0.99, "Discount factor.")
@@ -273,6 +274,8 @@ class Config:
             raise ConfigError(f"--max_envs_per_unroll must not be negative, got {self.max_envs_per_unroll}")
         if self.total_environment_frames < 1:
             raise ConfigError("--total_environment_frames must be positive")
+        if self.entropy_cost_decay_frames < 0:
+            raise ConfigError(f"--entropy_cost_decay_frames must not be negative, got {self.entropy_cost_decay_frames}")
         try:
             _ = self.hidden_sizes  # parses --mlp_sizes
         except ValueError:

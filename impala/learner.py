@@ -186,13 +186,13 @@ def learning_rate_at(frames: int, config: Config) -> float:
     return config.learning_rate * max(0.0, 1.0 - frames / config.total_environment_frames)
 
 
-def entropy_cost_at(learning_rate: float | None, config: Config) -> float:
-    """--entropy_cost, or with --decay_entropy_cost scaled as `learning_rate` is
-    against --learning_rate (so both follow one schedule). None: --entropy_cost.
-    Beyond the original, whose entropy cost is constant; off by default."""
-    if learning_rate is None or not config.decay_entropy_cost or config.learning_rate <= 0:
+def entropy_cost_at(frames: int, config: Config) -> float:
+    """--entropy_cost, constant as in the original; with --entropy_cost_decay_frames
+    (beyond the original, off by default) decayed linearly to 0 there, by the frames
+    trained on before the update, as `learning_rate_at`."""
+    if config.entropy_cost_decay_frames <= 0:
         return config.entropy_cost
-    return config.entropy_cost * learning_rate / config.learning_rate
+    return config.entropy_cost * max(0.0, 1.0 - frames / config.entropy_cost_decay_frames)
 
 
 AllReduce = Callable[[list[torch.Tensor], list[torch.Tensor]], None]
@@ -205,10 +205,11 @@ def learn_step(
     config: Config,
     learning_rate: float | None = None,
     all_reduce: AllReduce | None = None,
+    entropy_cost: float | None = None,
 ) -> dict[str, float]:
     """The whole update on a batch of unrolls ([T+1, B, ...] tensors, see unroll.py),
-    at `learning_rate` (None: the optimizer's as it is) and the entropy cost that
-    goes with it (`entropy_cost_at`). `all_reduce(sums, means)`, for
+    at `learning_rate` (None: the optimizer's as it is) and `entropy_cost` (None:
+    --entropy_cost; the learner passes `entropy_cost_at`). `all_reduce(sums, means)`, for
     data-parallel ranks (distributed.Ranks.all_reduce), sums the gradients and loss
     terms over the ranks and averages the diagnostics, in place, before clipping: an
     update of N ranks on B / N envs each is then one update on all B.
@@ -250,7 +251,7 @@ def learn_step(
         rewards=losses.clip_rewards(batch["reward"][1:], config.reward_clipping),
         discounts=(~batch["done"][1:]).float() * config.discounting,
         baseline_cost=config.baseline_cost,
-        entropy_cost=entropy_cost_at(learning_rate, config),
+        entropy_cost=config.entropy_cost if entropy_cost is None else entropy_cost,
         clip_rho_threshold=config.clip_rho_threshold if config.clip_rho_threshold > 0 else None,
         clip_pg_rho_threshold=config.clip_pg_rho_threshold if config.clip_pg_rho_threshold > 0 else None,
     )
@@ -663,12 +664,12 @@ class Learner:
                     # Rows only after the others' reports came in (rank 0's own clock decided).
                     train, write_row = agreed.train, agreed.log
                 if train:
-                    learning_rate = learning_rate_at(self.frames, config)
+                    schedule = (learning_rate_at(self.frames, config), entropy_cost_at(self.frames, config))
                     with self.watch("learner_step"):
-                        stats = self._learn(batch, learning_rate)
+                        stats = self._learn(batch, *schedule)
                     nonfinite_in_a_row = self._after_update(stats, log, nonfinite_in_a_row)
                     if self.replay is not None:
-                        nonfinite_in_a_row = self._replay(batch, stats, learning_rate, log, nonfinite_in_a_row)
+                        nonfinite_in_a_row = self._replay(batch, stats, schedule, log, nonfinite_in_a_row)
                     batch = None
                 if self.is_main:
                     with self.watch("learner_publish"):
@@ -696,22 +697,23 @@ class Learner:
         )
         return True
 
-    def _learn(self, batch: dict[str, torch.Tensor], learning_rate: float) -> dict[str, float]:
+    def _learn(self, batch: dict[str, torch.Tensor], learning_rate: float, entropy_cost: float) -> dict[str, float]:
         """One update (learn_step) on `batch`, with the other ranks when there are some."""
         all_reduce = self._all_reduce if self.ranks.world_size > 1 else None
-        return learn_step(self.agent, self.optimizer, batch, self.config, learning_rate, all_reduce=all_reduce)
+        config = self.config
+        return learn_step(self.agent, self.optimizer, batch, config, learning_rate, all_reduce, entropy_cost)
 
     def _replay(
         self,
         batch: dict[str, torch.Tensor],
         stats: dict[str, float],
-        learning_rate: float,
+        schedule: tuple[float, float],
         log: ProgressLog | None,
         nonfinite_in_a_row: int,
     ) -> int:
         """After a fresh batch's update: stores its columns and runs the replayed updates
-        due (replay.replays_due), at the fresh update's learning rate; returns the
-        non-finite updates in a row. Every rank stores and replays alike (the same
+        due (replay.replays_due), at the fresh update's `schedule` (learning rate and
+        entropy cost); returns the non-finite updates in a row. Every rank stores and replays alike (the same
         batch count and the same all-reduced `skipped`), so their all-reduces pair up.
         A batch whose update was skipped is not stored: replaying it would be skipped
         again."""
@@ -724,7 +726,7 @@ class Learner:
             if len(self.replay) < columns:  # only after skipped first batches: these replays are dropped
                 break
             with self.watch("learner_step"):
-                stats = self._learn(self.replay.sample(columns, self._replay_generator), learning_rate)
+                stats = self._learn(self.replay.sample(columns, self._replay_generator), *schedule)
             nonfinite_in_a_row = self._after_update(stats, log, nonfinite_in_a_row, replayed=True)
             if self.is_main:
                 with self.watch("learner_publish"):

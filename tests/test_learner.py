@@ -14,7 +14,7 @@ import zmq
 from impala import checkpoint, learner, unroll, wire
 from impala import receiver as receiver_module
 from impala.actor import run_actor
-from impala.config import Config
+from impala.config import Config, ConfigError
 from impala.metrics import read_jsonl
 from impala.nets import Agent
 from impala.receiver import ActorBook
@@ -225,32 +225,39 @@ def test_learn_step_applies_the_given_learning_rate(tmp_path):
     assert optimizer.param_groups[0]["lr"] == 0.125
 
 
-def test_decay_entropy_cost_follows_the_learning_rate(tmp_path):
-    config = _config(tmp_path, learning_rate=0.01, entropy_cost=0.02, decay_entropy_cost=True)
-    assert learner.entropy_cost_at(0.01, config) == pytest.approx(0.02)
-    assert learner.entropy_cost_at(0.0025, config) == pytest.approx(0.005)
-    assert learner.entropy_cost_at(0.0, config) == 0.0
-    assert learner.entropy_cost_at(None, config) == 0.02
-    assert learner.entropy_cost_at(0.0025, _config(tmp_path, learning_rate=0.01, entropy_cost=0.02)) == 0.02
+def test_entropy_cost_decays_over_its_own_horizon(tmp_path):
+    config = _config(tmp_path, total_environment_frames=1000, entropy_cost=0.02, entropy_cost_decay_frames=400)
+    assert learner.entropy_cost_at(0, config) == pytest.approx(0.02)
+    assert learner.entropy_cost_at(100, config) == pytest.approx(0.015)
+    assert learner.entropy_cost_at(400, config) == 0.0
+    assert learner.entropy_cost_at(700, config) == 0.0  # stays 0 while the learning rate still decays
+    assert learner.learning_rate_at(700, config) > 0.0
+    constant = _config(tmp_path, total_environment_frames=1000, entropy_cost=0.02)
+    assert learner.entropy_cost_at(700, constant) == 0.02
 
 
-def test_learn_step_uses_the_decayed_entropy_cost(tmp_path):
-    """At a quarter of --learning_rate, --decay_entropy_cost's update is the update of a
-    constant entropy cost a quarter of --entropy_cost, and not that of the full one."""
+def test_entropy_cost_decay_frames_must_not_be_negative(tmp_path):
+    with pytest.raises(ConfigError, match="--entropy_cost_decay_frames"):
+        _config(tmp_path, entropy_cost_decay_frames=-1)
 
-    def update(**kw) -> list[torch.Tensor]:
+
+def test_learn_step_uses_the_given_entropy_cost(tmp_path):
+    """learn_step's `entropy_cost` replaces --entropy_cost: a quarter of it gives the
+    update of a flag a quarter as large, and not that of the flag's own value."""
+
+    def update(given: float | None, **kw) -> list[torch.Tensor]:
         torch.manual_seed(0)
         agent = Agent((OBS,), A, network="mlp", use_lstm=False, hidden_sizes=(8,))
         optimizer = torch.optim.SGD(agent.parameters(), lr=1.0)
         batch = _random_batch(np.random.default_rng(4))
-        learner.learn_step(agent, optimizer, batch, _config(tmp_path, learning_rate=0.4, **kw), 0.1)
+        learner.learn_step(agent, optimizer, batch, _config(tmp_path, **kw), 0.1, entropy_cost=given)
         return [p.detach().clone() for p in agent.parameters()]
 
-    decayed = update(entropy_cost=1.0, decay_entropy_cost=True)
-    quarter = update(entropy_cost=0.25)
-    full = update(entropy_cost=1.0)
-    assert all(torch.allclose(d, q, atol=1e-6) for d, q in zip(decayed, quarter))
-    assert not all(torch.allclose(d, f, atol=1e-4) for d, f in zip(decayed, full))
+    given = update(0.25, entropy_cost=1.0)
+    quarter = update(None, entropy_cost=0.25)
+    full = update(None, entropy_cost=1.0)
+    assert all(torch.allclose(g, q, atol=1e-6) for g, q in zip(given, quarter))
+    assert not all(torch.allclose(g, f, atol=1e-4) for g, f in zip(given, full))
 
 
 def _optimizer_state(optimizer) -> list[torch.Tensor]:

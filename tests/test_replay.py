@@ -14,7 +14,7 @@ import torch
 
 from impala import learner, replay, unroll
 from impala.config import Config
-from impala.learner import learn_step, learning_rate_at, state_sizes
+from impala.learner import entropy_cost_at, learn_step, learning_rate_at, state_sizes
 from impala.metrics import read_jsonl
 from impala.optim import make_optimizer
 from impala.receiver import BatchBuffers
@@ -186,14 +186,16 @@ def _train_with_actor(config: Config) -> tuple[learner.Learner, list[dict], torc
     return server, batches, reference, optimizer
 
 
-@pytest.mark.parametrize("proportion", [0.0, 0.5, 1.0])
-def test_the_learner_replays_p_batches_per_fresh_one_and_counts_only_fresh_frames(tmp_path, proportion):
+@pytest.mark.parametrize("proportion, decay_entropy", [(0.0, False), (0.5, False), (1.0, True)])
+def test_the_learner_replays_p_batches_per_fresh_one_and_counts_only_fresh_frames(tmp_path, proportion, decay_entropy):
     """(1 + p) updates per fresh batch, frames of fresh batches only, and parameters
     bit-identical to learn_step called by hand: on the fresh batches alone when p = 0
     (the code without replay), else each followed by the replays due, sampled from a
     ReplayBuffer of the same batches with the same generator, at the fresh update's
-    learning rate."""
-    config = _config(tmp_path, replay_proportion=proportion)
+    learning rate and entropy cost (with decay_entropy, --entropy_cost_decay_frames
+    at half the budget: it reaches 0 within the run)."""
+    half = FRESH * B * UNROLL // 2
+    config = _config(tmp_path, replay_proportion=proportion, entropy_cost_decay_frames=half * decay_entropy)
     server, batches, agent, optimizer = _train_with_actor(config)
     assert len(batches) == FRESH
     assert server.frames == FRESH * config.frames_per_step
@@ -203,12 +205,13 @@ def test_the_learner_replays_p_batches_per_fresh_one_and_counts_only_fresh_frame
 
     buffer, generator = replay.ReplayBuffer(server.unroll_spec, config.replay_buffer_size), replay.generator(1, 0)
     for k, batch in enumerate(batches, start=1):
-        lr = learning_rate_at((k - 1) * config.frames_per_step, config)
-        assert learn_step(agent, optimizer, batch, config, lr)["skipped"] == 0.0
+        frames = (k - 1) * config.frames_per_step
+        lr, cost = learning_rate_at(frames, config), entropy_cost_at(frames, config)
+        assert learn_step(agent, optimizer, batch, config, lr, entropy_cost=cost)["skipped"] == 0.0
         if proportion:
             buffer.add(batch)
             for _ in range(replay.replays_due(k, proportion)):
-                learn_step(agent, optimizer, buffer.sample(B, generator), config, lr)
+                learn_step(agent, optimizer, buffer.sample(B, generator), config, lr, entropy_cost=cost)
     for (name, got), want in zip(server.agent.named_parameters(), agent.parameters(), strict=True):
         assert torch.equal(got, want), name
 
