@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -582,8 +583,12 @@ def test_dmlab30_trains_end_to_end_with_returns_per_level(tmp_path):
     levels = {k.split("/", 1)[1] for row in rows for k in row if k.startswith("mean_episode_return/")}
     # Actor i plays level i; how many unrolls each actor got in depends on timing.
     assert levels and levels <= {"rooms_collect_good_objects_train", "rooms_exploit_deferred_effects_train"}, rows
-    assert "Actor 0: acting on rooms_collect_good_objects_train" in out
-    assert "Actor 1: acting on" not in out or "Actor 1: acting on rooms_exploit_deferred_effects_train" in out
+    # Which actors got to act before the budget was spent depends on timing too (on a
+    # loaded machine one actor can fill it alone); each that acted plays its own level.
+    acted = dict(re.findall(r"Actor (\d+): acting on (\w+)", out))
+    assert acted, out[-3000:]
+    levels_of = {"0": "rooms_collect_good_objects_train", "1": "rooms_exploit_deferred_effects_train"}
+    assert acted.items() <= levels_of.items(), acted
 
 
 def test_a_language_level_trains_with_env_workers(tmp_path):
