@@ -162,9 +162,11 @@ def _held_unrolls(logdir: str, connections: int, out) -> None:
     try:
         # Nothing takes batches: the unrolls thread queues one (a batch is one unroll
         # here) and blocks with the next; then only the sockets hold unrolls. Wait until
-        # the RSS stops growing (the senders have more than the learner takes).
+        # the first unroll has arrived (a spawned sender on a loaded machine can take
+        # longer than the 5 s below to start), then until the RSS stops growing (the
+        # senders have more than the learner takes).
         samples: list[float] = []
-        while len(samples) < 10 or samples[-1] - samples[-10] > 0.5 * message_mb:
+        while len(samples) < 10 or samples[-1] < message_mb or samples[-1] - samples[-10] > 0.5 * message_mb:
             samples.append(load.rss_mb() - base)
             assert len(samples) < 600 and sender.is_alive(), samples[-20:]
             time.sleep(0.5)
