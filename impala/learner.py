@@ -209,10 +209,11 @@ def learn_step(
 ) -> dict[str, float]:
     """The whole update on a batch of unrolls ([T+1, B, ...] tensors, see unroll.py),
     at `learning_rate` (None: the optimizer's as it is) and `entropy_cost` (None:
-    --entropy_cost; the learner passes `entropy_cost_at`). `all_reduce(sums, means)`, for
-    data-parallel ranks (distributed.Ranks.all_reduce), sums the gradients and loss
-    terms over the ranks and averages the diagnostics, in place, before clipping: an
-    update of N ranks on B / N envs each is then one update on all B.
+    --entropy_cost; the learner passes `entropy_cost_at`). `all_reduce(sums,
+    means)`, for data-parallel ranks (distributed.Ranks.all_reduce), sums the
+    gradients and loss terms over the ranks and averages the diagnostics, in place,
+    before clipping: an update of N ranks on B / N envs each is then one update on
+    all B.
 
     Returns the loss terms, the gradient norm, V-trace diagnostics and 'skipped':
     1.0 when the loss or the gradient norm was not finite, and the update was
@@ -713,10 +714,10 @@ class Learner:
     ) -> int:
         """After a fresh batch's update: stores its columns and runs the replayed updates
         due (replay.replays_due), at the fresh update's `schedule` (learning rate and
-        entropy cost); returns the non-finite updates in a row. Every rank stores and replays alike (the same
-        batch count and the same all-reduced `skipped`), so their all-reduces pair up.
-        A batch whose update was skipped is not stored: replaying it would be skipped
-        again."""
+        entropy cost); returns the non-finite updates in a row. Every rank stores and
+        replays alike (the same batch count and the same all-reduced `skipped`), so
+        their all-reduces pair up. A batch whose update was skipped is not stored:
+        replaying it would be skipped again."""
         self._fresh_batches += 1
         if not stats["skipped"]:
             with self.watch("learner_step"):
