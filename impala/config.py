@@ -125,6 +125,13 @@ class Config:
         OPTIMIZERS,
     )
     learning_rate: float = _f(0.00048, "Learning rate, decayed linearly to zero at --total_environment_frames.")
+    learning_rate_decay_start_frames: int = _f(
+        0,
+        "0: --learning_rate decays from the first frame, as in the paper. Else it stays at --learning_rate "
+        "for this many frames, then decays linearly to 0 at --total_environment_frames. Not in the paper: a "
+        "fast Pong run that stalls in the middle still learns there at a high rate, and ends at 0 "
+        "(docs/results.md, rounds 8 and 9).",
+    )
     decay: float = _f(0.99, "RMSProp decay (adam: beta2).")
     momentum: float = _f(0.0, "RMSProp momentum (adam: unused).")
     epsilon: float = _f(0.1, "Optimizer epsilon (rmsprop: inside the square root, as in TensorFlow 1).")
@@ -274,6 +281,11 @@ class Config:
             raise ConfigError(f"--max_envs_per_unroll must not be negative, got {self.max_envs_per_unroll}")
         if self.total_environment_frames < 1:
             raise ConfigError("--total_environment_frames must be positive")
+        if not 0 <= self.learning_rate_decay_start_frames < self.total_environment_frames:
+            raise ConfigError(
+                "--learning_rate_decay_start_frames must be in [0, --total_environment_frames), "
+                f"got {self.learning_rate_decay_start_frames}"
+            )
         if self.entropy_cost_decay_frames < 0:
             raise ConfigError(f"--entropy_cost_decay_frames must not be negative, got {self.entropy_cost_decay_frames}")
         try:

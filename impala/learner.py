@@ -182,8 +182,12 @@ def check_logdir(logdir: str) -> None:
 def learning_rate_at(frames: int, config: Config) -> float:
     """The original's schedule: --learning_rate decayed linearly to 0 at
     --total_environment_frames (tf.train.polynomial_decay, power 1), by the frames
-    trained on before the update."""
-    return config.learning_rate * max(0.0, 1.0 - frames / config.total_environment_frames)
+    trained on before the update. With --learning_rate_decay_start_frames (beyond the
+    original, 0 by default) the rate holds until then and decays over the rest."""
+    start = config.learning_rate_decay_start_frames
+    if frames <= start:
+        return config.learning_rate
+    return config.learning_rate * max(0.0, 1.0 - (frames - start) / (config.total_environment_frames - start))
 
 
 def entropy_cost_at(frames: int, config: Config) -> float:

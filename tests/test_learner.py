@@ -224,6 +224,21 @@ def test_learning_rate_schedule_decays_linearly_to_zero_by_frames(tmp_path):
     assert learner.learning_rate_at(5000, config) == 0.0  # a resumed run past its budget
 
 
+def test_learning_rate_can_hold_before_it_decays(tmp_path):
+    config = _config(tmp_path, learning_rate=0.01, total_environment_frames=1000, learning_rate_decay_start_frames=600)
+    assert learner.learning_rate_at(0, config) == 0.01
+    assert learner.learning_rate_at(600, config) == 0.01
+    assert learner.learning_rate_at(700, config) == pytest.approx(0.0075)
+    assert learner.learning_rate_at(1000, config) == 0.0
+    assert learner.learning_rate_at(5000, config) == 0.0
+
+
+@pytest.mark.parametrize("start", [-1, 1000])
+def test_learning_rate_decay_start_must_be_within_the_budget(tmp_path, start):
+    with pytest.raises(ConfigError, match="--learning_rate_decay_start_frames"):
+        _config(tmp_path, total_environment_frames=1000, learning_rate_decay_start_frames=start)
+
+
 def test_learn_step_applies_the_given_learning_rate(tmp_path):
     agent = Agent((OBS,), A, network="mlp", use_lstm=False, hidden_sizes=(8,))
     optimizer = torch.optim.SGD(agent.parameters(), lr=0.5)

@@ -186,16 +186,22 @@ def _train_with_actor(config: Config) -> tuple[learner.Learner, list[dict], torc
     return server, batches, reference, optimizer
 
 
-@pytest.mark.parametrize("proportion, decay_entropy", [(0.0, False), (0.5, False), (1.0, True)])
-def test_the_learner_replays_p_batches_per_fresh_one_and_counts_only_fresh_frames(tmp_path, proportion, decay_entropy):
+@pytest.mark.parametrize("proportion, schedules", [(0.0, False), (0.5, False), (1.0, True)])
+def test_the_learner_replays_p_batches_per_fresh_one_and_counts_only_fresh_frames(tmp_path, proportion, schedules):
     """(1 + p) updates per fresh batch, frames of fresh batches only, and parameters
     bit-identical to learn_step called by hand: on the fresh batches alone when p = 0
     (the code without replay), else each followed by the replays due, sampled from a
     ReplayBuffer of the same batches with the same generator, at the fresh update's
-    learning rate and entropy cost (with decay_entropy, --entropy_cost_decay_frames
-    at half the budget: it reaches 0 within the run)."""
+    learning rate and entropy cost (with schedules, --entropy_cost_decay_frames at half
+    the budget, so that it reaches 0 within the run, and the learning rate held until
+    a quarter of it)."""
     half = FRESH * B * UNROLL // 2
-    config = _config(tmp_path, replay_proportion=proportion, entropy_cost_decay_frames=half * decay_entropy)
+    config = _config(
+        tmp_path,
+        replay_proportion=proportion,
+        entropy_cost_decay_frames=half * schedules,
+        learning_rate_decay_start_frames=half // 2 * schedules,
+    )
     server, batches, agent, optimizer = _train_with_actor(config)
     assert len(batches) == FRESH
     assert server.frames == FRESH * config.frames_per_step
