@@ -128,9 +128,9 @@ class Config:
     learning_rate_decay_start_frames: int = _f(
         0,
         "0: --learning_rate decays from the first frame, as in the paper. Else it stays at --learning_rate "
-        "for this many frames, then decays linearly to 0 at --total_environment_frames. Not in the paper: a "
-        "fast Pong run that stalls in the middle still learns there at a high rate, and ends at 0 "
-        "(docs/results.md, rounds 8 and 9).",
+        "for this many frames, then decays linearly to 0 at --total_environment_frames. Not in the paper: "
+        "for a fast Pong run that stalls in the middle, a higher rate there and still 0 at the end "
+        "(docs/results.md, rounds 8 and 9; not yet measured).",
     )
     decay: float = _f(0.99, "RMSProp decay (adam: beta2).")
     momentum: float = _f(0.0, "RMSProp momentum (adam: unused).")
