@@ -179,15 +179,18 @@ def check_logdir(logdir: str) -> None:
         raise ConfigError(f"--logdir={logdir} is not writable")
 
 
+def _linear_to_zero(frames: int, start: int, end: int) -> float:
+    """1 until `start` frames, then linearly down to 0 at `end` (> start), 0 after."""
+    return min(1.0, max(0.0, (end - frames) / (end - start)))
+
+
 def learning_rate_at(frames: int, config: Config) -> float:
     """The original's schedule: --learning_rate decayed linearly to 0 at
     --total_environment_frames (tf.train.polynomial_decay, power 1), by the frames
     trained on before the update. With --learning_rate_decay_start_frames (beyond the
     original, 0 by default) the rate holds until then and decays over the rest."""
-    start = config.learning_rate_decay_start_frames
-    if frames <= start:
-        return config.learning_rate
-    return config.learning_rate * max(0.0, 1.0 - (frames - start) / (config.total_environment_frames - start))
+    start, end = config.learning_rate_decay_start_frames, config.total_environment_frames
+    return config.learning_rate * _linear_to_zero(frames, start, end)
 
 
 def entropy_cost_at(frames: int, config: Config) -> float:
@@ -196,7 +199,7 @@ def entropy_cost_at(frames: int, config: Config) -> float:
     trained on before the update, as `learning_rate_at`."""
     if config.entropy_cost_decay_frames <= 0:
         return config.entropy_cost
-    return config.entropy_cost * max(0.0, 1.0 - frames / config.entropy_cost_decay_frames)
+    return config.entropy_cost * _linear_to_zero(frames, 0, config.entropy_cost_decay_frames)
 
 
 AllReduce = Callable[[list[torch.Tensor], list[torch.Tensor]], None]
