@@ -129,9 +129,8 @@ class Config:
         0,
         "0: --learning_rate decays from the first frame, as in the paper. Else it stays at --learning_rate "
         "for this many frames, then decays linearly to 0 at --total_environment_frames. Not in the paper: "
-        "for a fast Pong run that stalls in the middle, a higher rate there and still 0 at the end. "
-        "Measured in docs/results.md, round 10: held to 5M frames, one Pong seed of three passed and one "
-        "collapsed to a deterministic policy.",
+        "for a fast Pong run that stalls in the middle, a higher rate there and still 0 at the end "
+        "(docs/design.md says why; docs/results.md, round 10, what it did).",
     )
     decay: float = _f(0.99, "RMSProp decay (adam: beta2).")
     momentum: float = _f(0.0, "RMSProp momentum (adam: unused).")
