@@ -42,6 +42,7 @@ import io
 import os
 import signal
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -74,6 +75,7 @@ class Ranks:
         self.rank, self.world_size, self.local_rank = rank, world_size, local_rank
         self.timeout_s = timeout_s
         self._cpu_group: Any = None
+        self._last_sent: list[torch.Tensor] = []  # the tensors of this rank's latest collective
 
     @classmethod
     def from_environment(cls, config: Config) -> Ranks:
@@ -122,14 +124,29 @@ class Ranks:
 
     def close(self) -> None:
         if self.world_size > 1 and dist.is_initialized():
+            self._wait_for_gloo_release()
             with contextlib.suppress(RuntimeError):
                 dist.destroy_process_group()
+
+    def _wait_for_gloo_release(self, limit_s: float = 5.0) -> None:
+        """Waits (at most `limit_s`) until gloo's worker threads have let go of the
+        latest collective's tensors. A worker drops a finished work after the caller
+        has its result, and dropping a tensor needs the GIL: a process that went on to
+        exit first had the worker take the GIL during interpreter shutdown, which ends
+        the thread inside a C++ destructor and aborts the process (SIGABRT, "terminate
+        called without an active exception"; seen in one of ten two-rank runs on an
+        idle machine). Sleeping releases the GIL for the worker."""
+        deadline = time.monotonic() + limit_s
+        while any(t._use_count() > 1 for t in self._last_sent) and time.monotonic() < deadline:
+            time.sleep(0.001)
+        self._last_sent = []
 
     # -- collectives (each raises RankLostError when a peer is gone) ------------------
 
     def agree(self, have_batch: bool, stop: bool, log: bool) -> Agreement:
         """One all-reduce (MAX) of this rank's flags; every rank gets the same answer."""
         flags = torch.tensor([not have_batch, stop, log], dtype=torch.int32)
+        self._last_sent = [flags]
         with self._collective("agree"):
             dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self._cpu_group)
         return Agreement(train=not flags[0].item(), stop=bool(flags[1].item()), log=bool(flags[2].item()))
@@ -140,10 +157,12 @@ class Ranks:
         count = len(sums)
         tensors = [*sums, *means]
         buckets: dict[tuple, list[int]] = {}
+        self._last_sent = []
         for i, t in enumerate(tensors):
             buckets.setdefault((t.dtype, t.device), []).append(i)
         for indices in buckets.values():
             flat = torch.cat([tensors[i].reshape(-1) for i in indices])
+            self._last_sent.append(flat)
             group = self._cpu_group if flat.device.type == "cpu" else None
             with self._collective("all_reduce"):
                 dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)

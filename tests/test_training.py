@@ -20,12 +20,15 @@ from tests import cli
 
 RANDOM_CARTPOLE_RETURN = 22  # mean episode return of a uniform random policy
 CARTPOLE = ["--flagfile=configs/cartpole.cfg", "--log_interval_s=1"]
+# The learning tests' budget: at 200k frames one full-suite run was still climbing (returns 10.7,
+# 10.0, 20.4, 60.4 against 4x random, 88); most runs are at 120-250 there.
+LEARN_FRAMES = 400000
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
     logdir = tmp_path_factory.mktemp("cartpole")
-    result = cli.run(*CARTPOLE, f"--logdir={logdir}", "--total_environment_frames=200000")
+    result = cli.run(*CARTPOLE, f"--logdir={logdir}", f"--total_environment_frames={LEARN_FRAMES}")
     return logdir, result
 
 
@@ -45,7 +48,7 @@ def test_cartpole_learns_well_above_random(trained):
     ):
         assert key in rows[-1], key
     frames = [r["frames"] for r in rows]
-    assert frames == sorted(frames) and frames[-1] >= 200000
+    assert frames == sorted(frames) and frames[-1] >= LEARN_FRAMES
     returns = [r["mean_episode_return"] for r in rows if r["mean_episode_return"] is not None]
     assert returns[0] < 3 * RANDOM_CARTPOLE_RETURN, returns  # it starts near random...
     assert max(returns[-3:]) > 4 * RANDOM_CARTPOLE_RETURN, returns  # ...and learns
@@ -58,7 +61,9 @@ def test_cartpole_learns_well_above_random(trained):
 def test_cartpole_learns_with_a_bfloat16_learner(tmp_path):
     """--learner_dtype=bfloat16 (issue 13): the forward pass in bfloat16, V-trace and
     the update in float32; the same run still learns, and publishes as it goes."""
-    result = cli.run(*CARTPOLE, f"--logdir={tmp_path}", "--total_environment_frames=200000", "--learner_dtype=bfloat16")
+    result = cli.run(
+        *CARTPOLE, f"--logdir={tmp_path}", f"--total_environment_frames={LEARN_FRAMES}", "--learner_dtype=bfloat16"
+    )
     assert result.returncode == 0, result.stdout[-3000:]
     rows = read_jsonl(tmp_path / "metrics.jsonl")
     returns = [r["mean_episode_return"] for r in rows if r["mean_episode_return"] is not None]
