@@ -134,7 +134,7 @@ class Ranks:
         has its result, and dropping a tensor needs the GIL: a process that went on to
         exit first had the worker take the GIL during interpreter shutdown, which ends
         the thread inside a C++ destructor and aborts the process (SIGABRT, "terminate
-        called without an active exception"; seen in one of ten two-rank runs on an
+        called without an active exception"; about one in seven two-rank runs on an
         idle machine). Sleeping releases the GIL for the worker."""
         deadline = time.monotonic() + limit_s
         while any(t._use_count() > 1 for t in self._last_sent) and time.monotonic() < deadline:
