@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -187,15 +188,23 @@ def test_checkpoint_of_another_network_is_refused_and_kept(trained, tmp_path):
     assert checkpoint.list_checkpoints(logdir) == [path] and path.read_bytes() == content
 
 
-def _wait_for_metrics(logdir: Path, process: subprocess.Popen, rows: int = 1, timeout: float = 120) -> None:
+def _wait_for_metrics(
+    logdir: Path,
+    process: subprocess.Popen,
+    rows: int = 1,
+    timeout: float = 120,
+    until: Callable[[list[dict]], bool] = lambda rows: True,
+) -> None:
+    """Waits for `rows` metrics rows with frames, the last of them satisfying `until`."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         assert process.poll() is None, process.stdout.read()[-3000:]
         path = logdir / "metrics.jsonl"
-        if path.exists() and len([r for r in read_jsonl(path) if r["frames"] > 0]) >= rows:
+        written = [r for r in read_jsonl(path) if r["frames"] > 0] if path.exists() else []
+        if len(written) >= rows and until(written):
             return
         time.sleep(0.2)
-    raise AssertionError("no metrics written")
+    raise AssertionError(f"no {rows} metrics rows as awaited within {timeout} s")
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
@@ -252,13 +261,9 @@ def test_a_killed_actor_is_replaced_and_training_goes_on(tmp_path):
     reader = threading.Thread(target=lambda: [lines.put(line) for line in process.stdout], daemon=True)
     reader.start()
     try:
-        _wait_for_metrics(tmp_path, process)
         # Both actors must have been heard from: one the learner never saw comes back as
         # "connected", not "back".
-        deadline = time.monotonic() + 120
-        while read_jsonl(tmp_path / "metrics.jsonl")[-1]["connected_actors"] < 2:
-            assert process.poll() is None and time.monotonic() < deadline, "an actor never connected"
-            time.sleep(0.2)
+        _wait_for_metrics(tmp_path, process, until=lambda rows: rows[-1]["connected_actors"] >= 2)
         actors = _actor_pids(process.pid)
         assert len(actors) == 2
         os.kill(actors[0], signal.SIGKILL)
