@@ -193,9 +193,10 @@ def _wait_for_metrics(
     process: subprocess.Popen,
     rows: int = 1,
     timeout: float = 120,
-    until: Callable[[list[dict]], bool] = lambda rows: True,
+    until: Callable[[list[dict]], bool] = lambda _: True,
 ) -> None:
-    """Waits for `rows` metrics rows with frames, the last of them satisfying `until`."""
+    """Waits until at least `rows` metrics rows with frames are written and `until`
+    holds for those rows (oldest first)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         assert process.poll() is None, process.stdout.read()[-3000:]
