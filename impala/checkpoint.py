@@ -7,6 +7,11 @@ never leaves a half-written checkpoint behind (the previous one stays), and a
 network with a non-finite parameter is never written (the last good one stays).
 `load_agent` puts a checkpoint into an agent (the learner's, or evaluation's) after
 checking that it was made for the same network.
+
+Beside the checkpoint written at a clean stop, each learner rank writes its experience
+replay state to `<logdir>/checkpoints/replay-rank<r>.pt` (`save_replay`, replaced each
+time; about --replay_buffer_size x one column's bytes): a resume from the checkpoint of
+the same frame count takes it back (impala/learner.py), any other resume ignores it.
 """
 
 from __future__ import annotations
@@ -77,6 +82,24 @@ def load(path: str | os.PathLike) -> dict[str, Any]:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # corrupt, truncated, or not a checkpoint at all
         raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}".splitlines()[0])
+
+
+def replay_path(logdir: str | os.PathLike, rank: int) -> Path:
+    return directory(logdir) / f"replay-rank{rank}.pt"
+
+
+def save_replay(logdir: str | os.PathLike, rank: int, state: Mapping[str, Any]) -> Path:
+    """Writes learner rank `rank`'s replay `state` atomically, replacing the previous
+    one; raises OSError (e.g. disk full) with the previous file left as it was."""
+    directory(logdir).mkdir(parents=True, exist_ok=True)
+    return write_atomically(replay_path(logdir, rank), lambda f: torch.save(dict(state), f), binary=True)
+
+
+def load_replay(logdir: str | os.PathLike, rank: int) -> dict[str, Any] | None:
+    """Rank `rank`'s replay state as `save_replay` wrote it, None if there is none;
+    a one-line CheckpointError if it cannot be read."""
+    path = replay_path(logdir, rank)
+    return load(path) if path.is_file() else None
 
 
 def check_signature(saved: Mapping[str, Any], current: Mapping[str, Any], path: str | os.PathLike) -> None:

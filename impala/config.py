@@ -159,6 +159,12 @@ class Config:
         "Experience replay: env-columns (one env's unroll) each learner rank keeps, the newest; at least "
         "--batch_size / --learner_ranks. Held on the learner's device: a Pong column (T=20) is about 0.6 MB.",
     )
+    save_replay_buffer: bool = _f(
+        True,
+        "Experience replay: at a clean stop each learner rank writes its replay buffer beside the final "
+        "checkpoint (<logdir>/checkpoints/replay-rank<r>.pt, the buffer's size on disk), and a resume from "
+        "that checkpoint takes it back; false: a resumed run starts the buffer empty.",
+    )
     device: str = _f("auto", "Learner device: cpu, cuda, or auto (cuda when available).")
     learner_threads: int = _f(1, "Torch threads of the learner process.")
     max_queued_batches: int = _f(2, "Learner batches prepared ahead; bounds memory (back-pressure).")

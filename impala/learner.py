@@ -463,7 +463,9 @@ class Learner:
         if config.replay_proportion > 0:
             self.replay = replay.ReplayBuffer(self.unroll_spec, config.replay_buffer_size)
             self._replay_generator = replay.generator(config.seed, self.ranks.rank)
-        self._fresh_batches = 0  # trained on by this run (not restored: replay's schedule restarts)
+        self._fresh_batches = 0  # trained on since the replay buffer began (replays_due's k)
+        if self.replay is not None and self.frames > 0:
+            self._restore_replay()
 
         # The configured actors' unrolls decide the read-ahead (other sizes are bounded by it in messages).
         self.unroll_rcvhwm = unroll_rcvhwm(
@@ -503,6 +505,60 @@ class Learner:
         self.param_version = int(state["param_version"])
         drop_rows_after(os.path.join(self.config.logdir, "metrics.jsonl"), self.frames)
         logging.info("Resumed from %s at %d frames (parameter version %d).", path, self.frames, self.param_version)
+
+    def _restore_replay(self) -> None:
+        """Takes back the replay buffer, sampling stream and schedule position this rank
+        saved at the clean stop that wrote the checkpoint just restored (save_replay);
+        without one that fits, the buffer starts empty, and the log says why."""
+        config, rank = self.config, self.ranks.rank
+        if not config.save_replay_buffer:
+            return
+        try:
+            state = checkpoint.load_replay(config.logdir, rank)
+        except checkpoint.CheckpointError as e:
+            logging.warning("%s; the replay buffer starts empty.", e)
+            return
+        if state is None:
+            logging.info("No replay buffer saved at %d frames: it starts empty.", self.frames)
+            return
+        if state.get("frames") != self.frames:
+            logging.info(
+                "The replay buffer saved at %s frames is not the restored checkpoint's (%d frames): it starts empty.",
+                state.get("frames"),
+                self.frames,
+            )
+            return
+        try:
+            stream = torch.Generator()
+            stream.set_state(state["generator"])
+            self.replay.load_state_dict(state["buffer"], self.device)
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:
+            logging.warning(
+                "The replay buffer in %s does not fit this run (%s): it starts empty.",
+                checkpoint.replay_path(config.logdir, rank),
+                _one_line(e),
+            )
+            return
+        self._replay_generator, self._fresh_batches = stream, int(state["fresh_batches"])
+        logging.info("Restored the replay buffer: %d columns, saved at %d frames.", len(self.replay), self.frames)
+
+    def save_replay(self) -> None:
+        """Every rank: its replay buffer, sampling stream and schedule position, for a
+        resume from the checkpoint at this frame count (--save_replay_buffer). A failed
+        write is logged; the resumed run then starts the buffer empty."""
+        if self.replay is None or not self.config.save_replay_buffer:
+            return
+        state = {
+            "frames": self.frames,
+            "buffer": self.replay.state_dict(),
+            "generator": self._replay_generator.get_state(),
+            "fresh_batches": self._fresh_batches,
+        }
+        try:
+            path = checkpoint.save_replay(self.config.logdir, self.ranks.rank, state)
+            logging.info("Saved the replay buffer (%d columns) to %s.", len(self.replay), path)
+        except OSError as e:
+            logging.error("Replay buffer at %d frames not written (%s).", self.frames, e.strerror or e)
 
     def _share_state(self, run_id: str) -> str:
         """Every rank takes rank 0's network, optimizer, frames, parameter version and
@@ -827,6 +883,7 @@ class Learner:
             t.join(timeout=5)
         if save:
             self.save_checkpoint()
+            self.save_replay()
         self._unroll_socket.close(linger=0)
         if self._params_socket is not None:
             self._params_socket.close(linger=0)

@@ -16,6 +16,10 @@ Memory: the ring is allocated whole at the first `add`, on the batch's device:
 N x one column's bytes (learner.unroll_bytes of one env; the --replay_buffer_size help
 gives Pong's), and nothing more is allocated by `add`.
 
+Saving: `state_dict` / `load_state_dict` (torch's names) carry the ring and its position
+across a clean stop (the learner writes them beside its final checkpoint, impala/checkpoint.py),
+so that a resumed run replays what it had instead of its first fresh batches again.
+
 Threads: owned by the learner's training thread; nothing else touches it.
 """
 
@@ -23,7 +27,9 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from typing import Any
 
+import numpy as np
 import torch
 
 Batch = dict[str, torch.Tensor]  # [T+1, B, ...] tensors (core states [B, ...]), see impala/unroll.py
@@ -53,6 +59,14 @@ class ReplayBuffer:
             raise ValueError(f"a replay buffer needs a capacity of at least 1, got {capacity}")
         self.capacity = capacity
         self._axis = {name: 1 if time_major else 0 for name, (_, _, time_major) in spec.items()}
+        # The ring's shape and dtype per field: a column's shape with the capacity on its axis.
+        self._layout = {
+            name: (
+                (shape[0], capacity, *shape[1:]) if time_major else (capacity, *shape),
+                torch.from_numpy(np.empty(0, dtype)).dtype,
+            )
+            for name, (dtype, shape, time_major) in spec.items()
+        }
         self._ring: Batch | None = None
         self._next = 0  # the slot the next column goes to
         self._size = 0  # columns stored
@@ -89,6 +103,29 @@ class ReplayBuffer:
         slots = torch.randperm(self._size, generator=generator)[:batch_size]
         slots = slots.to(next(iter(self._ring.values())).device)
         return {name: ring.index_select(self._axis[name], slots) for name, ring in self._ring.items()}
+
+    def state_dict(self) -> dict[str, Any]:
+        """The capacity, the ring's position and its columns (on the CPU; None before
+        the first `add`): what `load_state_dict` takes back."""
+        ring = None if self._ring is None else {name: t.cpu() for name, t in self._ring.items()}
+        return {"capacity": self.capacity, "next": self._next, "size": self._size, "ring": ring}
+
+    def load_state_dict(self, state: Mapping[str, Any], device: torch.device) -> None:
+        """Takes back a `state_dict` of a buffer of the same capacity and unroll layout,
+        its ring onto `device`; a ValueError, changing nothing, for any other."""
+        if state["capacity"] != self.capacity:
+            raise ValueError(f"it holds {state['capacity']} columns, not --replay_buffer_size={self.capacity}")
+        ring, position, size = state["ring"], int(state["next"]), int(state["size"])
+        if not (0 <= position < self.capacity and 0 <= size <= self.capacity and (size == 0) == (ring is None)):
+            raise ValueError(f"its position {position} and size {size} do not fit a ring of {self.capacity}")
+        if ring is not None:
+            if set(ring) != set(self._layout):
+                raise ValueError(f"its fields {sorted(ring)} are not the replay buffer's {sorted(self._layout)}")
+            for name, t in ring.items():
+                if (tuple(t.shape), t.dtype) != self._layout[name]:
+                    raise ValueError(f"its {name} is {t.dtype} {tuple(t.shape)}, not {self._layout[name]}")
+            ring = {name: t.to(device) for name, t in ring.items()}
+        self._ring, self._next, self._size = ring, position, size
 
     def _empty_like(self, name: str, t: torch.Tensor) -> torch.Tensor:
         shape = list(t.shape)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from impala import learner, replay, unroll
+from impala import checkpoint, learner, replay, unroll
 from impala.config import Config
 from impala.learner import entropy_cost_at, learn_step, learning_rate_at, state_sizes
 from impala.metrics import read_jsonl
@@ -123,6 +123,52 @@ def test_a_buffer_without_core_states_and_a_foreign_batch():
         buffer.add(BatchBuffers(_spec(), 2).take())
 
 
+def test_a_saved_buffer_comes_back_as_it_was(tmp_path):
+    """state_dict through the file the learner writes (checkpoint.save_replay, a real
+    torch file read with weights_only) into a new buffer: the same columns in the same
+    slots, so the same stream draws the same batches and the next add evicts the same
+    column; before any add the state is empty and loads as empty."""
+    spec = _spec()
+    buffer = replay.ReplayBuffer(spec, 5)
+    empty = replay.ReplayBuffer(spec, 5)
+    empty.load_state_dict(buffer.state_dict(), torch.device("cpu"))
+    assert len(empty) == 0
+    for start in (0, 3):  # 6 columns into 5 slots: the ring has wrapped once
+        buffer.add(_fill(BatchBuffers(spec, 3).take(), [start, start + 1, start + 2]))
+    checkpoint.save_replay(tmp_path, 0, {"buffer": buffer.state_dict()})
+    restored = replay.ReplayBuffer(spec, 5)
+    restored.load_state_dict(checkpoint.load_replay(tmp_path, 0)["buffer"], torch.device("cpu"))
+    assert len(restored) == 5
+    g, g_restored = replay.generator(2, 0), replay.generator(2, 0)
+    for _ in range(20):
+        assert _ids(restored.sample(3, g_restored)) == _ids(buffer.sample(3, g))
+    for b in (buffer, restored):
+        b.add(_fill(BatchBuffers(spec, 1).take(), [9]))  # evicts column 1, the oldest left
+    assert sorted(_ids(restored.sample(5, g_restored))) == sorted(_ids(buffer.sample(5, g))) == [2, 3, 4, 5, 9]
+    assert checkpoint.load_replay(tmp_path, 1) is None  # another rank's: none written
+
+
+def test_a_saved_buffer_of_another_run_is_refused_and_changes_nothing():
+    spec = _spec()
+    buffer = replay.ReplayBuffer(spec, 4)
+    buffer.add(_fill(BatchBuffers(spec, 2).take(), [0, 1]))
+    state = buffer.state_dict()
+    target = replay.ReplayBuffer(spec, 4)
+    target.add(_fill(BatchBuffers(spec, 1).take(), [7]))
+    cases = [
+        (replay.ReplayBuffer(spec, 5), state, "holds 4 columns, not --replay_buffer_size=5"),
+        (replay.ReplayBuffer(_spec(state=False), 4), state, "not the replay buffer's"),
+        (replay.ReplayBuffer(unroll.unroll_spec(T + 1, OBS, np.float32, A, (H, H)), 4), state, "observation is"),
+        (replay.ReplayBuffer(unroll.unroll_spec(T, OBS, np.uint8, A, (H, H)), 4), state, "observation is"),
+        (target, {**state, "next": 4}, "position 4 and size 2 do not fit"),
+        (target, {**state, "ring": None}, "do not fit"),
+    ]
+    for other, bad, message in cases:
+        with pytest.raises(ValueError, match=message):
+            other.load_state_dict(bad, torch.device("cpu"))
+    assert len(target) == 1 and _ids(target.sample(1, replay.generator(1, 0))) == [7]
+
+
 @pytest.mark.parametrize(
     "proportion, due",
     [(0.0, [0] * 6), (1.0, [1] * 6), (0.5, [0, 1, 0, 1, 0, 1]), (2.0, [2] * 6), (0.25, [0, 0, 0, 1, 0, 0])],
@@ -159,10 +205,12 @@ def _config(tmp_path, **kw) -> Config:
     return Config(**base)
 
 
-def _train_with_actor(config: Config) -> tuple[learner.Learner, list[dict], torch.nn.Module, torch.optim.Optimizer]:
-    """A real Learner trained by a real actor to the frame budget; returns it, copies of
-    the batches it trained on, and a copy of its agent and a fresh optimizer as they
-    were before the first update."""
+def _train_with_actor(
+    config: Config, save: bool = False
+) -> tuple[learner.Learner, list[dict], torch.nn.Module, torch.optim.Optimizer]:
+    """A real Learner trained by a real actor to the frame budget (then closed, with its
+    final checkpoint if `save`); returns it, copies of the batches it trained on, and a
+    copy of its agent and a fresh optimizer as they were before the first update."""
     server = learner.Learner(config)
     reference = copy.deepcopy(server.agent)
     optimizer = make_optimizer(
@@ -182,8 +230,27 @@ def _train_with_actor(config: Config) -> tuple[learner.Learner, list[dict], torc
         return batch
 
     server.feed.source = recording  # on the CPU the feed takes a batch only when it trains on it
-    _run_with_actor(config, server, server.run, save=False)
+    _run_with_actor(config, server, server.run, save=save)
     return server, batches, reference, optimizer
+
+
+def _by_hand(runs: list[tuple[Config, list[dict]]], spec: dict, agent: torch.nn.Module, optimizer) -> None:
+    """learn_step on each fresh batch in turn, each followed by the replays due, sampled
+    from one ReplayBuffer of the same batches with rank 0's stream, at the fresh
+    update's learning rate and entropy cost: the learner's updates, by hand. `runs`:
+    the batches of each run, with the run's config (its schedule)."""
+    seed, capacity = runs[0][0].seed, runs[0][0].replay_buffer_size
+    buffer, generator = replay.ReplayBuffer(spec, capacity), replay.generator(seed, 0)
+    k = 0
+    for config, batches in runs:
+        for batch in batches:
+            frames, k = k * config.frames_per_step, k + 1
+            lr, cost = learning_rate_at(frames, config), entropy_cost_at(frames, config)
+            assert learn_step(agent, optimizer, batch, config, lr, entropy_cost=cost)["skipped"] == 0.0
+            if config.replay_proportion:
+                buffer.add(batch)
+                for _ in range(replay.replays_due(k, config.replay_proportion)):
+                    learn_step(agent, optimizer, buffer.sample(B, generator), config, lr, entropy_cost=cost)
 
 
 @pytest.mark.parametrize("proportion, schedules", [(0.0, False), (0.5, False), (1.0, True)])
@@ -209,15 +276,7 @@ def test_the_learner_replays_p_batches_per_fresh_one_and_counts_only_fresh_frame
     assert server.param_version == FRESH + replays
     assert (server.replay is None) == (proportion == 0)
 
-    buffer, generator = replay.ReplayBuffer(server.unroll_spec, config.replay_buffer_size), replay.generator(1, 0)
-    for k, batch in enumerate(batches, start=1):
-        frames = (k - 1) * config.frames_per_step
-        lr, cost = learning_rate_at(frames, config), entropy_cost_at(frames, config)
-        assert learn_step(agent, optimizer, batch, config, lr, entropy_cost=cost)["skipped"] == 0.0
-        if proportion:
-            buffer.add(batch)
-            for _ in range(replay.replays_due(k, proportion)):
-                learn_step(agent, optimizer, buffer.sample(B, generator), config, lr, entropy_cost=cost)
+    _by_hand([(config, batches)], server.unroll_spec, agent, optimizer)
     for (name, got), want in zip(server.agent.named_parameters(), agent.parameters(), strict=True):
         assert torch.equal(got, want), name
 
@@ -228,6 +287,58 @@ def test_the_learner_replays_p_batches_per_fresh_one_and_counts_only_fresh_frame
         assert any("replay/vtrace/mean_rho" in r for r in rows)
     else:
         assert not any("replay_updates" in r or any(k.startswith("replay/") for k in r) for r in rows)
+
+
+@pytest.mark.parametrize("saved", [True, False])
+def test_a_run_stopped_cleanly_and_resumed_replays_as_one_that_never_stopped(tmp_path, saved):
+    """Half the budget, a clean stop (the final checkpoint and, with
+    --save_replay_buffer, the replay file), then a new Learner on the same logdir to
+    the end: its parameters are bit-identical to learn_step by hand through all the
+    fresh batches with one buffer, one stream and one schedule (p = 0.5, so the
+    schedule's position shows: 3 replays in all where a restart of k gives 2).
+    Without the file the resumed buffer starts empty, as before the flag existed."""
+    half = FRESH // 2
+    first_half = _config(tmp_path, replay_proportion=0.5, total_environment_frames=half * B * UNROLL)
+    config = _config(tmp_path, replay_proportion=0.5, save_replay_buffer=saved)
+    first, batches, agent, optimizer = _train_with_actor(first_half, save=True)
+    assert first.frames == half * config.frames_per_step and len(first.replay) == config.replay_buffer_size
+    saved_state = checkpoint.load_replay(tmp_path, 0)
+    assert saved_state["frames"] == first.frames == checkpoint.load(checkpoint.latest(tmp_path))["frames"]
+    if not saved:
+        checkpoint.replay_path(tmp_path, 0).unlink()  # the first half's run had the flag on
+    second, more, _, _ = _train_with_actor(config, save=saved)
+    assert len(batches) + len(more) == FRESH and second.frames == FRESH * config.frames_per_step
+    assert checkpoint.replay_path(tmp_path, 0).exists() == saved
+    _by_hand([(first_half, batches), (config, more)], second.unroll_spec, agent, optimizer)
+    same = [torch.equal(got, want) for got, want in zip(second.agent.parameters(), agent.parameters(), strict=True)]
+    if saved:
+        assert second.param_version == FRESH + 3
+        assert all(same)
+    else:
+        assert second.param_version == FRESH + 2
+        assert not all(same)
+
+
+def test_a_replay_file_that_does_not_go_with_the_checkpoint_is_ignored(tmp_path, caplog):
+    """A replay file from an earlier stop (here: a later checkpoint written after it,
+    as by a run that then crashed) or an unreadable one: the learner says why and
+    starts the buffer empty; the run goes on."""
+    config = _config(tmp_path, replay_proportion=1.0, total_environment_frames=2 * B * UNROLL)
+    _train_with_actor(config, save=True)
+    last = checkpoint.load(checkpoint.latest(tmp_path))
+    checkpoint.save(tmp_path, {**last, "frames": last["frames"] + 1}, last["frames"] + 1)
+    bigger = _config(tmp_path, replay_proportion=1.0)
+    for damage, message in [(None, "is not the restored checkpoint's"), (b"not a torch file", "cannot read")]:
+        if damage is not None:
+            checkpoint.replay_path(tmp_path, 0).write_bytes(damage)
+        caplog.clear()
+        with caplog.at_level("INFO", logger="absl"):  # the learner logs through absl's logger
+            server = learner.Learner(bigger)
+        try:
+            assert server.frames == last["frames"] + 1 and len(server.replay) == 0
+            assert message in caplog.text and "starts empty" in caplog.text
+        finally:
+            server.close(save=False)
 
 
 def test_skipped_batches_are_not_replayed_and_count_toward_the_stop(tmp_path, monkeypatch):
@@ -346,6 +457,11 @@ def test_two_ranks_replay_their_own_columns_in_lockstep(tmp_path):
     final = dp.checkpoint.load(dp.checkpoint.latest(logdir))
     assert final["frames"] == dp.UPDATES * config.frames_per_step
     assert final["param_version"] == 2 * dp.UPDATES
+    for rank, buffer in enumerate(buffers):  # each rank saved its own columns beside the final checkpoint
+        saved = dp.checkpoint.load_replay(logdir, rank)
+        assert saved["frames"] == final["frames"] and saved["buffer"]["size"] == len(buffer)
+        ring = saved["buffer"]["ring"]
+        assert sorted(ring["action"][0].tolist()) == sorted(buffer.state_dict()["ring"]["action"][0].tolist())
     expected = agent.state_dict()
     for name, value in final["model"].items():
         torch.testing.assert_close(value, expected[name], rtol=1e-5, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")
