@@ -15,6 +15,7 @@ from __future__ import annotations
 import signal
 import sys
 import textwrap
+import threading
 
 from absl import app, flags, logging
 
@@ -61,7 +62,14 @@ def _parse(argv: list[str]) -> list[str]:
         _fail(str(e).splitlines()[0])
 
 
+# Set by SIGTERM or SIGINT. The KeyboardInterrupt raised with it can land where Python
+# cannot propagate it (a ZeroMQ frame's __dealloc__: "Exception ignored in ..."), and is
+# then lost; an actor also stops when it sees this set, so that no signal goes unheeded.
+STOP_REQUESTED = threading.Event()
+
+
 def _interrupt(signum: int, frame) -> None:
+    STOP_REQUESTED.set()
     raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
@@ -134,7 +142,7 @@ def main(argv: list[str]) -> None:
             )
             if config.task < 0:
                 raise config_lib.ConfigError(f"--task must be >= 0, got {config.task}")
-            run_actor(config, config.task, unroll_address, params_address)
+            run_actor(config, config.task, unroll_address, params_address, stop=STOP_REQUESTED)
     except KeyboardInterrupt:
         logging.info("Interrupted.")
     except (

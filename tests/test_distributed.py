@@ -150,6 +150,9 @@ def test_learner_and_actors_survive_kills_and_restarts(jobs, tmp_path):
     saved = checkpoint.load(checkpoint.latest(logdir))["frames"]
     time.sleep(2)
     learner = jobs.start("learner-again", *learner_flags)
+    # The killed learner's rows past its checkpoint can already be past saved + 20000:
+    # the new one drops them when it resumes, so wait for that first.
+    _wait(lambda: "Resumed from" in jobs.log(learner), "the new learner to resume", alive=[learner], jobs=jobs)
     row = _wait(
         lambda: _frames_after(logdir, saved + 20000, actors=2),
         "actors to reconnect to the new learner",
