@@ -81,7 +81,10 @@ class ReplayBuffer:
             raise ValueError(f"batch fields {sorted(batch)} are not the replay buffer's {sorted(self._axis)}")
         columns = batch["reward"].shape[1]
         if self._ring is None:  # the whole ring at once, on the batch's device: bounded memory
-            self._ring = {name: self._empty_like(name, t) for name, t in batch.items()}
+            device = batch["reward"].device
+            self._ring = {
+                name: torch.empty(shape, dtype=dtype, device=device) for name, (shape, dtype) in self._layout.items()
+            }
         # The newest `capacity` columns of the batch, written from slot _next on, wrapping once.
         skip = max(0, columns - self.capacity)
         start, count = self._next, columns - skip
@@ -126,8 +129,3 @@ class ReplayBuffer:
                     raise ValueError(f"its {name} is {t.dtype} {tuple(t.shape)}, not {self._layout[name]}")
             ring = {name: t.to(device) for name, t in ring.items()}
         self._ring, self._next, self._size = ring, position, size
-
-    def _empty_like(self, name: str, t: torch.Tensor) -> torch.Tensor:
-        shape = list(t.shape)
-        shape[self._axis[name]] = self.capacity
-        return torch.empty(shape, dtype=t.dtype, device=t.device)
