@@ -64,7 +64,8 @@ def _parse(argv: list[str]) -> list[str]:
 
 # Set by SIGTERM or SIGINT. The KeyboardInterrupt raised with it can land where Python
 # cannot propagate it (a ZeroMQ frame's __dealloc__: "Exception ignored in ..."), and is
-# then lost; an actor also stops when it sees this set, so that no signal goes unheeded.
+# then lost; an actor and a one-rank learner also stop when they see this set, so that no
+# signal goes unheeded.
 STOP_REQUESTED = threading.Event()
 
 
@@ -121,7 +122,7 @@ def main(argv: list[str]) -> None:
 
             evaluate.run(config)
         elif config.job_name == "":
-            local.train(config)
+            local.train(config, stop=STOP_REQUESTED)
         elif config.job_name == "learner":
             # Under torchrun (--learner_ranks=N) this is one of N ranks (impala/distributed.py).
             server = learner.Learner(config)
@@ -133,7 +134,7 @@ def main(argv: list[str]) -> None:
                 server.params_address,
             )
             try:
-                server.run()
+                server.run(stop=STOP_REQUESTED)
             finally:
                 server.close()
         else:

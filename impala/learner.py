@@ -693,14 +693,17 @@ class Learner:
             if t.error is not None:
                 raise ServerThreadError(f"the learner's {t.name} thread failed: {_one_line(t.error)}")
 
-    def run(self, tick: Callable[[], None] | None = None) -> None:
+    def run(self, tick: Callable[[], None] | None = None, stop: threading.Event | None = None) -> None:
         """Trains until --total_environment_frames, or until the mean return of the
         last 100 episodes reaches --stop_at_return, then tells the actors the run is
         finished (for up to FINISH_GRACE_S); `tick` runs at least once a second
         (the local launcher uses it to watch its actors). Raises LearnerFailure when a
         server thread fails, updates keep being non-finite or another rank is lost.
         With N ranks, SIGTERM or SIGINT to any rank ends the loop of all after the same
-        update (distributed.stop_on_signals)."""
+        update (distributed.stop_on_signals). With one, the signal's KeyboardInterrupt
+        ends it; `stop` (set by the same signal handler) also returns it within about a
+        second, after the current update, for an interrupt that was lost where Python
+        could not raise it (impala/experiment.py, STOP_REQUESTED)."""
         config = self.config
         log = None
         if self.is_main:
@@ -713,6 +716,10 @@ class Learner:
         with distributed.stop_on_signals(self.ranks.world_size > 1) as stop_requested:
             # One rank stops when the goal is reached; N ranks stop together, at their next agreement.
             while self.frames < config.total_environment_frames and not (reached and self.ranks.world_size == 1):
+                if self.ranks.world_size == 1 and stop is not None and stop.is_set():
+                    logging.info("Asked to stop at %d frames.", self.frames)
+                    stopped = True
+                    break
                 self.check_threads()
                 if tick is not None:
                     tick()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import multiprocessing
 import signal
+import threading
 import time
 
 from absl import flags, logging
@@ -88,8 +89,9 @@ class ActorPool:
                 process.join()
 
 
-def train(config: Config) -> None:
-    """Trains until the frame budget, then stops every process it started."""
+def train(config: Config, stop: threading.Event | None = None) -> None:
+    """Trains until the frame budget, or until `stop` is set (Learner.run), then stops
+    every process it started."""
     learner = Learner(config)
     actors = None
     failed = True
@@ -100,7 +102,7 @@ def train(config: Config) -> None:
             return
         logging.info("Learner at %s; starting %d actors.", learner.unroll_address, config.num_actors)
         actors = ActorPool(config, learner.unroll_address, learner.params_address)
-        learner.run(tick=actors.check)
+        learner.run(tick=actors.check, stop=stop)
         failed = False
     except KeyboardInterrupt:
         logging.info("Interrupted at %d frames; writing a checkpoint and stopping.", learner.frames)

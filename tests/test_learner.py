@@ -3,6 +3,7 @@ updates, a failing server thread, and checkpoints."""
 
 from __future__ import annotations
 
+import logging as std_logging
 import os
 import threading
 import time
@@ -399,6 +400,29 @@ def test_a_failing_server_socket_stops_the_run(tmp_path, monkeypatch):
 
     _run_with_actor(config, server, body)
     assert checkpoint.latest(tmp_path) is not None
+
+
+def test_a_stop_event_ends_run_after_an_update_and_the_actors_are_not_told_finished(tmp_path, caplog):
+    """run(stop=...) returns once the event is set (experiment.STOP_REQUESTED: a SIGTERM
+    whose KeyboardInterrupt was lost), well before the frame budget, and does not tell
+    the actors the run is finished; close(save=True) then keeps its frames. The budget
+    (100 updates) is there so that a run that ignores the event fails the test."""
+    caplog.set_level(std_logging.INFO, logger="absl")  # absl's own level may have been raised by earlier tests
+    config = _config(tmp_path, batch_size=2, num_envs_per_actor=2, unroll_length=5, total_environment_frames=1000)
+    server = learner.Learner(config)
+    stop = threading.Event()
+
+    def tick():
+        if server.param_version >= 3:
+            stop.set()
+
+    _run_with_actor(config, server, lambda: server.run(tick=tick, stop=stop))
+    assert 3 <= server.param_version < 10 and server.frames < config.total_environment_frames
+    messages = [r.getMessage() for r in caplog.records]
+    assert any(m.startswith("Asked to stop at") for m in messages)
+    assert not any(m.startswith("Run finished at") for m in messages)
+    saved = checkpoint.load(checkpoint.latest(tmp_path))
+    assert saved["frames"] == server.frames
 
 
 def test_an_error_handling_one_message_drops_only_that_message(tmp_path, monkeypatch, caplog):
