@@ -148,6 +148,11 @@ class Config:
     reward_clipping: str = _f("abs_one", "Reward clipping.", REWARD_CLIPPING_MODES)
     clip_rho_threshold: float = _f(1.0, "V-trace rho-bar; 0 or less means no clipping.")
     clip_pg_rho_threshold: float = _f(1.0, "V-trace rho-bar of the policy gradient; 0 or less: none.")
+    vtrace_lambda: float = _f(
+        1.0,
+        "V-trace's lambda: c_i = lambda min(1, pi/mu), as Retrace(lambda) (1: the original's V-trace; "
+        "below 1, shorter traces and less variance, leaning on the baseline).",
+    )
     max_grad_norm: float = _f(0.0, "Clip the global gradient norm to this; 0 turns it off.")
     replay_proportion: float = _f(
         0.0,
@@ -312,6 +317,7 @@ class Config:
         "entropy_cost": (0.0, None),
         "baseline_cost": (0.0, None),
         "discounting": (0.0, 1.0),
+        "vtrace_lambda": (0.0, 1.0),
         "max_grad_norm": (0.0, None),
         "replay_proportion": (0.0, None),
         "sticky_actions": (0.0, 1.0),

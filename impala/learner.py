@@ -262,6 +262,7 @@ def learn_step(
         entropy_cost=config.entropy_cost if entropy_cost is None else entropy_cost,
         clip_rho_threshold=config.clip_rho_threshold if config.clip_rho_threshold > 0 else None,
         clip_pg_rho_threshold=config.clip_pg_rho_threshold if config.clip_pg_rho_threshold > 0 else None,
+        vtrace_lambda=config.vtrace_lambda,
     )
     optimizer.zero_grad(set_to_none=True)
     loss.total.backward()

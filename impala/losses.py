@@ -146,6 +146,7 @@ def impala_loss(
     entropy_cost: float,
     clip_rho_threshold: float | None = 1.0,
     clip_pg_rho_threshold: float | None = 1.0,
+    vtrace_lambda: float = 1.0,
 ) -> LossOutput:
     """Full IMPALA learner loss.
 
@@ -159,6 +160,7 @@ def impala_loss(
       discounts: [T, B] per-step discount (0 at episode ends).
       baseline_cost, entropy_cost: weights of the baseline and entropy terms.
       clip_rho_threshold, clip_pg_rho_threshold: V-trace clipping; None disables.
+      vtrace_lambda: V-trace's lambda (1: the original's V-trace).
 
     Returns:
       LossOutput with the weighted total and the unweighted terms.
@@ -173,6 +175,7 @@ def impala_loss(
         bootstrap_value=bootstrap_value,
         clip_rho_threshold=clip_rho_threshold,
         clip_pg_rho_threshold=clip_pg_rho_threshold,
+        lambda_=vtrace_lambda,
     )
     pg = policy_gradient_loss(target_logits, actions, vtrace_returns.pg_advantages)
     # vs is a constant target (from_importance_weights returns it detached).

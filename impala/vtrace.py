@@ -17,13 +17,20 @@ fields, and its input rules:
   ops (concat, broadcasting, the scan over T) would reject raise ValueError here too.
 
 All tensors are time-major. For a trajectory of length T, with rho_t =
-min(rho_bar, pi(a_t|x_t)/mu(a_t|x_t)), c_i = min(1, pi/mu) and
+min(rho_bar, pi(a_t|x_t)/mu(a_t|x_t)), c_i = lambda min(1, pi/mu) and
 delta_t = rho_t (r_t + gamma_t V(x_{t+1}) - V(x_t)):
 
     v_s = V(x_s) + sum_{t=s}^{T-1} (prod_{i=s}^{t-1} gamma_i c_i) delta_t
 
 computed by the equivalent backward recursion (the original's reverse tf.scan)
 v_s - V(x_s) = delta_s + gamma_s c_s (v_{s+1} - V(x_{s+1})).
+
+Beyond the original: ``lambda_`` (keyword only in practice: it comes after
+``name``, so the original's positional order stands). The original is lambda = 1,
+the default. Below 1 it shortens the traces as Retrace(lambda)'s lambda does,
+trading bias towards the baseline for less variance, and the policy gradient's
+target bootstraps from lambda v_{s+1} + (1 - lambda) V(x_{s+1}): DeepMind's later
+rlax.vtrace_td_error_and_advantage defines both so.
 """
 
 from __future__ import annotations
@@ -120,6 +127,7 @@ def from_logits(
     clip_rho_threshold: float | None = 1.0,
     clip_pg_rho_threshold: float | None = 1.0,
     name: str = "vtrace_from_logits",
+    lambda_: float = 1.0,
 ) -> VTraceFromLogitsReturns:
     """V-trace for softmax policies given as logits.
 
@@ -134,6 +142,7 @@ def from_logits(
       clip_rho_threshold: rho_bar for the value targets; None disables clipping.
       clip_pg_rho_threshold: clipping of rho in the pg advantages; None disables.
       name: accepted for the original's signature and ignored.
+      lambda_: the traces' lambda in [0, 1] (not in the original; 1 is the original).
 
     Returns:
       VTraceFromLogitsReturns(vs, pg_advantages, log_rhos, behaviour_action_log_probs,
@@ -164,6 +173,7 @@ def from_logits(
         bootstrap_value=bootstrap_value,
         clip_rho_threshold=clip_rho_threshold,
         clip_pg_rho_threshold=clip_pg_rho_threshold,
+        lambda_=lambda_,
     )
     return VTraceFromLogitsReturns(
         log_rhos=log_rhos,
@@ -199,6 +209,7 @@ def from_importance_weights(
     clip_rho_threshold: float | None = 1.0,
     clip_pg_rho_threshold: float | None = 1.0,
     name: str = "vtrace_from_importance_weights",
+    lambda_: float = 1.0,
 ) -> VTraceReturns:
     """V-trace targets from log importance weights log(pi(a_t|x_t) / mu(a_t|x_t)).
 
@@ -211,6 +222,7 @@ def from_importance_weights(
       clip_rho_threshold: rho_bar; None disables clipping.
       clip_pg_rho_threshold: clipping for the pg advantage rhos; None disables.
       name: accepted for the original's signature and ignored.
+      lambda_: the traces' lambda in [0, 1] (not in the original; 1 is the original).
 
     As in the original, all inputs may carry the same number of extra trailing
     dimensions ([T, B, C] with bootstrap_value [B, C]), and inputs whose shapes
@@ -228,6 +240,8 @@ def from_importance_weights(
     )
     clip_rho_threshold = _threshold("clip_rho_threshold", clip_rho_threshold)
     clip_pg_rho_threshold = _threshold("clip_pg_rho_threshold", clip_pg_rho_threshold)
+    if not 0.0 <= lambda_ <= 1.0:
+        raise ValueError(f"lambda_ must be in [0, 1], got {lambda_}")
 
     # The original's rank checks.
     rho_rank = log_rhos.dim()  # usually 2
@@ -270,7 +284,7 @@ def from_importance_weights(
         )
         rhos = torch.exp(log_rhos)
         clipped_rhos = _clip(rhos, clip_rho_threshold)
-        cs = torch.clamp(rhos, max=1.0)
+        cs = torch.clamp(rhos, max=1.0) * lambda_
         values_t_plus_1 = torch.cat([values[1:], bootstrap_value.unsqueeze(0)], dim=0)
         deltas = clipped_rhos * (rewards + discounts * values_t_plus_1 - values)
 
@@ -284,6 +298,8 @@ def from_importance_weights(
         vs = torch.stack(vs_minus_v_xs, dim=0) + values if vs_minus_v_xs else values.expand(full).clone()
 
         vs_t_plus_1 = torch.cat([vs[1:], bootstrap_value.unsqueeze(0)], dim=0)
+        if lambda_ != 1.0:  # both end in V(x_T): the last step bootstraps as before
+            vs_t_plus_1 = lambda_ * vs_t_plus_1 + (1.0 - lambda_) * values_t_plus_1
         clipped_pg_rhos = _clip(rhos, clip_pg_rho_threshold)
         pg_advantages = clipped_pg_rhos * (rewards + discounts * vs_t_plus_1 - values)
 

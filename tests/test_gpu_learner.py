@@ -90,6 +90,7 @@ def _reference_step(agent, optimizer, batch, config) -> dict[str, float]:
         entropy_cost=config.entropy_cost,
         clip_rho_threshold=config.clip_rho_threshold,
         clip_pg_rho_threshold=config.clip_pg_rho_threshold,
+        vtrace_lambda=config.vtrace_lambda,
     )
     optimizer.zero_grad(set_to_none=True)
     loss.total.backward()
@@ -123,6 +124,16 @@ def _assert_bit_identical(config, device="cpu", lstm=0):
 def test_float32_learn_step_is_bit_identical_to_the_previous_implementation(tmp_path, use_lstm):
     config = _config(tmp_path, use_lstm=use_lstm, lstm_size=8)
     _assert_bit_identical(config, lstm=8 if use_lstm else 0)
+
+
+def test_learn_step_gives_vtrace_lambda_to_the_loss(tmp_path):
+    # The reference passes --vtrace_lambda itself; a learn_step that dropped it would
+    # train with lambda 1 and differ (the losses differ at 0.5: checked below).
+    config = _config(tmp_path, vtrace_lambda=0.5)
+    _assert_bit_identical(config)
+    _, _, stats = _run_steps(learner.learn_step, config)
+    _, _, stats_at_one = _run_steps(learner.learn_step, _config(tmp_path))
+    assert stats[0]["total_loss"] != stats_at_one[0]["total_loss"]
 
 
 def test_bfloat16_autocasts_the_network_only_and_stays_close_to_float32(tmp_path, monkeypatch):

@@ -23,20 +23,21 @@ def _softmax(x):
     return e / e.sum(axis=-1, keepdims=True)
 
 
-def _hand_loss(baseline_cost, entropy_cost, clip_rho=1.0, clip_pg_rho=1.0):
-    """Everything spelled out for T=2, B=1 (no recursion, no vtrace module)."""
+def _hand_loss(baseline_cost, entropy_cost, clip_rho=1.0, clip_pg_rho=1.0, lam=1.0):
+    """Everything spelled out for T=2, B=1 (no recursion, no vtrace module); `lam`
+    scales the trace c and mixes the policy gradient's bootstrap (rlax's V-trace(lambda))."""
     pi, mu = _softmax(TARGET_LOGITS[:, 0]), _softmax(BEHAVIOUR_LOGITS[:, 0])
     a = ACTIONS[:, 0]
     ratio = np.array([pi[0, a[0]] / mu[0, a[0]], pi[1, a[1]] / mu[1, a[1]]])
     rho = np.minimum(clip_rho, ratio)
-    c = np.minimum(1.0, ratio)
+    c = lam * np.minimum(1.0, ratio)
     pg_rho = np.minimum(clip_pg_rho, ratio)
     r, g, v, vb = REWARDS[:, 0], DISCOUNTS[:, 0], BASELINE[:, 0], BOOTSTRAP[0]
     delta0 = r[0] + g[0] * v[1] - v[0]
     delta1 = r[1] + g[1] * vb - v[1]
     vs1 = v[1] + rho[1] * delta1
     vs0 = v[0] + rho[0] * delta0 + g[0] * c[0] * rho[1] * delta1
-    adv0 = pg_rho[0] * (r[0] + g[0] * vs1 - v[0])
+    adv0 = pg_rho[0] * (r[0] + g[0] * (lam * vs1 + (1 - lam) * v[1]) - v[0])
     adv1 = pg_rho[1] * (r[1] + g[1] * vb - v[1])
     pg = -np.log(pi[0, a[0]]) * adv0 - np.log(pi[1, a[1]]) * adv1
     bl = 0.5 * ((vs0 - v[0]) ** 2 + (vs1 - v[1]) ** 2)
@@ -72,9 +73,11 @@ def _inputs():
     )
 
 
-@pytest.mark.parametrize("clip_rho,clip_pg_rho", [(1.0, 1.0), (5.0, 5.0), (0.5, 2.0)])
-def test_impala_loss_matches_hand_computation(clip_rho, clip_pg_rho):
-    want = _hand_loss(baseline_cost=0.5, entropy_cost=0.01, clip_rho=clip_rho, clip_pg_rho=clip_pg_rho)
+@pytest.mark.parametrize(
+    "clip_rho,clip_pg_rho,lam", [(1.0, 1.0, 1.0), (5.0, 5.0, 1.0), (0.5, 2.0, 1.0), (1.0, 1.0, 0.6), (5.0, 5.0, 0.0)]
+)
+def test_impala_loss_matches_hand_computation(clip_rho, clip_pg_rho, lam):
+    want = _hand_loss(baseline_cost=0.5, entropy_cost=0.01, clip_rho=clip_rho, clip_pg_rho=clip_pg_rho, lam=lam)
     x = _inputs()
     out = losses.impala_loss(
         **x,
@@ -82,6 +85,7 @@ def test_impala_loss_matches_hand_computation(clip_rho, clip_pg_rho):
         entropy_cost=0.01,
         clip_rho_threshold=clip_rho,
         clip_pg_rho_threshold=clip_pg_rho,
+        vtrace_lambda=lam,
     )
     assert isinstance(out, losses.LossOutput)
     np.testing.assert_allclose(out.vtrace_returns.vs[:, 0].detach().numpy(), want["vs"], rtol=1e-12)

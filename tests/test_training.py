@@ -345,6 +345,7 @@ def _alive(pid: int) -> bool:
         (["--reward_clipping=sometimes"], "reward_clipping"),
         (["--learning_rate=nan"], "--learning_rate must be a finite number"),
         (["--decay=1.5"], "--decay"),
+        (["--vtrace_lambda=1.5"], "--vtrace_lambda must be in [0.0, 1.0], got 1.5"),
         (["--stop_at_return=twenty"], "--stop_at_return must be a number or empty, got 'twenty'"),
         (["--stop_at_return=inf"], "--stop_at_return must be a number"),
         # 16 envs: batches of at most 16 rows unless a maximum is given.

@@ -18,11 +18,13 @@ def _np_clip(x: np.ndarray, threshold):
     return x if threshold is None else np.minimum(threshold, x)
 
 
-def reference_vtrace(log_rhos, discounts, rewards, values, bootstrap, clip_rho, clip_pg_rho):
+def reference_vtrace(log_rhos, discounts, rewards, values, bootstrap, clip_rho, clip_pg_rho, lam=1.0):
     """Direct (non-recursive) evaluation of Espeholt et al. eq. (1), plain loops.
 
     v_s = V(x_s) + sum_{t=s}^{T-1} (prod_{i=s}^{t-1} gamma_i c_i) rho_t delta_t,
-    delta_t = r_t + gamma_t V(x_{t+1}) - V(x_t), V(x_T) = bootstrap.
+    delta_t = r_t + gamma_t V(x_{t+1}) - V(x_t), V(x_T) = bootstrap; with `lam`
+    (rlax's lambda_) c_i = lam min(1, pi/mu) and the policy gradient's target
+    r_s + gamma_s (lam v_{s+1} + (1 - lam) V(x_{s+1})).
     """
     log_rhos, discounts, rewards, values, bootstrap = (
         np.asarray(x, dtype=np.float64) for x in (log_rhos, discounts, rewards, values, bootstrap)
@@ -30,7 +32,7 @@ def reference_vtrace(log_rhos, discounts, rewards, values, bootstrap, clip_rho, 
     T, B = log_rhos.shape
     is_ratio = np.exp(log_rhos)
     rho = _np_clip(is_ratio, clip_rho)
-    c = np.minimum(1.0, is_ratio)
+    c = lam * np.minimum(1.0, is_ratio)
     pg_rho = _np_clip(is_ratio, clip_pg_rho)
     v_ext = np.concatenate([values, bootstrap[None]], axis=0)  # V(x_0..x_T)
 
@@ -50,7 +52,8 @@ def reference_vtrace(log_rhos, discounts, rewards, values, bootstrap, clip_rho, 
     pg_adv = np.zeros((T, B))
     for b in range(B):
         for s in range(T):
-            pg_adv[s, b] = pg_rho[s, b] * (rewards[s, b] + discounts[s, b] * vs_ext[s + 1, b] - values[s, b])
+            target = lam * vs_ext[s + 1, b] + (1 - lam) * v_ext[s + 1, b]
+            pg_adv[s, b] = pg_rho[s, b] * (rewards[s, b] + discounts[s, b] * target - values[s, b])
     return vs, pg_adv
 
 
@@ -77,15 +80,17 @@ THRESHOLDS = [(1.0, 1.0), (None, None), (2.0, 0.5), (0.7, None), (None, 3.0)]
 @pytest.mark.parametrize("T,B", [(1, 1), (1, 4), (5, 3), (9, 2)])
 @pytest.mark.parametrize("clip_rho,clip_pg_rho", THRESHOLDS)
 @pytest.mark.parametrize("episode_ends", [False, True])
-def test_from_importance_weights_matches_definition(T, B, clip_rho, clip_pg_rho, episode_ends):
+@pytest.mark.parametrize("lam", [1.0, 0.7])
+def test_from_importance_weights_matches_definition(T, B, clip_rho, clip_pg_rho, episode_ends, lam):
     rng = np.random.default_rng(zlib.crc32(repr((T, B, clip_rho, clip_pg_rho, episode_ends)).encode()))
     inputs = _random_inputs(rng, T, B, episode_ends)
-    want_vs, want_pg = reference_vtrace(*inputs, clip_rho, clip_pg_rho)
+    want_vs, want_pg = reference_vtrace(*inputs, clip_rho, clip_pg_rho, lam)
 
     got = vtrace.from_importance_weights(
         *(_t(x) for x in inputs),
         clip_rho_threshold=clip_rho,
         clip_pg_rho_threshold=clip_pg_rho,
+        lambda_=lam,
     )
     assert isinstance(got, vtrace.VTraceReturns)
     np.testing.assert_allclose(got.vs.numpy(), want_vs, rtol=1e-10, atol=1e-10)
@@ -123,13 +128,14 @@ def test_episode_end_cuts_the_trace():
     B=st.integers(1, 3),
     clip_rho=st.one_of(st.none(), st.floats(0.1, 5.0)),
     clip_pg_rho=st.one_of(st.none(), st.floats(0.1, 5.0)),
+    lam=st.floats(0.0, 1.0),
     seed=st.integers(0, 2**31),
 )
-def test_from_importance_weights_property(T, B, clip_rho, clip_pg_rho, seed):
+def test_from_importance_weights_property(T, B, clip_rho, clip_pg_rho, lam, seed):
     inputs = _random_inputs(np.random.default_rng(seed), T, B, episode_ends=seed % 2 == 0)
-    want_vs, want_pg = reference_vtrace(*inputs, clip_rho, clip_pg_rho)
+    want_vs, want_pg = reference_vtrace(*inputs, clip_rho, clip_pg_rho, lam)
     got = vtrace.from_importance_weights(
-        *(_t(x) for x in inputs), clip_rho_threshold=clip_rho, clip_pg_rho_threshold=clip_pg_rho
+        *(_t(x) for x in inputs), clip_rho_threshold=clip_rho, clip_pg_rho_threshold=clip_pg_rho, lambda_=lam
     )
     np.testing.assert_allclose(got.vs.numpy(), want_vs, rtol=1e-9, atol=1e-9)
     np.testing.assert_allclose(got.pg_advantages.numpy(), want_pg, rtol=1e-9, atol=1e-9)
@@ -155,6 +161,33 @@ def test_on_policy_vs_is_n_step_return():
     np.testing.assert_allclose(got.vs.numpy(), want, rtol=1e-12)
     next_vs = np.concatenate([want[1:], bootstrap[None]])
     np.testing.assert_allclose(got.pg_advantages.numpy(), rewards + gamma * next_vs - values, rtol=1e-12, atol=1e-12)
+
+
+def test_lambda_zero_on_policy_is_the_one_step_target():
+    # lambda_=0 cuts every trace: v_s = r_s + gamma V(x_{s+1}), and the policy
+    # gradient's advantage is the one-step TD error (rlax's V-trace(lambda) at 0).
+    T, B, gamma = 4, 2, 0.9
+    rng = np.random.default_rng(3)
+    rewards, values, bootstrap = rng.normal(size=(T, B)), rng.normal(size=(T, B)), rng.normal(size=(B,))
+    next_values = np.concatenate([values[1:], bootstrap[None]])
+    got = vtrace.from_importance_weights(
+        log_rhos=_t(np.zeros((T, B))),
+        discounts=_t(np.full((T, B), gamma)),
+        rewards=_t(rewards),
+        values=_t(values),
+        bootstrap_value=_t(bootstrap),
+        lambda_=0.0,
+    )
+    one_step = rewards + gamma * next_values
+    np.testing.assert_allclose(got.vs.numpy(), one_step, rtol=1e-12)
+    np.testing.assert_allclose(got.pg_advantages.numpy(), one_step - values, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("lam", [-0.1, 1.5])
+def test_lambda_outside_zero_to_one_is_rejected(lam):
+    args = [_t(np.zeros((2, 1)))] * 4 + [_t(np.zeros(1))]
+    with pytest.raises(ValueError, match="lambda_ must be in"):
+        vtrace.from_importance_weights(*args, lambda_=lam)
 
 
 def _np_log_softmax(x: np.ndarray) -> np.ndarray:
