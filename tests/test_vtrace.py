@@ -141,6 +141,18 @@ def test_from_importance_weights_property(T, B, clip_rho, clip_pg_rho, lam, seed
     np.testing.assert_allclose(got.pg_advantages.numpy(), want_pg, rtol=1e-9, atol=1e-9)
 
 
+def _on_policy(rewards, values, bootstrap, gamma, **kwargs) -> vtrace.VTraceReturns:
+    """V-trace with pi = mu (every log rho 0) and a constant discount."""
+    return vtrace.from_importance_weights(
+        log_rhos=_t(np.zeros(rewards.shape)),
+        discounts=_t(np.full(rewards.shape, gamma)),
+        rewards=_t(rewards),
+        values=_t(values),
+        bootstrap_value=_t(bootstrap),
+        **kwargs,
+    )
+
+
 def test_on_policy_vs_is_n_step_return():
     T, B, gamma = 5, 3, 0.9
     rng = np.random.default_rng(2)
@@ -151,13 +163,7 @@ def test_on_policy_vs_is_n_step_return():
     want = np.zeros((T, B))
     for s in range(T):
         want[s] = sum(gamma ** (t - s) * rewards[t] for t in range(s, T)) + gamma ** (T - s) * bootstrap
-    got = vtrace.from_importance_weights(
-        log_rhos=_t(np.zeros((T, B))),
-        discounts=_t(np.full((T, B), gamma)),
-        rewards=_t(rewards),
-        values=_t(values),
-        bootstrap_value=_t(bootstrap),
-    )
+    got = _on_policy(rewards, values, bootstrap, gamma)
     np.testing.assert_allclose(got.vs.numpy(), want, rtol=1e-12)
     next_vs = np.concatenate([want[1:], bootstrap[None]])
     np.testing.assert_allclose(got.pg_advantages.numpy(), rewards + gamma * next_vs - values, rtol=1e-12, atol=1e-12)
@@ -170,14 +176,7 @@ def test_lambda_zero_on_policy_is_the_one_step_target():
     rng = np.random.default_rng(3)
     rewards, values, bootstrap = rng.normal(size=(T, B)), rng.normal(size=(T, B)), rng.normal(size=(B,))
     next_values = np.concatenate([values[1:], bootstrap[None]])
-    got = vtrace.from_importance_weights(
-        log_rhos=_t(np.zeros((T, B))),
-        discounts=_t(np.full((T, B), gamma)),
-        rewards=_t(rewards),
-        values=_t(values),
-        bootstrap_value=_t(bootstrap),
-        lambda_=0.0,
-    )
+    got = _on_policy(rewards, values, bootstrap, gamma, lambda_=0.0)
     one_step = rewards + gamma * next_values
     np.testing.assert_allclose(got.vs.numpy(), one_step, rtol=1e-12)
     np.testing.assert_allclose(got.pg_advantages.numpy(), one_step - values, rtol=1e-12, atol=1e-12)
