@@ -26,12 +26,12 @@ Threads, and the state each owns:
     (impala/transfer.py: batches on the device, on a GPU one copied ahead) and the
     replay buffer (impala/replay.py); it copies the parameters for the publisher
     (`offer`) and reads the actor book through `take_report`;
-  - 'publisher' (a SnapshotPublisher): waits for that copy to reach the host,
+  - 'publisher' (a SnapshotPublisher; rank 0 only): waits for that copy to reach the host,
     encodes it and hands it to the ParamServer (`publish`), off the training
     thread's critical path;
   - 'unrolls' (a ServerThread): the unroll socket and the UnrollReceiver with its
     batch assembler; it writes the actor book (under the book's lock) and the queue;
-  - 'params' (a ServerThread): the parameter socket; it reads the ParamServer's
+  - 'params' (a ServerThread; rank 0 only): the parameter socket; it reads the ParamServer's
     current snapshot, which `publish` replaces whole.
 A failure while one message is handled, of any kind, drops that message only
 (counted, one log line); a server thread that fails outside one message (its
@@ -456,7 +456,12 @@ class Learner:
         )
         self.feed = BatchFeed(self.receiver.next_batch, self.receiver.release, self.device)
         self._stop = self.receiver.stop
-        self.publisher = SnapshotPublisher(self.agent.state_dict(), self.params.publish, self._stop, self.device)
+        # Rank 0 alone serves parameters, so only it snapshots them for the actors.
+        self.publisher: SnapshotPublisher | None = (
+            SnapshotPublisher(self.agent.state_dict(), self.params.publish, self._stop, self.device)
+            if self.is_main
+            else None
+        )
         # Experience replay: this rank's own columns (its share of the actors), sampled
         # with its own stream; None when off, so nothing of it touches the default path.
         self.replay: replay.ReplayBuffer | None = None
@@ -684,7 +689,8 @@ class Learner:
 
     def offer_snapshot(self) -> None:
         """Hands the parameters to the publisher if they are newer than the last
-        snapshot it took and it is free; otherwise a later pass of the loop does."""
+        snapshot it took and it is free; otherwise a later pass of the loop does
+        (rank 0 only: the other ranks have no publisher)."""
         if self._offered < self.param_version and self.publisher.offer(self.param_version):
             self._offered = self.param_version
 
