@@ -12,9 +12,13 @@ can do, and how fast the actor side is on its own.
          the batch size the actors use (--num_envs_per_actor for lock-step actors,
          the actor host's maximum batch with --env_workers_per_actor);
        learner: samples/s of learn_step (forward, V-trace, backward, clipping,
-         RMSProp) on a --batch_size x --unroll_length batch.
-     Every agent step is acted once and learned once, so the machine's limit is
-     cores / (1/environment + 1/inference + 1/learner) agent steps/s.
+         RMSProp) on a --batch_size x --unroll_length batch;
+       replay (with --replay_proportion > 0): samples/s of drawing a --batch_size
+         batch from a full replay buffer of --replay_buffer_size columns.
+     Every agent step is acted once and learned 1 + p times, p =
+     --replay_proportion (p replayed batches per fresh one, each drawn from the
+     buffer), so the machine's limit is
+     cores / (1/environment + 1/inference + (1 + p)/learner + p/replay) agent steps/s.
   2. the real local training run (python -m impala.experiment with these flags,
      all cores) for --warmup + --duration seconds; agent steps/s after the
      warm-up (from metrics.jsonl), the ratio to the limit, and where the time
@@ -184,6 +188,43 @@ def learner_samples_per_second(config: config_lib.Config, seconds: float) -> flo
     )
 
 
+def replay_samples_per_second(config: config_lib.Config, seconds: float) -> float:
+    """ReplayBuffer.sample (impala/replay.py) of a --batch_size batch from a full
+    buffer of --replay_buffer_size columns on --device; samples (agent steps)/s."""
+    import torch
+
+    from impala import replay, unroll
+    from impala.learner import _device, state_sizes
+
+    device = _device(config.device)
+    agent, spec = _agent_and_spec(config)
+    buffer = replay.ReplayBuffer(
+        unroll.spec_of(config.unroll_length, spec, state_sizes(agent)), config.replay_buffer_size
+    )
+    batch = _random_inputs(spec, agent, config.unroll_length + 1, config.batch_size, np.random.default_rng(config.seed))
+    batch = {name: t.to(device) for name, t in batch.items()}
+    while len(buffer) < buffer.capacity:
+        buffer.add(batch)
+    generator = replay.generator(config.seed, 0)
+
+    def sample() -> None:
+        buffer.sample(config.batch_size, generator)
+        if device.type == "cuda":  # the copies are asynchronous there
+            torch.cuda.synchronize(device)
+
+    return config.batch_size * config.unroll_length / _timed(sample, seconds)
+
+
+def machine_limit(cores: int, env: float, inference: float, learner: float, replay: float, proportion: float) -> float:
+    """Agent steps/s the machine's cores allow, from the one-core rates of the parts
+    (see the module docstring): each step is acted once and learned 1 + proportion
+    times, and `proportion` of it is sampled from the replay buffer."""
+    seconds = 1 / env + 1 / inference + (1 + proportion) / learner
+    if proportion > 0:
+        seconds += proportion / replay
+    return cores / seconds
+
+
 def learner_dtypes(config: config_lib.Config, dtypes: list[str], seconds: float, rounds: int) -> None:
     """Measures and prints learn_step's samples/s in each of `dtypes`, alternating
     (see the module docstring)."""
@@ -291,14 +332,19 @@ def throughput(config: config_lib.Config, impala_flags: list[str], args: argpars
     """Measures and prints the limit and the training run (see the module docstring)."""
     cores = os.cpu_count() or 1
     batch = actor_batch_size(config)
-    progress(f"1/4 environment alone, {args.part_seconds:g} s")
+    p = config.replay_proportion
+    progress(f"1/5 environment alone, {args.part_seconds:g} s")
     env = environment_steps_per_second(config, args.part_seconds)
-    progress(f"2/4 inference at batch {batch}, {args.part_seconds:g} s")
+    progress(f"2/5 inference at batch {batch}, {args.part_seconds:g} s")
     inference = inference_samples_per_second(config, batch, args.part_seconds)
-    progress(f"3/4 learner step, {args.part_seconds:g} s")
+    progress(f"3/5 learner step, {args.part_seconds:g} s")
     learner = learner_samples_per_second(config, args.part_seconds)
-    progress(f"4/4 the training run, {args.warmup:g} s warm-up + {args.duration:g} s")
-    limit = cores / (1 / env + 1 / inference + 1 / learner)
+    replayed = 0.0
+    if p > 0:
+        progress(f"4/5 replay sampling, {args.part_seconds:g} s")
+        replayed = replay_samples_per_second(config, args.part_seconds)
+    progress(f"5/5 the training run, {args.warmup:g} s warm-up + {args.duration:g} s")
+    limit = machine_limit(cores, env, inference, learner, replayed, p)
     steps, busy, last = training_run(impala_flags, config, args.warmup, args.duration)
     actors = f"{config.num_actors} actors x {config.num_envs_per_actor} envs" + (
         f" in {config.env_workers_per_actor} env workers each" if config.env_workers_per_actor else " (lock-step)"
@@ -313,9 +359,11 @@ def throughput(config: config_lib.Config, impala_flags: list[str], args: argpars
         ("environment alone (agent steps)", env),
         (f"inference at batch {batch} (samples)", inference),
         (f"learner step, {config.batch_size} x {config.unroll_length} (samples)", learner),
+        *([(f"replay sampling, {config.replay_buffer_size} columns (samples)", replayed)] if p > 0 else []),
     ):
         print(f"  {name:56s} {rate:12,.0f} {1e6 / rate:14.0f}")
-    print(f"{f'limit: {cores} cores / (sum of the three)':58s} {limit:12,.0f} agent steps/s")
+    summed = f"env + inference + {1 + p:g} x learner + {p:g} x replay" if p > 0 else "sum of the three"
+    print(f"{f'limit: {cores} cores / ({summed})':58s} {limit:12,.0f} agent steps/s")
     print(
         f"{f'training run ({args.duration:g} s after {args.warmup:g} s warm-up)':58s} {steps:12,.0f} agent steps/s "
         f"({steps * config.num_action_repeats:,.0f} frames/s)"
