@@ -24,18 +24,18 @@ bench = _load_module()
 
 
 def test_the_limit_counts_each_replayed_pass_and_its_sampling():
-    env, inference, learner, replay = 1000.0, 2000.0, 500.0, 10000.0
+    env, inference, learner, sampling = 1000.0, 2000.0, 500.0, 10000.0
     # Without replay each agent step is acted once and learned once; the replay rate is unused.
     assert bench.machine_limit(2, env, inference, learner, 0.0, 0.0) == pytest.approx(
         2 / (1 / env + 1 / inference + 1 / learner)
     )
     # 3:1 replay: four learning passes per agent step, three of them drawn from the buffer.
-    assert bench.machine_limit(2, env, inference, learner, replay, 3.0) == pytest.approx(
-        2 / (1 / env + 1 / inference + 4 / learner + 3 / replay)
+    assert bench.machine_limit(2, env, inference, learner, sampling, 3.0) == pytest.approx(
+        2 / (1 / env + 1 / inference + 4 / learner + 3 / sampling)
     )
     # 0.5:1: one replayed batch after every second fresh one.
-    assert bench.machine_limit(1, env, inference, learner, replay, 0.5) == pytest.approx(
-        1 / (1 / env + 1 / inference + 1.5 / learner + 0.5 / replay)
+    assert bench.machine_limit(1, env, inference, learner, sampling, 0.5) == pytest.approx(
+        1 / (1 / env + 1 / inference + 1.5 / learner + 0.5 / sampling)
     )
 
 
