@@ -1,7 +1,6 @@
 """Tests for scripts/atari_table.py: exact table values from synthetic results, errors."""
 
 import csv
-import importlib.util
 import io
 import json
 import subprocess
@@ -10,18 +9,12 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "scripts" / "atari_table.py"
+from tests import scripts
+
+SCRIPT = scripts.path("atari_table")
 
 
-def _load_module():
-    spec = importlib.util.spec_from_file_location("impala_atari_table_script", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-atari_table = _load_module()
+atari_table = scripts.load("atari_table")
 
 
 def _level(name, returns, hns=None):

@@ -1,26 +1,15 @@
 """Tests for scripts/bench.py's accounting: the machine's limit counts every learning
 pass (fresh and replayed) and the replay buffer's sampling, measured on a real buffer."""
 
-import importlib.util
 import math
-from pathlib import Path
 
 import pytest
 
 from impala import replay
 from impala.config import Config
+from tests import scripts
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _load_module():
-    spec = importlib.util.spec_from_file_location("impala_bench_script", ROOT / "scripts" / "bench.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-bench = _load_module()
+bench = scripts.load("bench")
 
 
 def test_the_limit_counts_each_replayed_pass_and_its_sampling():

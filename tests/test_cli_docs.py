@@ -18,7 +18,7 @@ import pytest
 from absl import flags
 
 from impala import config as config_lib
-from tests import cli
+from tests import cli, scripts
 
 ROOT = cli.ROOT
 SCRIPTS = sorted((ROOT / "scripts").glob("*.py"))
@@ -89,7 +89,7 @@ def test_security_help_is_complete():
 
 def test_run_summary_on_a_missing_path_is_one_line(tmp_path):
     for path in (tmp_path / "absent", tmp_path):  # no such file; a folder without metrics.jsonl
-        result = _run(str(ROOT / "scripts" / "run_summary.py"), str(path), "--target", "18")
+        result = _run(str(scripts.path("run_summary")), str(path), "--target", "18")
         assert result.returncode == 2 and result.stdout == ""
         assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
         assert result.stderr.startswith("run_summary.py: error:") and str(path) in result.stderr
@@ -103,7 +103,7 @@ def test_plot_says_where_the_file_went(tmp_path):
         )
     )
     output = tmp_path / "out" / "curve.png"
-    result = _run(str(ROOT / "scripts" / "plot.py"), str(tmp_path), "--output", str(output))
+    result = _run(str(scripts.path("plot")), str(tmp_path), "--output", str(output))
     assert result.returncode == 0, result.stderr
     assert output.is_file() and str(output) in result.stdout
 

@@ -4,24 +4,19 @@ learner trains with all three, and every job ends with status 0 on SIGTERM."""
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 
 import yaml
 
+from tests import scripts
 from tests.cli import ROOT
 
-
-def _script():
-    spec = importlib.util.spec_from_file_location("compose_run", ROOT / "scripts" / "compose_run.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+compose_run = scripts.load("compose_run")
 
 
 def test_only_paths_host_and_port_are_mapped(tmp_path):
     compose = yaml.safe_load((ROOT / "compose.yaml").read_text())
-    cmds = _script().commands(compose, 3, tmp_path, 40000)
+    cmds = compose_run.commands(compose, 3, tmp_path, 40000)
     assert set(cmds) == {"keys", "learner", "actor-0", "actor-1", "actor-2"}
     for name in ("learner", "actor-0", "actor-1", "actor-2"):
         original = compose["services"][name]["command"]
@@ -39,7 +34,7 @@ def test_only_paths_host_and_port_are_mapped(tmp_path):
 
 
 def test_learner_and_three_actors_from_compose_train_and_exit_cleanly(tmp_path):
-    report = _script().run(3, tmp_path, after_all_s=12.0, timeout_s=600.0)
+    report = compose_run.run(3, tmp_path, after_all_s=12.0, timeout_s=600.0)
     assert report["connected_actors"] == 3
     assert report["param_version"] > 0  # the learner took batches from them
     assert report["exit_statuses"] == {"learner": 0, "actor-0": 0, "actor-1": 0, "actor-2": 0}

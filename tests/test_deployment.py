@@ -4,7 +4,6 @@ command is a valid impala command line."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 
@@ -14,14 +13,8 @@ import yaml
 from absl import flags
 
 from impala import config as config_lib
+from tests import scripts
 from tests.cli import ROOT
-
-
-def _load_generator():
-    spec = importlib.util.spec_from_file_location("compose_script", ROOT / "scripts" / "compose.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +23,7 @@ def compose() -> dict:
 
 
 def test_compose_file_is_what_the_generator_writes():
-    assert (ROOT / "compose.yaml").read_text() == _load_generator().render(48, "configs/pong.cfg")
+    assert (ROOT / "compose.yaml").read_text() == scripts.load("compose").render(48, "configs/pong.cfg")
 
 
 def _validator() -> jsonschema.Draft201909Validator:

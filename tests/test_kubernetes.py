@@ -5,8 +5,6 @@ host and keys."""
 
 from __future__ import annotations
 
-import importlib.util
-
 import kubernetes_validate
 import pytest
 import zmq.auth
@@ -14,20 +12,14 @@ from absl import flags
 
 from impala import address, security
 from impala import config as config_lib
+from tests import scripts
 from tests.cli import ROOT
 
 # The oldest Kubernetes release the schemas cover and the newest; Indexed Jobs are GA since 1.24.
 VERSIONS = ["1.25.0", kubernetes_validate.latest_version()]
 
 
-def _script():
-    spec = importlib.util.spec_from_file_location("kubernetes_script", ROOT / "scripts" / "kubernetes.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-K8S = _script()
+K8S = scripts.load("kubernetes")
 
 
 @pytest.fixture(scope="module")

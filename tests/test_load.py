@@ -4,7 +4,6 @@ duplicated, dropped or changed on the way."""
 
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 import sys
 import time
@@ -14,9 +13,9 @@ import pytest
 import torch
 
 from impala import security, unroll, wire
-from tests import cli
+from tests import cli, scripts
 
-SCRIPT = cli.ROOT / "scripts" / "load.py"
+SCRIPT = scripts.path("load")
 # Small and fast: CartPole's layout, 3 envs per unroll in batches of 4 (so unrolls are
 # split across batches), a few connections in two processes.
 SMALL = [
@@ -41,13 +40,6 @@ def _load(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, str(SCRIPT), *args], cwd=cli.ROOT, capture_output=True, text=True, check=False, timeout=300
     )
-
-
-def _module():
-    spec = importlib.util.spec_from_file_location("impala_load_script", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_every_unroll_reaches_the_receive_path_and_the_training_learner_once():
@@ -95,7 +87,7 @@ def test_a_bad_option_is_one_line():
 
 
 def test_the_ledger_notices_an_unroll_lost_at_the_end_and_batches_out_of_order():
-    load = _module()
+    load = scripts.load("load")
     spec = unroll.unroll_spec(3, (4,), np.float32, 2, (8, 8))
     observations = load.Observations(spec, 2, np.random.default_rng(0))
     maker = load.UnrollMaker(spec, 2, 2, 7, observations, np.random.default_rng(1))

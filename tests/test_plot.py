@@ -1,7 +1,6 @@
 """Tests for scripts/plot.py: the CLI end to end, the smoothing, the error path, and
 the figure's panels and lines for several runs and metrics (inspected on the Figure)."""
 
-import importlib.util
 import itertools
 import json
 import subprocess
@@ -17,21 +16,13 @@ from impala.metrics import MetricsWriter, Stopwatch, read_jsonl
 from impala.progress import ProgressLog
 from impala.receiver import ActorBook
 from impala.unroll import new_unroll, unroll_spec
+from tests import scripts
 
-ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "scripts" / "plot.py"
+SCRIPT = scripts.path("plot")
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
-def _load_module():
-    spec = importlib.util.spec_from_file_location("impala_plot_script", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
-plot_script = _load_module()
+plot_script = scripts.load("plot")
 
 
 def _write_run(path: Path, returns, start_frames=0, torn=True):
@@ -393,10 +384,7 @@ def test_window_draws_the_mean_of_the_last_episodes_as_run_summary_counts_it(tmp
     assert list(xs) == [2 * 640 * 4 * i for i in range(2, 13)]  # the rows that ended episodes
     # Row i's 2 episodes and row i-1's make the last 4: the mean is i - 0.5 (row 2 alone: 2).
     assert list(ys) == pytest.approx([2.0] + [i - 0.5 for i in range(3, 13)])
-    run_summary = importlib.util.spec_from_file_location("impala_run_summary", ROOT / "scripts" / "run_summary.py")
-    module = importlib.util.module_from_spec(run_summary)
-    run_summary.loader.exec_module(module)
-    assert ys[-1] == module.summarize(read_jsonl(run / "metrics.jsonl"), [], window=4)["last_mean"]
+    assert ys[-1] == scripts.load("run_summary").summarize(read_jsonl(run / "metrics.jsonl"), [], window=4)["last_mean"]
     assert not [line for line in top.lines if line.get_label() == "_raw"]  # the rows' own means would hide it
     # A level's window uses its own counts (episodes/pong: one episode in every other row).
     (pong,) = [line for line in levels.lines if line.get_label() == "a: mean_episode_return/pong"]

@@ -2,26 +2,18 @@
 
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 import sys
 from pathlib import Path
 
 from impala.metrics import MetricsWriter
+from tests import scripts
 
-ROOT = Path(__file__).resolve().parent.parent
-SCRIPT = ROOT / "scripts" / "run_summary.py"
-
-
-def _summarize():
-    spec = importlib.util.spec_from_file_location("run_summary", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.summarize
+SCRIPT = scripts.path("run_summary")
 
 
 def test_running_mean_over_the_window_and_gaps_not_counted():
-    summarize = _summarize()
+    summarize = scripts.load("run_summary").summarize
     rows = [
         {"frames": 0, "wall_time": 1000.0, "episodes": 0, "mean_episode_return": None},
         {"frames": 100, "wall_time": 1010.0, "episodes": 2, "mean_episode_return": -20.0},
