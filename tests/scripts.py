@@ -26,5 +26,9 @@ def load(name: str) -> ModuleType:
         spec = importlib.util.spec_from_file_location(module_name, path(name))
         module = importlib.util.module_from_spec(spec)
         sys.modules[module_name] = module
-        spec.loader.exec_module(module)
+        try:
+            spec.loader.exec_module(module)
+        except BaseException:
+            del sys.modules[module_name]  # a later test retries and sees the error, not half a module
+            raise
     return sys.modules[module_name]
